@@ -1,0 +1,238 @@
+"""Settings (read from the environment when asked for) and the declarative compile config.
+
+Every environment variable the framework reads is declared here, once, with its default and the forms it accepts;
+the README's table and the CLI's defaults are derived from these models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "CompileConfig", "DEFAULT_STORE_URL", "env_table"]
+
+DEFAULT_STORE_URL = "file://.cache/compile-store"
+
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _invalid(name: str, value: object, accepted: str, reason: str = "") -> ConfigError:
+    why = f" ({reason})" if reason else ""
+    return ConfigError(f"{name}={value!r} is invalid{why}. Accepted: {accepted}")
+
+
+class Settings(BaseModel):
+    """Runtime settings. Build with :meth:`from_env`; field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    url: str = Field(
+        DEFAULT_STORE_URL,
+        alias="COMPILE_CACHE_URL",
+        description="where the store lives: file:///abs/dir, file://rel/dir, a plain directory path, "
+        "or s3://bucket[/prefix]",
+    )
+    disable: bool = Field(
+        False, alias="COMPILE_CACHE_DISABLE", description="1/true turns the store off (compile still runs)"
+    )
+    model_version: str | None = Field(
+        None,
+        alias="COMPILE_CACHE_MODEL_VERSION",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="explicit model version (1-64 of A-Z a-z 0-9 . _ -); default: a content hash of "
+        "predictor code, weights and pinned requirements",
+    )
+    metrics_file: Path | None = Field(
+        None, alias="COMPILE_CACHE_METRICS_FILE", description="path of a JSON metrics file, rewritten after uploads"
+    )
+    log_file: Path | None = Field(
+        None,
+        alias="COMPILE_CACHE_LOG_FILE",
+        description="log file (shutdown logs only reach a file); default <inductor cache dir>/compile_cache/log.txt",
+    )
+    restore_timeout_s: float = Field(
+        60.0, gt=0, alias="COMPILE_CACHE_RESTORE_TIMEOUT_S", description="restore deadline in seconds, > 0"
+    )
+    flush_budget_s: float = Field(
+        8.0,
+        gt=0,
+        lt=10,
+        alias="COMPILE_CACHE_FLUSH_BUDGET_S",
+        description="hard budget of the exit flush in seconds, > 0 and < 10 (Cog kills the worker at 10 s)",
+    )
+    upload_interval_s: float = Field(
+        0.0,
+        ge=0,
+        alias="COMPILE_CACHE_UPLOAD_INTERVAL_S",
+        description="after the first upload, look for new artifacts every N seconds; 0 = only at exit",
+    )
+    signing_key: SecretStr | None = Field(
+        None, alias="COMPILE_CACHE_SIGNING_KEY", description="HMAC-SHA256 key: sign manifests, verify on restore"
+    )
+    require_signed: bool = Field(
+        False, alias="COMPILE_CACHE_REQUIRE_SIGNED", description="1/true refuses entries without a valid signature"
+    )
+    max_restore_bytes: int = Field(
+        8 * 2**30, gt=0, alias="COMPILE_CACHE_MAX_RESTORE_BYTES", description="cap on unpacked bytes per restore"
+    )
+    max_restore_files: int = Field(
+        200_000, gt=0, alias="COMPILE_CACHE_MAX_RESTORE_FILES", description="cap on unpacked files per restore"
+    )
+    progress: bool = Field(
+        True, alias="COMPILE_CACHE_PROGRESS", description="0/false turns progress bars off (CLI)"
+    )
+    # Compile-config overrides (None = keep what the predictor declares).
+    strategy: Literal["jit", "export"] | None = Field(
+        None, alias="COMPILE_CACHE_STRATEGY", description="jit | export"
+    )
+    compile_enable: bool | None = Field(
+        None, alias="COMPILE_CACHE_COMPILE", description="0/false serves eager, 1/true compiles"
+    )
+    backend: str | None = Field(
+        None, alias="COMPILE_CACHE_BACKEND", description="torch.compile backend, e.g. inductor, aot_eager, eager"
+    )
+    mode: Literal[_COMPILE_MODES] | None = Field(  # type: ignore[valid-type]
+        None, alias="COMPILE_CACHE_MODE", description=" | ".join(_COMPILE_MODES)
+    )
+    dynamic: Literal["true", "false", "auto"] | None = Field(
+        None, alias="COMPILE_CACHE_DYNAMIC", description="true | false | auto"
+    )
+    fullgraph: bool | None = Field(None, alias="COMPILE_CACHE_FULLGRAPH", description="0/1")
+    options: dict[str, Any] | None = Field(
+        None, alias="COMPILE_CACHE_OPTIONS", description='a JSON object of Inductor options, e.g. {"freezing": false}'
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("file://", "s3://")):
+            raise ValueError("unknown scheme")
+        if v.startswith("s3://") and not v[len("s3://") :].split("/", 1)[0]:
+            raise ValueError("no bucket")
+        if v in ("", "file://"):
+            raise ValueError("empty path")
+        return v
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _parse_options(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON: {e}") from e
+        if v is not None and not isinstance(v, dict):
+            raise ValueError("not a JSON object")
+        return v
+
+    @field_validator("dynamic", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``environ`` (default ``os.environ``, read now, not at import).
+
+        Empty values count as unset. Raises :class:`ConfigError` naming the variable and what it accepts.
+        """
+        environ = os.environ if environ is None else environ
+        names = {f.alias: name for name, f in cls.model_fields.items() if f.alias}
+        data = {k: v for k, v in environ.items() if k in names and v.strip() != ""}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            alias = str(err["loc"][0]) if err["loc"] else "?"
+            field = cls.model_fields.get(names.get(alias, ""), None)
+            accepted = field.description if field is not None and field.description else "see README"
+            shown = "***" if alias == "COMPILE_CACHE_SIGNING_KEY" else data.get(alias)
+            raise _invalid(alias, shown, accepted, err["msg"]) from e
+
+    # -- derived values ---------------------------------------------------------------------------------------------
+    @property
+    def signing_key_bytes(self) -> bytes | None:
+        return self.signing_key.get_secret_value().encode() if self.signing_key else None
+
+
+def env_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: the README's table is generated from this."""
+    rows = []
+    for f in Settings.model_fields.values():
+        default = "" if f.default is None else str(f.default)
+        rows.append((f.alias or "", default, f.description or ""))
+    return rows
+
+
+class CompileConfig(BaseModel):
+    """What to compile and how: declared on the predictor class, like TorchServe's ``pt2:`` section.
+
+    ``strategy="jit"`` is ``torch.compile`` with the Inductor cache dir restored; ``"export"`` is torch.export plus
+    an AOTInductor package kept in the store (no Dynamo at boot).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enable: bool = True
+    strategy: Literal["jit", "export"] = "jit"
+    backend: str = "inductor"
+    mode: Literal[_COMPILE_MODES] | None = None  # type: ignore[valid-type]
+    dynamic: bool | None = None
+    fullgraph: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+    inference_mode: bool = True
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> Any:
+        if v is not None and v not in _COMPILE_MODES:
+            raise ValueError(f"mode {v!r} is not one of {', '.join(_COMPILE_MODES)}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(v, sort_keys=True)
+        except TypeError as e:
+            raise ValueError(f"options must be JSON-serialisable: {e}") from e
+        return v
+
+    def with_overrides(self, s: Settings) -> CompileConfig:
+        """Apply the environment's overrides (``COMPILE_CACHE_BACKEND`` ...) on top of the declared config."""
+        upd: dict[str, Any] = {}
+        if s.strategy is not None:
+            upd["strategy"] = s.strategy
+        if s.compile_enable is not None:
+            upd["enable"] = s.compile_enable
+        if s.backend is not None:
+            upd["backend"] = s.backend
+        if s.mode is not None:
+            upd["mode"] = s.mode
+        if s.dynamic is not None:
+            upd["dynamic"] = {"true": True, "false": False, "auto": None}[s.dynamic]
+        if s.fullgraph is not None:
+            upd["fullgraph"] = s.fullgraph
+        if s.options is not None:
+            upd["options"] = {**self.options, **s.options}
+        return self.model_copy(update=upd) if upd else self
+
+    def cache_factors(self) -> dict[str, str]:
+        """The parts of this config that change generated code: they go into the cache key."""
+        return {
+            "compile.enable": str(self.enable),
+            "compile.strategy": self.strategy,
+            "compile.backend": self.backend,
+            "compile.mode": str(self.mode),
+            "compile.dynamic": str(self.dynamic),
+            "compile.fullgraph": str(self.fullgraph),
+            "compile.options": json.dumps(self.options, sort_keys=True),
+            "compile.inference_mode": str(self.inference_mode),
+        }

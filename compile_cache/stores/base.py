@@ -1,0 +1,88 @@
+"""The store interface: a flat namespace of named objects with two kinds of write.
+
+The base class owns the policy every backend shares (naming, progress, validation); a backend implements a few
+primitives. Correctness comes from the primitives' atomicity, not from locks:
+
+- ``put_immutable`` writes an object only if it does not exist yet (S3 ``IfNoneMatch='*'``, local ``link``);
+  objects are content-addressed, so "already there" means "already right".
+- ``put_conditional`` is compare-and-swap on a small mutable object (the manifest): S3 ``IfMatch=<etag>``,
+  local: a file lock around read-compare-rename. A loser gets :class:`PreconditionFailed` and merges again.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import StoreError
+
+__all__ = ["Store", "ObjectInfo", "Progress", "check_name"]
+
+# Called with the number of bytes just transferred.
+Progress = Callable[[int], None]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*$")
+
+
+def check_name(name: str) -> str:
+    """Object names are relative, '/'-separated, without '..' or empty parts: nothing can escape the store root."""
+    if not _NAME.match(name) or ".." in name.split("/"):
+        raise StoreError(f"invalid object name {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    modified: float  # unix time
+
+
+class Store(ABC):
+    """A place that holds objects. ``url`` is for display and never contains a secret."""
+
+    url: str
+
+    # -- primitives every backend implements -----------------------------------------------------------------------
+    @abstractmethod
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        """Return (content, version token). Raises ObjectNotFound."""
+
+    @abstractmethod
+    def download(self, name: str, dest: Path, *, progress: Progress | None = None) -> int:
+        """Stream object ``name`` into the new file ``dest``; return the byte count. Raises ObjectNotFound."""
+
+    @abstractmethod
+    def put_immutable(self, name: str, src: Path) -> bool:
+        """Write the file ``src`` as ``name`` unless ``name`` exists. True if written, False if it was there."""
+
+    @abstractmethod
+    def put_conditional(self, name: str, data: bytes, if_match: str | None) -> str:
+        """Replace ``name`` with ``data`` if its version is ``if_match`` (None: only if absent).
+
+        Returns the new version token. Raises PreconditionFailed when someone else wrote first.
+        """
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose name starts with ``prefix``."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove ``name``; absent is fine."""
+
+    # -- conveniences built on the primitives ----------------------------------------------------------------------
+    def read(self, name: str) -> bytes:
+        return self.read_versioned(name)[0]
+
+    def exists(self, name: str) -> bool:
+        return any(o.name == name for o in self.list(name))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has none."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

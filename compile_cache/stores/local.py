@@ -1,0 +1,125 @@
+"""A store in a local (or network-mounted) directory: the zero-setup default."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..errors import ObjectNotFound, PreconditionFailed, StoreError
+from .base import ObjectInfo, Progress, Store, check_name
+
+__all__ = ["LocalStore"]
+
+_CHUNK = 1 << 20
+_TMP_SUFFIX = ".incomplete"
+
+
+class LocalStore(Store):
+    """Objects are files under ``root``. Every write goes to ``<name>.<uuid>.incomplete`` and is then renamed (or
+    linked) into place, so a reader sees the old file or the new one, never half of one. A file lock per mutable
+    object serialises compare-and-swap between co-located workers."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.url = f"file://{self.root}"
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _tmp(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_name(f"{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        path = self._path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.url}/{name}: not found") from e
+        except OSError as e:
+            raise StoreError(f"{self.url}/{name}: {e.strerror or e}") from e
+        return data, hashlib.sha256(data).hexdigest()
+
+    def download(self, name: str, dest: Path, *, progress: Progress | None = None) -> int:
+        path = self._path(name)
+        total = 0
+        try:
+            with open(path, "rb") as src, open(dest, "xb") as out:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    total += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+        except FileNotFoundError as e:
+            if not path.exists():
+                raise ObjectNotFound(f"{self.url}/{name}: not found") from e
+            raise
+        return total
+
+    def put_immutable(self, name: str, src: Path) -> bool:
+        path = self._path(name)
+        if path.exists():
+            return False
+        tmp = self._tmp(path)
+        try:
+            shutil.copyfile(src, tmp)
+            try:
+                os.link(tmp, path)  # fails if path exists: first writer wins, nobody overwrites
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            raise StoreError(f"{self.url}/{name}: {e.strerror or e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_conditional(self, name: str, data: bytes, if_match: str | None) -> str:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock only orders co-located writers; readers never take it (the rename is what they rely on).
+        with FileLock(str(path) + ".lock", timeout=30):
+            try:
+                current: str | None = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != if_match:
+                raise PreconditionFailed(f"{self.url}/{name}: changed since read")
+            tmp = self._tmp(path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"{self.url}/{name}: {e.strerror or e}") from e
+        return hashlib.sha256(data).hexdigest()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(self.root):
+            for fn in files:
+                if fn.endswith((_TMP_SUFFIX, ".lock")):
+                    continue
+                p = Path(dirpath) / fn
+                name = p.relative_to(self.root).as_posix()
+                if name.startswith(prefix):
+                    try:
+                        st = p.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield ObjectInfo(name, st.st_size, st.st_mtime)
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
