@@ -1,0 +1,246 @@
+"""The setup/shutdown lifecycle of a compiled Cog predictor. Reads top to bottom:
+
+    setup():  settings → key → restore → load → compile + warm-up → background upload → exit flush registered
+    exit:     atexit (and, where they would kill the worker, SIGTERM/SIGINT) → one bounded flush → metrics file
+
+A cache problem (store down, corrupt, foreign, tampered) never fails a boot: it is logged and costs a cold compile.
+A bad setting does fail the boot, at once, with a message naming the variable: it would not fix itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cog import BasePredictor
+
+from . import log as logmod
+from .compiler import CompiledModel, Example, cache_roots, compile_model, counts
+from .config import CompileConfig, Settings
+from .key import CacheKey, environment_factors, hash_paths
+from .metrics import BootMetrics
+from .stores import open_store
+from .stores.base import Store
+from .sync import Uploader, restore
+
+__all__ = ["CompiledPredictor", "Example"]
+
+log = logmod.log
+
+
+class CompiledPredictor(BasePredictor):
+    """Subclass it; write ``load()``, ``warmup_examples()`` and ``predict()``; call ``self.model(...)`` in predict.
+
+    Class attributes declare the rest: ``compile_config`` (what to compile and how), ``model_version`` (explicit
+    version; default: a content hash of ``version_files()``).
+    """
+
+    compile_config: ClassVar[CompileConfig] = CompileConfig()
+    model_version: ClassVar[str | None] = None
+    weights_dir: ClassVar[str | None] = "weights"
+    requirements_files: ClassVar[tuple[str, ...]] = ("requirements.txt", "cog.yaml")
+
+    # -- the user's hooks -------------------------------------------------------------------------------------------
+    def load(self, weights: Any = None) -> Callable[..., Any]:
+        """Return the model (an nn.Module or any callable) to compile. ``weights`` is Cog's COG_WEIGHTS or None."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def warmup_examples(self) -> Sequence[Example]:
+        """Example inputs covering every input shape requests will have: warm-up compiles them all at boot."""
+        raise NotImplementedError(f"{type(self).__name__} must implement warmup_examples()")
+
+    def version_files(self) -> list[Path]:
+        """Files whose content defines the model version: predictor code, weights, pinned requirements."""
+        files = [Path(inspect.getfile(type(self)))]
+        if self.weights_dir:
+            files.append(Path(self.weights_dir))
+        files += [Path(f) for f in self.requirements_files if Path(f).exists()]
+        return files
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def setup(self, weights: Any = None) -> None:  # noqa: D102 - documented in the module docstring
+        t_start = time.monotonic()
+        settings = Settings.from_env()  # a bad value raises here: fail fast
+        cfg = self.compile_config.with_overrides(settings)
+        roots = cache_roots()
+        logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
+        self.settings, self.cfg = settings, cfg
+        m = self.metrics = BootMetrics(strategy=cfg.strategy)
+        version = settings.model_version or self.model_version or f"v{hash_paths(self.version_files())}"
+        self.key = key = CacheKey(version, environment_factors(cfg.cache_factors()))
+        m.key = key.name
+
+        # 1. restore
+        store = self._open_store(settings)
+        if store is not None:
+            m.store = store.url
+            r = restore(
+                store,
+                key.name,
+                roots,
+                factors=key.factors,
+                signing_key=settings.signing_key_bytes,
+                require_signed=settings.require_signed,
+                timeout_s=settings.restore_timeout_s,
+                max_bytes=settings.max_restore_bytes,
+                max_files=settings.max_restore_files,
+            )
+            m.cache, m.cache_reason, m.restore_s = r.status, r.reason, r.seconds
+            m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
+            if r.status in ("error", "rejected"):
+                log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
+            known = set(r.manifest.files()) if r.manifest else set()
+            self.uploader: Uploader | None = Uploader(
+                store,
+                key.name,
+                roots,
+                version,
+                key.factors,
+                signing_key=settings.signing_key_bytes,
+                known=known,
+                manifest=r.manifest,
+                token=r.token,
+            )
+        else:
+            m.store, self.uploader = "(disabled)", None
+
+        # 2. load
+        t = time.monotonic()
+        eager = self.load(weights)
+        m.load_s = time.monotonic() - t
+
+        # 3. compile + warm-up
+        t = time.monotonic()
+        before = counts()
+        fn, why_eager = compile_model(eager, cfg)
+        self.model = CompiledModel(fn, eager, cfg)
+        m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())
+        why_eager = why_eager or why_first_call
+        if why_eager and cfg.enable:
+            log.warning("serving EAGER (predictions stay correct, only slower): %s", why_eager)
+        m.eager_fallback = why_eager if cfg.enable else ""
+        m.compile_s = time.monotonic() - t
+        self._record_counts(before)
+        self.model.on_request_compile = self._on_request_compile
+
+        # 4. upload what is new, in the background; flush the rest at exit
+        m.total_s = time.monotonic() - t_start
+        if self.uploader is not None:
+            self._start_background_upload(settings.upload_interval_s)
+            self._register_exit_flush()
+        log.info("\n%s", m.timeline())
+        m.write(settings.metrics_file)
+
+    # -- pieces of setup -------------------------------------------------------------------------------------------
+    def _open_store(self, settings: Settings) -> Store | None:
+        if settings.disable:
+            self.metrics.cache = "disabled"
+            return None
+        try:
+            return open_store(settings.url, settings)
+        except Exception as e:  # e.g. boto3 missing or a malformed endpoint: a cache problem, not a boot failure
+            log.warning("cache ERROR: cannot open store %s: %s; booting cold", settings.url.split("?")[0], e)
+            self.metrics.cache, self.metrics.cache_reason = "error", str(e)
+            return None
+
+    def _record_counts(self, before: Any) -> None:
+        c = counts() - before
+        m = self.metrics
+        m.fxgraph_hits, m.fxgraph_misses = c.fxgraph_hits, c.fxgraph_misses
+        m.aotautograd_hits, m.aotautograd_misses = c.aotautograd_hits, c.aotautograd_misses
+        m.compiles, m.graph_breaks = c.compiles, c.graph_breaks
+
+    def _on_request_compile(self, shape: str, n: int) -> None:
+        self.metrics.request_path_compiles += n
+        try:
+            from cog import current_scope
+
+            scope: Any = current_scope()
+            scope.record_metric("request_path_compiles", n, mode="incr")
+            scope.record_metric("request_compile_shape", shape)
+        except Exception:  # outside the Cog runtime (tests, CLI) there is no scope worth failing for
+            log.debug("could not record the request-compile metric", exc_info=True)
+
+    # -- uploads ---------------------------------------------------------------------------------------------------
+    def _upload(self, deadline: float | None = None, lock_timeout: float = -1) -> None:
+        assert self.uploader is not None
+        m = self.metrics
+        m.upload_state = "running"
+        r = self.uploader.upload(deadline, lock_timeout)
+        if r is None:
+            log.warning("an upload is still running and the flush budget is spent: leaving it")
+            return
+        tot = self.uploader.total
+        m.bytes_uploaded, m.files_uploaded, m.upload_s = tot.bytes_uploaded, tot.files, tot.seconds
+        m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
+        m.upload_error = r.error
+        if r.error:
+            log.warning("upload ERROR (the cache entry stays as it was): %s", r.error)
+        elif r.files:
+            log.info(
+                "uploaded %d file(s) in %d segment(s), %.1f MB in %.2fs",
+                r.files,
+                r.segments,
+                r.bytes_uploaded / 1e6,
+                r.seconds,
+            )
+        m.write(self.settings.metrics_file)
+
+    def _start_background_upload(self, interval_s: float) -> None:
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            self._upload()
+            while interval_s > 0 and not self._stop.wait(interval_s):
+                self._upload()
+
+        # A daemon thread started now keeps working during interpreter shutdown (FACTS §1), and never delays READY.
+        self._bg = threading.Thread(target=loop, name="compile-cache-upload", daemon=True)
+        self._bg.start()
+
+    def _register_exit_flush(self) -> None:
+        self._flushed = threading.Lock()
+        atexit.register(self._flush, "exit")
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            current = signal.getsignal(sig)
+            # Only where the current disposition would kill the worker; "ignored" (Replicate's
+            # --await-explicit-shutdown) and user handlers stay as they are.
+            if current in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Flush and *return*: exiting or raising here wedges the runtime's teardown until its SIGKILL (FACTS §1).
+        self._flush(signal.Signals(signum).name)
+
+    def _flush(self, why: str) -> None:
+        """The exit flush: once, within COMPILE_CACHE_FLUSH_BUDGET_S, never raising into the runtime."""
+        if not self._flushed.acquire(blocking=False):
+            return
+        try:
+            budget = self.settings.flush_budget_s
+            deadline = time.monotonic() + budget
+            assert self.uploader is not None
+            self._stop.set()
+            self.uploader.deadline = deadline  # the background upload, if still running, stops at it too
+            log.info("exit flush (%s): budget %.1fs", why, budget)
+            self._upload(deadline, lock_timeout=max(0.0, deadline - time.monotonic()))
+            self.metrics.flushed_at_exit = True
+            self.metrics.write(self.settings.metrics_file)
+            log.info(
+                "exit flush done: state=%s, %d bytes uploaded in total",
+                self.metrics.upload_state,
+                self.metrics.bytes_uploaded,
+            )
+        except BaseException as e:  # noqa: BLE001 - nothing may escape into the runtime's teardown
+            try:
+                log.error("exit flush failed: %s: %s", type(e).__name__, e)
+            except Exception:
+                pass

@@ -1,0 +1,139 @@
+"""The manifest: the one small mutable object per cache key, written last.
+
+It lists the immutable, content-addressed segments (packed archives) that make up the entry, with every file's
+sha256, and records the fingerprint factors of the environment that wrote it. Readers load only what it lists;
+writers merge (union) their new segment into the latest manifest with a compare-and-swap. With a signing key it
+carries an HMAC-SHA256 over its canonical JSON, so a tampered manifest (and through the hashes it lists, any
+tampered object) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import EntryRejected, IntegrityError
+from .key import diff_factors, fingerprint_of
+
+__all__ = ["FileEntry", "Segment", "Manifest", "manifest_name", "object_name"]
+
+MANIFEST_FORMAT = 1
+
+
+def manifest_name(key: str) -> str:
+    return f"entries/{key}/manifest.json"
+
+
+def object_name(sha256: str) -> str:
+    return f"objects/{sha256[:2]}/{sha256}.tar.zst"
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str  # "<root>/<relative path>", e.g. "inductor/fxgraph/ab/..."
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Segment(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the compressed archive object
+    size: int = Field(ge=0)
+    files: list[FileEntry]
+    written_by: str = ""
+    written_at: float = 0.0
+
+    @property
+    def object(self) -> str:
+        return object_name(self.sha256)
+
+    @property
+    def unpacked_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int = MANIFEST_FORMAT
+    key: str
+    model_version: str
+    fingerprint: str
+    factors: dict[str, str]
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    segments: list[Segment] = Field(default_factory=list)
+    signature: str | None = None
+
+    # -- content ---------------------------------------------------------------------------------------------------
+    def files(self) -> dict[str, FileEntry]:
+        out: dict[str, FileEntry] = {}
+        for seg in self.segments:
+            for f in seg.files:
+                out.setdefault(f.path, f)
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def with_segment(self, seg: Segment) -> Manifest:
+        """A copy with ``seg`` added (a no-op copy if it adds no file the manifest lacks)."""
+        have = self.files()
+        if all(f.path in have for f in seg.files) or any(s.sha256 == seg.sha256 for s in self.segments):
+            return self.model_copy(deep=True)
+        return self.model_copy(update={"segments": [*self.segments, seg], "updated_at": time.time()}, deep=True)
+
+    # -- bytes, signing, checks -------------------------------------------------------------------------------------
+    def _canonical(self) -> bytes:
+        body = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def to_bytes(self, signing_key: bytes | None = None) -> bytes:
+        sig = hmac.new(signing_key, self._canonical(), hashlib.sha256).hexdigest() if signing_key else None
+        body = self.model_dump(mode="json")
+        body["signature"] = sig
+        return json.dumps(body, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse; raises IntegrityError on anything that is not a well-formed manifest."""
+        try:
+            m = cls.model_validate_json(data)
+        except (ValidationError, ValueError) as e:
+            raise IntegrityError(f"manifest is malformed: {str(e).splitlines()[0]}") from e
+        if m.format != MANIFEST_FORMAT:
+            raise IntegrityError(f"manifest format {m.format} is not {MANIFEST_FORMAT}")
+        if fingerprint_of(m.factors) != m.fingerprint:
+            raise IntegrityError("manifest fingerprint does not match its factors")
+        return m
+
+    def check(
+        self,
+        *,
+        key: str,
+        factors: Mapping[str, str],
+        signing_key: bytes | None,
+        require_signed: bool,
+    ) -> None:
+        """Raise EntryRejected unless this manifest may be loaded here (right key, same environment, trusted)."""
+        if self.key != key:
+            raise EntryRejected(f"manifest was written for key {self.key!r}, not {key!r}")
+        if self.fingerprint != fingerprint_of(factors):
+            diff = "; ".join(diff_factors(self.factors, factors)[:4])
+            raise EntryRejected(f"manifest fingerprint is foreign ({diff})")
+        if self.signature is None:
+            if require_signed:
+                raise EntryRejected("manifest is unsigned and COMPILE_CACHE_REQUIRE_SIGNED is on")
+            return
+        if signing_key is None:
+            if require_signed:
+                raise EntryRejected("COMPILE_CACHE_REQUIRE_SIGNED is on but no COMPILE_CACHE_SIGNING_KEY is set")
+            return  # signed by someone, and we do not check: same as unsigned
+        expected = hmac.new(signing_key, self._canonical(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, self.signature):
+            raise EntryRejected("manifest signature does not verify (tampered, or another signing key)")

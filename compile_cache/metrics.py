@@ -1,0 +1,96 @@
+"""Boot metrics: one JSON object (the metrics file) and one readable block (the setup log).
+
+The key names are an interface (issue #2, #6): scripts read them. Add keys; never rename one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BootMetrics", "write_json_atomic"]
+
+
+@dataclass
+class BootMetrics:
+    key: str = ""
+    store: str = ""
+    strategy: str = "jit"
+    cache: str = "disabled"  # "hit" | "miss" | "disabled" | "error" | "rejected"
+    cache_reason: str = ""
+    restore_s: float = 0.0
+    load_s: float = 0.0
+    compile_s: float = 0.0  # compile + warm-up
+    total_s: float = 0.0
+    fxgraph_hits: int = 0
+    fxgraph_misses: int = 0
+    aotautograd_hits: int = 0
+    aotautograd_misses: int = 0
+    compiles: int = 0  # Dynamo graphs compiled in this process
+    graph_breaks: int = 0
+    request_path_compiles: int = 0
+    bytes_downloaded: int = 0
+    restore_mb_s: float = 0.0
+    files_restored: int = 0
+    bytes_uploaded: int = 0
+    files_uploaded: int = 0
+    upload_s: float = 0.0
+    upload_state: str = "none"  # "none" | "running" | "done" | "error" | "partial"
+    upload_error: str = ""
+    eager_fallback: str = ""  # why we serve eager, empty when compiled
+    warmup: list[dict[str, Any]] = field(default_factory=list)  # per declared shape: {"shape": ..., "s": ...}
+    flushed_at_exit: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 4)
+        return d
+
+    def write(self, path: Path | None) -> None:
+        if path is not None:
+            write_json_atomic(path, self.to_dict())
+
+    def timeline(self) -> str:
+        """The readable block that lands in Cog's setup.logs."""
+        w = "\n".join(f"    warm-up {x['shape']}: {x['s']:.2f}s" for x in self.warmup)
+        lines = [
+            "compile_cache setup timeline",
+            f"  key        {self.key}",
+            f"  store      {self.store}",
+            f"  strategy   {self.strategy}",
+            f"  cache      {self.cache}" + (f" ({self.cache_reason})" if self.cache_reason else ""),
+            f"  restore    {self.restore_s:.2f}s  {self.bytes_downloaded / 1e6:.1f} MB  {self.files_restored} files"
+            f"  {self.restore_mb_s:.0f} MB/s",
+            f"  load       {self.load_s:.2f}s",
+            f"  compile    {self.compile_s:.2f}s (compile + warm-up)" + (f"\n{w}" if w else ""),
+            f"  fx graph   hits {self.fxgraph_hits}  misses {self.fxgraph_misses}",
+            f"  aot autograd hits {self.aotautograd_hits}  misses {self.aotautograd_misses}",
+            f"  dynamo     compiles {self.compiles}  graph breaks {self.graph_breaks}",
+        ]
+        if self.eager_fallback:
+            lines.append(f"  EAGER      serving eager: {self.eager_fallback}")
+        lines.append(f"  upload     {self.upload_state} (in the background)")
+        lines.append(f"  total      {self.total_s:.2f}s")
+        return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

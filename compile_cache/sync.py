@@ -1,0 +1,335 @@
+"""Moving cache entries between a store and the local cache dirs: restore at boot, delta uploads afterwards.
+
+Store-agnostic and torch-free. The protocol (see the module docs of stores.base and manifest):
+
+- restore: read the manifest, check it (key, fingerprint, signature), download every segment (sha256-verified),
+  unpack into staging, then move into place. Any failure leaves the cache dir as it was and returns a status the
+  lifecycle turns into a cold boot.
+- upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
+  (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CacheError, EntryRejected, IntegrityError, ObjectNotFound, PreconditionFailed, StoreError
+from .manifest import Manifest, Segment, manifest_name
+from .snapshot import Staged, pack, scan, unpack_into_staging
+from .stores.base import Store
+
+__all__ = ["RestoreResult", "UploadResult", "restore", "Uploader", "read_manifest"]
+
+log = logging.getLogger("compile_cache")
+
+SEGMENT_TARGET_BYTES = 32 * 2**20  # pack new files into segments of about this many (uncompressed) bytes
+MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
+_CAS_ATTEMPTS = 20
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@dataclass
+class RestoreResult:
+    status: str  # "hit" | "miss" | "error" | "rejected"
+    reason: str = ""
+    files: int = 0
+    bytes_downloaded: int = 0
+    seconds: float = 0.0
+    manifest: Manifest | None = None
+    token: str | None = None
+
+    @property
+    def throughput_mb_s(self) -> float:
+        return self.bytes_downloaded / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class UploadResult:
+    bytes_uploaded: int = 0
+    files: int = 0
+    segments: int = 0
+    seconds: float = 0.0
+    complete: bool = True  # False when a deadline stopped it before everything new was published
+    error: str = ""
+
+
+def read_manifest(store: Store, key: str) -> tuple[Manifest | None, str | None]:
+    """(manifest, version token) or (None, None) when the key has no entry. Malformed → IntegrityError."""
+    try:
+        data, token = store.read_versioned(manifest_name(key))
+    except ObjectNotFound:
+        return None, None
+    return Manifest.from_bytes(data), token
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def restore(
+    store: Store,
+    key: str,
+    roots: Mapping[str, Path],
+    *,
+    factors: Mapping[str, str],
+    signing_key: bytes | None = None,
+    require_signed: bool = False,
+    timeout_s: float = 60.0,
+    max_bytes: int = 8 * 2**30,
+    max_files: int = 200_000,
+) -> RestoreResult:
+    """Restore the entry ``key`` into ``roots``. Never raises for a cache problem: the status says what happened.
+
+    Runs on a helper thread so the deadline holds even if the store hangs; past it, the helper is told to stop and
+    must not move anything into place (the cache dir stays as it was).
+    """
+    t0 = time.monotonic()
+    cancel = threading.Event()
+    box: dict[str, RestoreResult] = {}
+
+    def work() -> None:
+        try:
+            box["r"] = _restore(store, key, roots, factors, signing_key, require_signed, max_bytes, max_files, cancel)
+        except _Cancelled:
+            pass
+        except EntryRejected as e:
+            box["r"] = RestoreResult("rejected", str(e))
+        except IntegrityError as e:
+            box["r"] = RestoreResult("rejected", str(e))
+        except (StoreError, OSError) as e:
+            box["r"] = RestoreResult("error", f"{type(e).__name__}: {e}")
+        except Exception as e:  # a cache problem must never fail a boot
+            log.exception("unexpected error during restore")
+            box["r"] = RestoreResult("error", f"{type(e).__name__}: {e}")
+
+    th = threading.Thread(target=work, name="compile-cache-restore", daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        cancel.set()
+        r = RestoreResult("error", f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={timeout_s:g}s")
+    else:
+        r = box.get("r") or RestoreResult("error", "restore stopped")
+    r.seconds = time.monotonic() - t0
+    return r
+
+
+def _restore(
+    store: Store,
+    key: str,
+    roots: Mapping[str, Path],
+    factors: Mapping[str, str],
+    signing_key: bytes | None,
+    require_signed: bool,
+    max_bytes: int,
+    max_files: int,
+    cancel: threading.Event,
+) -> RestoreResult:
+    manifest, token = read_manifest(store, key)
+    if manifest is None:
+        return RestoreResult("miss", "no entry for this key")
+    manifest.check(key=key, factors=factors, signing_key=signing_key, require_signed=require_signed)
+    if manifest.total_bytes > max_bytes or sum(len(s.files) for s in manifest.segments) > max_files:
+        raise EntryRejected(f"entry is larger than the caps ({max_bytes} bytes / {max_files} files)")
+    downloaded = 0
+    staged: Staged | None = None
+    with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") as tmp:
+        try:
+            for seg in manifest.segments:
+                if cancel.is_set():
+                    raise _Cancelled
+                part = Path(tmp) / seg.sha256
+                n = store.download(seg.object, part)
+                downloaded += n
+                _verify_object(part, seg)
+                staged = unpack_into_staging(
+                    part, seg.files, roots, max_bytes=max_bytes, max_files=max_files, staged=staged
+                )
+                part.unlink()
+            if cancel.is_set():
+                raise _Cancelled
+            moved = staged.commit() if staged else 0
+        except BaseException:
+            if staged:
+                staged.discard()
+            raise
+    log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
+    return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token)
+
+
+def _verify_object(path: Path, seg: Segment) -> None:
+    from .snapshot import sha256_file
+
+    size = path.stat().st_size
+    if size != seg.size:
+        raise IntegrityError(f"object {seg.sha256[:12]} is {size} bytes, manifest says {seg.size} (truncated?)")
+    if sha256_file(path) != seg.sha256:
+        raise IntegrityError(f"object {seg.sha256[:12]} does not match its sha256")
+
+
+def _writer_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Uploader:
+    """Publishes what is new in ``roots`` to the entry ``key``. One per process; uploads are serialised.
+
+    ``known`` is what the store is believed to hold already (from the restore or the last upload): if the local
+    dirs hold nothing beyond it, an upload costs no request at all.
+    """
+
+    store: Store
+    key: str
+    roots: Mapping[str, Path]
+    model_version: str
+    factors: Mapping[str, str]
+    signing_key: bytes | None = None
+    known: set[str] = field(default_factory=set)
+    manifest: Manifest | None = None
+    token: str | None = None
+    total: UploadResult = field(default_factory=UploadResult)
+    deadline: float | None = None  # time.monotonic() value; set by the exit flush to bound every upload
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    on_progress: Callable[[UploadResult], None] | None = None
+
+    def pending(self) -> dict[str, Path]:
+        return {n: p for n, p in scan(self.roots).items() if n not in self.known}
+
+    def upload(self, deadline: float | None = None, lock_timeout: float = -1) -> UploadResult | None:
+        """Upload what is new. Raises nothing for store trouble: the result's ``error`` says it.
+
+        Returns None when another upload held the lock for longer than ``lock_timeout`` seconds."""
+        if not self.lock.acquire(timeout=lock_timeout):
+            return None
+        try:
+            r = UploadResult()
+            t0 = time.monotonic()
+            try:
+                self._upload(r, deadline)
+            except CacheError as e:
+                r.error, r.complete = f"{type(e).__name__}: {e}", False
+            except OSError as e:
+                r.error, r.complete = f"{type(e).__name__}: {e}", False
+            r.seconds = time.monotonic() - t0
+            self.total.bytes_uploaded += r.bytes_uploaded
+            self.total.files += r.files
+            self.total.segments += r.segments
+            self.total.seconds += r.seconds
+            self.total.complete = r.complete
+            self.total.error = r.error or self.total.error
+            return r
+        finally:
+            self.lock.release()
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        limits = [d for d in (deadline, self.deadline) if d is not None]
+        return bool(limits) and time.monotonic() >= min(limits)
+
+    def _upload(self, r: UploadResult, deadline: float | None) -> None:
+        new = self.pending()
+        if not new:
+            return
+        # Refresh our view of the store: another replica may have published these files already.
+        self.manifest, self.token = self._read_or_reset()
+        if self.manifest is not None:
+            self.known |= set(self.manifest.files())
+        new = {n: p for n, p in new.items() if n not in self.known}
+        if not new:
+            return
+        for batch in _batches(new):
+            if self._out_of_time(deadline):
+                r.complete = False
+                log.warning("upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files)
+                return
+            seg, nbytes = self._put_segment(batch)
+            r.bytes_uploaded += nbytes
+            self._publish(seg)
+            r.files += len(seg.files)
+            r.segments += 1
+            self.known |= {f.path for f in seg.files}
+            if self.on_progress:
+                self.on_progress(r)
+
+    def _read_or_reset(self) -> tuple[Manifest | None, str | None]:
+        try:
+            return read_manifest(self.store, self.key)
+        except IntegrityError as e:
+            # A malformed manifest helps nobody: replace it (CAS on its current version) with ours.
+            log.warning("replacing a malformed manifest for %s: %s", self.key, e)
+            _, token = self.store.read_versioned(manifest_name(self.key))
+            return None, token
+
+    def _put_segment(self, batch: Mapping[str, Path]) -> tuple[Segment, int]:
+        with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
+            archive = Path(tmp) / "segment.tar.zst"
+            entries = pack(batch, archive)
+            from .snapshot import sha256_file
+
+            sha, size = sha256_file(archive), archive.stat().st_size
+            seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
+            written = self.store.put_immutable(seg.object, archive)
+        return seg, size if written else 0
+
+    def _publish(self, seg: Segment) -> None:
+        """Compare-and-swap the manifest to include ``seg``; on a lost race, re-read and merge again."""
+        for _ in range(_CAS_ATTEMPTS):
+            base = self.manifest or Manifest(
+                key=self.key,
+                model_version=self.model_version,
+                fingerprint=_fp(self.factors),
+                factors=dict(self.factors),
+            )
+            if base.fingerprint != _fp(self.factors):
+                raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
+            merged = base.with_segment(seg)
+            if merged.segments == base.segments and self.manifest is not None:
+                return  # someone published all these files already
+            try:
+                self.token = self.store.put_conditional(
+                    manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
+                )
+                self.manifest = merged
+                return
+            except PreconditionFailed:
+                self.manifest, self.token = self._read_or_reset()
+        raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
+
+
+def _fp(factors: Mapping[str, str]) -> str:
+    from .key import fingerprint_of
+
+    return fingerprint_of(factors)
+
+
+def _batches(files: Mapping[str, Path]) -> list[dict[str, Path]]:
+    """Group files into segments of about SEGMENT_TARGET_BYTES. Kernels go first, the FX-graph and AOTAutograd
+    entries that refer to them last: a deadline that cuts the upload short publishes usable kernels, not graph
+    entries whose kernels are missing (Inductor would rebuild those, but slowly)."""
+    out: list[dict[str, Path]] = []
+    cur: dict[str, Path] = {}
+    size = 0
+    for name in sorted(files, key=lambda n: ("/fxgraph/" in n or "/aotautograd/" in n, n)):
+        try:
+            n = files[name].stat().st_size
+        except FileNotFoundError:
+            continue
+        if cur and size + n > SEGMENT_TARGET_BYTES:
+            out.append(cur)
+            cur, size = {}, 0
+        cur[name] = files[name]
+        size += n
+    if cur:
+        out.append(cur)
+    return out
