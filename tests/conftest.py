@@ -10,3 +10,52 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 pytest_plugins = ["tests.s3server"]
+
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+
+PYTHON = str(Path(sys.executable))
+
+
+@dataclass
+class Boot:
+    metrics: dict
+    outputs: list
+    request_path_compiles: int
+    stderr: str
+
+
+def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = True, check: bool = True) -> Boot:
+    """Boot ``target`` (module:Class) in a fresh process — a new "container" — and run predictions."""
+    args = [PYTHON, str(ROOT / "tests" / "boot.py"), target]
+    for p in predicts:
+        args += ["--predict", json.dumps(p)]
+    if wait_upload:
+        args.append("--wait-upload")
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    cp = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("BOOT-RESULT ")), None)
+    if check and (cp.returncode != 0 or line is None):
+        raise AssertionError(f"boot failed (exit {cp.returncode}):\n{cp.stderr[-4000:]}")
+    data = json.loads(line[len("BOOT-RESULT ") :]) if line else {"metrics": {}, "outputs": [], "request_path_compiles": -1}
+    return Boot(data["metrics"], data["outputs"], data["request_path_compiles"], cp.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_seeded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local store holding the tiny predictor's entry, made by ONE cold boot for the whole session.
+
+    Tests copy it (shutil.copytree) before changing anything in it."""
+    d = tmp_path_factory.mktemp("tiny-seed")
+    b = boot(
+        "tests.tiny_predictor:Predictor",
+        {"TORCHINDUCTOR_CACHE_DIR": str(d / "inductor"), "COMPILE_CACHE_URL": str(d / "store")},
+        {"batch": 1},
+    )
+    assert b.metrics["cache"] == "miss" and b.metrics["fxgraph_misses"] > 0
+    return d / "store"

@@ -22,11 +22,15 @@ class TinyMLP(torch.nn.Module):
         self.b = torch.nn.Linear(32, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if os.environ.get("TINY_BREAK_FORWARD") == "1":
-            # Fails only under Dynamo tracing: eager runs this forward fine.
-            if torch.compiler.is_compiling():
-                raise RuntimeError("tiny model refuses to be compiled")
         return torch.relu(self.a(x)).sin() @ torch.ones(32, 4) + self.b(torch.relu(self.a(x)))
+
+
+def _broken_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    """A backend that fails when the first compiled call reaches it (torch.compile itself is lazy and succeeds)."""
+    raise RuntimeError("tiny_broken backend refuses to compile")
+
+
+torch._dynamo.register_backend(_broken_backend, name="tiny_broken")
 
 
 def inputs(batch: int) -> torch.Tensor:
@@ -34,7 +38,10 @@ def inputs(batch: int) -> torch.Tensor:
 
 
 class Predictor(CompiledPredictor):
-    compile_config = CompileConfig(dynamic=False)
+    # TINY_BREAK_FORWARD=1: the first compiled call fails (same as COMPILE_CACHE_BACKEND=tiny_broken).
+    compile_config = CompileConfig(
+        dynamic=False, backend="tiny_broken" if os.environ.get("TINY_BREAK_FORWARD") == "1" else "inductor"
+    )
     model_version = "tiny-1"
     weights_dir = None
 

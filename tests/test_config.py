@@ -1,0 +1,80 @@
+"""Settings and compile config: defaults, env overrides, and errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from compile_cache.config import DEFAULT_STORE_URL, CompileConfig, Settings, env_table
+from compile_cache.errors import ConfigError
+
+
+def test_defaults_without_env() -> None:
+    s = Settings.from_env({})
+    assert s.url == DEFAULT_STORE_URL
+    assert s.disable is False
+    assert s.flush_budget_s == 8.0
+    assert s.signing_key is None
+
+
+def test_empty_values_count_as_unset() -> None:
+    assert Settings.from_env({"COMPILE_CACHE_URL": " ", "COMPILE_CACHE_DISABLE": ""}).url == DEFAULT_STORE_URL
+
+
+@pytest.mark.parametrize(
+    "var,value,accepted",
+    [
+        ("COMPILE_CACHE_URL", "gs://bucket/x", "s3://bucket"),
+        ("COMPILE_CACHE_URL", "s3:///nobucket", "s3://bucket"),
+        ("COMPILE_CACHE_DISABLE", "maybe", "1/true"),
+        ("COMPILE_CACHE_FLUSH_BUDGET_S", "12", "< 10"),
+        ("COMPILE_CACHE_FLUSH_BUDGET_S", "abc", "< 10"),
+        ("COMPILE_CACHE_RESTORE_TIMEOUT_S", "-1", "> 0"),
+        ("COMPILE_CACHE_MODEL_VERSION", "bad/version", "A-Z a-z 0-9"),
+        ("COMPILE_CACHE_MODE", "turbo", "reduce-overhead"),
+        ("COMPILE_CACHE_OPTIONS", "{not json", "JSON object"),
+        ("COMPILE_CACHE_OPTIONS", "[1, 2]", "JSON object"),
+        ("COMPILE_CACHE_STRATEGY", "aot", "jit | export"),
+    ],
+)
+def test_invalid_value_names_variable_and_accepted_forms(var: str, value: str, accepted: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Settings.from_env({var: value})
+    msg = str(e.value)
+    assert var in msg and accepted in msg
+    assert isinstance(e.value, ValueError)
+
+
+def test_signing_key_never_in_error_messages() -> None:
+    s = Settings.from_env({"COMPILE_CACHE_SIGNING_KEY": "s3cr3t-value"})
+    assert "s3cr3t-value" not in repr(s) and "s3cr3t-value" not in str(s.model_dump())
+    assert s.signing_key_bytes == b"s3cr3t-value"
+
+
+def test_compile_overrides_from_env() -> None:
+    base = CompileConfig(backend="inductor", dynamic=False, options={"a": 1})
+    s = Settings.from_env(
+        {
+            "COMPILE_CACHE_BACKEND": "aot_eager",
+            "COMPILE_CACHE_DYNAMIC": "auto",
+            "COMPILE_CACHE_FULLGRAPH": "1",
+            "COMPILE_CACHE_OPTIONS": '{"b": 2}',
+            "COMPILE_CACHE_COMPILE": "0",
+        }
+    )
+    c = base.with_overrides(s)
+    assert (c.backend, c.dynamic, c.fullgraph, c.enable) == ("aot_eager", None, True, False)
+    assert c.options == {"a": 1, "b": 2}
+    assert base.with_overrides(Settings.from_env({})) == base
+
+
+def test_compile_config_rejects_unknown_fields_and_modes() -> None:
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        CompileConfig(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        CompileConfig(backnd="inductor")  # type: ignore[call-arg]
+
+
+def test_env_table_lists_every_variable_once() -> None:
+    names = [row[0] for row in env_table()]
+    assert len(names) == len(set(names))
+    assert {"COMPILE_CACHE_URL", "COMPILE_CACHE_DISABLE", "COMPILE_CACHE_METRICS_FILE"} <= set(names)

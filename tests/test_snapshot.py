@@ -1,0 +1,102 @@
+"""Snapshot round trip and the delta/merge protocol of sync, on the local store (no torch compile needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from compile_cache.errors import IntegrityError
+from compile_cache.manifest import Manifest, manifest_name
+from compile_cache.snapshot import pack, scan, unpack_into_staging
+from compile_cache.stores import LocalStore
+from compile_cache.sync import Uploader, restore
+
+FACTORS = {"torch": "t", "python": "p", "device": "cpu", "cpu.isa": "X"}
+
+
+def make_cache(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def test_scan_skips_locks_temp_and_headers(tmp_path: Path) -> None:
+    make_cache(
+        tmp_path,
+        {
+            "fxgraph/ab/entry": b"1",
+            "ab/kernel.so": b"2",
+            "locks/x.lock": b"",
+            "precompiled_headers/h.gch": b"big",
+            "ab/.123.tmp": b"",
+            "compile_cache/log.txt": b"log",
+        },
+    )
+    assert sorted(scan({"inductor": tmp_path})) == ["inductor/ab/kernel.so", "inductor/fxgraph/ab/entry"]
+
+
+def test_pack_unpack_round_trip(tmp_path: Path) -> None:
+    src = make_cache(tmp_path / "src", {"a/b.so": os.urandom(5000), "fxgraph/x/y": b"graph"})
+    files = scan({"inductor": src})
+    entries = pack(files, tmp_path / "seg.tar.zst")
+    assert sorted(e.path for e in entries) == sorted(files)
+    dest = tmp_path / "dest"
+    staged = unpack_into_staging(tmp_path / "seg.tar.zst", entries, {"inductor": dest}, max_bytes=10**6, max_files=10)
+    assert not (dest / "a" / "b.so").exists()  # nothing in place before commit
+    assert staged.commit() == 2
+    assert (dest / "a" / "b.so").read_bytes() == (src / "a" / "b.so").read_bytes()
+    assert [p.name for p in dest.iterdir() if p.name.startswith(".")] == []  # staging removed
+
+
+def test_unpack_refuses_a_member_the_manifest_does_not_list(tmp_path: Path) -> None:
+    src = make_cache(tmp_path / "src", {"a": b"1", "b": b"2"})
+    entries = pack(scan({"inductor": src}), tmp_path / "seg")
+    with pytest.raises(IntegrityError, match="not listed"):
+        unpack_into_staging(tmp_path / "seg", entries[:1], {"inductor": tmp_path / "d"}, max_bytes=99, max_files=9)
+    assert not any((tmp_path / "d").rglob("a"))
+
+
+def test_restore_then_upload_is_a_delta(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    c1 = make_cache(tmp_path / "c1", {"k/one.so": b"one" * 100, "fxgraph/a/b": b"g1"})
+    up = Uploader(store, "key1", {"inductor": c1}, "v1", FACTORS)
+    r = up.upload()
+    assert r is not None and r.files == 2 and r.bytes_uploaded > 0
+    assert up.upload().bytes_uploaded == 0  # nothing new: no bytes
+
+    c2 = tmp_path / "c2"
+    rr = restore(store, "key1", {"inductor": c2}, factors=FACTORS)
+    assert rr.status == "hit" and rr.files == 2
+    assert (c2 / "k" / "one.so").read_bytes() == b"one" * 100
+    make_cache(c2, {"k/two.so": b"two"})
+    up2 = Uploader(store, "key1", {"inductor": c2}, "v1", FACTORS, known=set(rr.manifest.files()),
+                   manifest=rr.manifest, token=rr.token)
+    r2 = up2.upload()
+    assert r2.files == 1  # only the new file
+    m = Manifest.from_bytes(store.read(manifest_name("key1")))
+    assert sorted(m.files()) == ["inductor/fxgraph/a/b", "inductor/k/one.so", "inductor/k/two.so"]
+
+
+def test_concurrent_writers_merge(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    a = Uploader(store, "k", {"inductor": make_cache(tmp_path / "a", {"a.so": b"a"})}, "v1", FACTORS)
+    b = Uploader(store, "k", {"inductor": make_cache(tmp_path / "b", {"b.so": b"b"})}, "v1", FACTORS)
+    a._read_or_reset()  # both read "no manifest" ...
+    b._read_or_reset()
+    assert a.upload().files == 1 and b.upload().files == 1  # ... and the second merges instead of overwriting
+    m = Manifest.from_bytes(store.read(manifest_name("k")))
+    assert sorted(m.files()) == ["inductor/a.so", "inductor/b.so"]
+
+
+def test_restore_statuses(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    assert restore(store, "nope", {"inductor": tmp_path / "c"}, factors=FACTORS).status == "miss"
+    Uploader(store, "k", {"inductor": make_cache(tmp_path / "a", {"a.so": b"a"})}, "v1", FACTORS).upload()
+    foreign = {**FACTORS, "torch": "other"}
+    r = restore(store, "k", {"inductor": tmp_path / "c"}, factors=foreign)
+    assert r.status == "rejected" and "foreign" in r.reason
+    assert not (tmp_path / "c" / "a.so").exists()
