@@ -75,7 +75,7 @@ class S3Store(Store):
         client: Any | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        max_attempts: int = 5,
+        max_attempts: int = 3,
         max_pool_connections: int = 16,
     ) -> None:
         if not bucket:
@@ -331,7 +331,9 @@ class _Download:
 
 def _make_client(*, connect_timeout: float, read_timeout: float, max_attempts: int, max_pool_connections: int) -> Any:
     session = boto3.session.Session()
-    region = session.region_name or "us-east-1"
+    # botocore reads AWS_DEFAULT_REGION and the config file but not AWS_REGION, which the other AWS SDKs (and
+    # Lambda, ECS) set and prefer; honour both.
+    region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
     cfg = Config(
         region_name=region,
         connect_timeout=connect_timeout,
@@ -355,7 +357,7 @@ def _code(e: BaseException) -> str | None:
 
 
 def _is_aws(host: str | None) -> bool:
-    return bool(host) and (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))  # type: ignore[union-attr]
+    return host is not None and host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
 def _snake(op: str) -> str:
