@@ -74,7 +74,7 @@ def hash_paths(paths: Iterable[Path], *, base: Path | None = None) -> str:
         for p in files:
             if not p.is_file() or "__pycache__" in p.parts or p.name.startswith("."):
                 continue
-            rel = os.path.relpath(p, base) if base else p.name
+            rel = os.path.relpath(p, base or root.parent)  # names count: a renamed file is a change
             h.update(f"{rel}\0{p.stat().st_size}\0".encode())
             with open(p, "rb") as fh:
                 while chunk := fh.read(1 << 20):

@@ -56,12 +56,24 @@ class CompiledPredictor(BasePredictor):
         raise NotImplementedError(f"{type(self).__name__} must implement warmup_examples()")
 
     def version_files(self) -> list[Path]:
-        """Files whose content defines the model version: predictor code, weights, pinned requirements."""
-        files = [Path(inspect.getfile(type(self)))]
+        """Files whose content defines the model version: predictor code, weights, pinned requirements.
+
+        Relative paths are resolved against the predictor file's directory (the project dir), not the current
+        directory, so ``python -m compile_cache warm`` run from elsewhere derives the same version as production."""
+        code = Path(inspect.getfile(type(self))).resolve()
+        files = [code]
         if self.weights_dir:
-            files.append(Path(self.weights_dir))
-        files += [Path(f) for f in self.requirements_files if Path(f).exists()]
+            files.append(code.parent / self.weights_dir)
+        files += [code.parent / f for f in self.requirements_files if (code.parent / f).exists()]
         return files
+
+    def resolve_model_version(self, settings: Settings) -> str:
+        """``COMPILE_CACHE_MODEL_VERSION``, else the class's ``model_version``, else a content hash of
+        ``version_files()`` (so every ``cog push`` that changes code, weights or requirements gets a fresh key)."""
+        if settings.model_version or self.model_version:
+            return str(settings.model_version or self.model_version)
+        files = self.version_files()
+        return f"v{hash_paths(files, base=files[0].parent)}"
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def setup(self, weights: Any = None) -> None:  # noqa: D102 - documented in the module docstring
@@ -72,7 +84,7 @@ class CompiledPredictor(BasePredictor):
         logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
         self.settings, self.cfg = settings, cfg
         m = self.metrics = BootMetrics(strategy=cfg.strategy)
-        version = settings.model_version or self.model_version or f"v{hash_paths(self.version_files())}"
+        version = self.resolve_model_version(settings)
         self.key = key = CacheKey(version, environment_factors(cfg.cache_factors()))
         m.key = key.name
 
@@ -173,10 +185,13 @@ class CompiledPredictor(BasePredictor):
         m = self.metrics
         m.upload_state = "running"
         r = self.uploader.upload(deadline, lock_timeout)
-        if r is None:
-            log.warning("an upload is still running and the flush budget is spent: leaving it")
-            return
         tot = self.uploader.total
+        if r is None:
+            # The background upload still holds the lock (a slow store): it stops at the flush deadline between
+            # segments. Report what it has published; the caller writes the metrics file.
+            log.warning("an upload is still running and the flush budget is spent: leaving it")
+            m.bytes_uploaded, m.files_uploaded, m.upload_state = tot.bytes_uploaded, tot.files, "partial"
+            return
         m.bytes_uploaded, m.files_uploaded, m.upload_s = tot.bytes_uploaded, tot.files, tot.seconds
         m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
         m.upload_error = r.error
