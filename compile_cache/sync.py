@@ -33,6 +33,7 @@ log = logging.getLogger("compile_cache")
 SEGMENT_TARGET_BYTES = 32 * 2**20  # pack new files into segments of about this many (uncompressed) bytes
 MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
 _CAS_ATTEMPTS = 20
+_PARALLEL_SEGMENTS = 8
 
 
 def _mb(n: int) -> str:
@@ -96,11 +97,14 @@ def restore(
     """
     t0 = time.monotonic()
     cancel = threading.Event()
+    commit_lock = threading.Lock()
     box: dict[str, RestoreResult] = {}
 
     def work() -> None:
         try:
-            box["r"] = _restore(store, key, roots, factors, signing_key, require_signed, max_bytes, max_files, cancel)
+            box["r"] = _restore(
+                store, key, roots, factors, signing_key, require_signed, max_bytes, max_files, cancel, commit_lock
+            )
         except _Cancelled:
             pass
         except EntryRejected as e:
@@ -116,11 +120,16 @@ def restore(
     th = threading.Thread(target=work, name="compile-cache-restore", daemon=True)
     th.start()
     th.join(timeout_s)
-    if th.is_alive():
-        cancel.set()
-        r = RestoreResult("error", f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={timeout_s:g}s")
-    else:
-        r = box.get("r") or RestoreResult("error", "restore stopped")
+    timed_out = th.is_alive()
+    if timed_out:
+        # Under the lock: a helper that is moving files into place finishes first (and its result stands); one
+        # that is not yet there sees the cancel before it starts, so a late restore never races the compile.
+        with commit_lock:
+            cancel.set()
+    r = box.get("r")
+    if r is None:
+        why = f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={timeout_s:g}s" if timed_out else "restore stopped"
+        r = RestoreResult("error", why)
     r.seconds = time.monotonic() - t0
     return r
 
@@ -135,37 +144,62 @@ def _restore(
     max_bytes: int,
     max_files: int,
     cancel: threading.Event,
+    commit_lock: threading.Lock,
 ) -> RestoreResult:
     manifest, token = read_manifest(store, key)
     if manifest is None:
         return RestoreResult("miss", "no entry for this key")
     manifest.check(key=key, factors=factors, signing_key=signing_key, require_signed=require_signed)
-    if manifest.total_bytes > max_bytes or sum(len(s.files) for s in manifest.segments) > max_files:
+    # The caps are on unpacked bytes: compare what the manifest declares unpacked (not the compressed objects'
+    # size, which a bomb keeps small) before downloading anything. Unpacking enforces them again per member.
+    files = manifest.files()
+    if sum(f.size for f in files.values()) > max_bytes or len(files) > max_files:
         raise EntryRejected(f"entry is larger than the caps ({max_bytes} bytes / {max_files} files)")
     downloaded = 0
     staged: Staged | None = None
     with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") as tmp:
         try:
+            parts = _download_all(store, manifest.segments, Path(tmp), cancel)
             for seg in manifest.segments:
                 if cancel.is_set():
                     raise _Cancelled
-                part = Path(tmp) / seg.sha256
-                n = store.download(seg.object, part)
-                downloaded += n
+                part = parts[seg.sha256]
+                downloaded += part.stat().st_size
                 _verify_object(part, seg)
                 staged = unpack_into_staging(
                     part, seg.files, roots, max_bytes=max_bytes, max_files=max_files, staged=staged
                 )
                 part.unlink()
-            if cancel.is_set():
-                raise _Cancelled
-            moved = staged.commit() if staged else 0
+            with commit_lock:
+                if cancel.is_set():
+                    raise _Cancelled
+                moved = staged.commit() if staged else 0
         except BaseException:
             if staged:
                 staged.discard()
             raise
     log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
     return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token)
+
+
+def _download_all(store: Store, segments: list[Segment], tmp: Path, cancel: threading.Event) -> dict[str, Path]:
+    """Download every segment at once (segments are small; parallel requests hide per-request latency). Each large
+    object is itself fetched with parallel ranged GETs by the S3 store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(seg: Segment) -> tuple[str, Path]:
+        if cancel.is_set():
+            raise _Cancelled
+        part = tmp / seg.sha256
+        if not part.exists():  # the same segment listed twice is fetched once
+            store.download(seg.object, part)
+        return seg.sha256, part
+
+    unique = list({s.sha256: s for s in segments}.values())
+    if len(unique) <= 1:
+        return dict(one(s) for s in unique)
+    with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(unique)), thread_name_prefix="cc-dl") as ex:
+        return dict(ex.map(one, unique))
 
 
 def _verify_object(path: Path, seg: Segment) -> None:
@@ -223,9 +257,6 @@ class Uploader:
             except OSError as e:
                 r.error, r.complete = f"{type(e).__name__}: {e}", False
             r.seconds = time.monotonic() - t0
-            self.total.bytes_uploaded += r.bytes_uploaded
-            self.total.files += r.files
-            self.total.segments += r.segments
             self.total.seconds += r.seconds
             self.total.complete = r.complete
             self.total.error = r.error or self.total.error
@@ -238,14 +269,13 @@ class Uploader:
         return bool(limits) and time.monotonic() >= min(limits)
 
     def _upload(self, r: UploadResult, deadline: float | None) -> None:
-        new = self.pending()
-        if not new:
+        if not self.pending():
             return
-        # Refresh our view of the store: another replica may have published these files already.
+        # Refresh our view of the store: another replica may have published these files already. Only what the
+        # current, trusted manifest lists is known: a missing or replaced entry vouches for nothing.
         self.manifest, self.token = self._read_or_reset()
-        if self.manifest is not None:
-            self.known |= set(self.manifest.files())
-        new = {n: p for n, p in new.items() if n not in self.known}
+        self.known = set(self.manifest.files()) if self.manifest is not None else set()
+        new = self.pending()
         if not new:
             return
         for batch in _batches(new):
@@ -255,21 +285,94 @@ class Uploader:
                 return
             seg, nbytes = self._put_segment(batch)
             r.bytes_uploaded += nbytes
+            self.total.bytes_uploaded += nbytes
             self._publish(seg)
             r.files += len(seg.files)
             r.segments += 1
+            # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
+            # upload still reports what that upload has published.
+            self.total.files += len(seg.files)
+            self.total.segments += 1
             self.known |= {f.path for f in seg.files}
             if self.on_progress:
                 self.on_progress(r)
+        if deadline is None and self.deadline is None and self.manifest and len(self.manifest.segments) > MAX_SEGMENTS:
+            try:
+                self.compact()
+            except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
+                log.warning("compaction of %s skipped: %s", self.key, e)
+
+    def compact(self) -> bool:
+        """Repack the manifest's many segments into few, so restores need few requests. Crash-safe: the new
+        segments are written first; one compare-and-swap swaps them in (keeping any segment another writer added
+        meanwhile); the old objects stay until ``prune`` collects unreferenced ones. False if there was nothing to
+        do or another writer compacted first."""
+        m = self.manifest
+        if m is None or len(m.segments) <= 1:
+            return False
+        old = {s.sha256 for s in m.segments}
+        with tempfile.TemporaryDirectory(prefix="compile-cache-compact-") as tmp:
+            base = Path(tmp)
+            parts = _download_all(self.store, m.segments, base, threading.Event())
+            roots = {p.split("/", 1)[0]: base / "files" / p.split("/", 1)[0] for p in m.files()}
+            staged: Staged | None = None
+            for seg in m.segments:
+                _verify_object(parts[seg.sha256], seg)
+                staged = unpack_into_staging(
+                    parts[seg.sha256], seg.files, roots, max_bytes=2**62, max_files=2**31, staged=staged
+                )
+            if staged:
+                staged.commit()
+            files = {p: base / "files" / p for p in m.files()}
+            new_segments = [self._put_segment(batch)[0] for batch in _batches(files)]
+        for _ in range(_CAS_ATTEMPTS):
+            cur = self.manifest
+            assert cur is not None
+            if not old <= {s.sha256 for s in cur.segments}:
+                return False  # someone else compacted (or replaced the entry) first
+            added = [s for s in cur.segments if s.sha256 not in old]
+            merged = cur.model_copy(update={"segments": new_segments + added, "updated_at": time.time()}, deep=True)
+            try:
+                self.token = self.store.put_conditional(
+                    manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
+                )
+                self.manifest = merged
+                log.info("compacted %s: %d segments -> %d", self.key, len(old), len(merged.segments))
+                return True
+            except PreconditionFailed:
+                m2, self.token = self._read_or_reset()
+                if m2 is None:
+                    return False
+                self.manifest = m2
+        return False
 
     def _read_or_reset(self) -> tuple[Manifest | None, str | None]:
+        """The store's manifest and version if we may merge into it; (None, version) if ours replaces it (CAS on
+        that version); EntryRejected if it must be left alone. Merging re-signs the whole manifest, so we only
+        merge into what we would load ourselves (issue #5: never launder a tampered or unsigned entry)."""
         try:
-            return read_manifest(self.store, self.key)
+            m, token = read_manifest(self.store, self.key)
         except IntegrityError as e:
             # A malformed manifest helps nobody: replace it (CAS on its current version) with ours.
             log.warning("replacing a malformed manifest for %s: %s", self.key, e)
             _, token = self.store.read_versioned(manifest_name(self.key))
             return None, token
+        if m is None:
+            return None, None
+        if m.signature is not None and (self.signing_key is None or not m.signed_with(self.signing_key)):
+            # Another key's entry (a misconfigured replica must not flip-flop the fleet's entry) or a tampered one
+            # (an operator's call: `verify`, then delete). Either way, not ours to overwrite.
+            raise EntryRejected(
+                f"the entry {self.key} is signed and its signature does not verify with this process's "
+                "COMPILE_CACHE_SIGNING_KEY (or none is set): leaving it as it is"
+            )
+        if m.signature is None and self.signing_key is not None:
+            log.warning("replacing the unsigned manifest of %s by a signed one of this process's files", self.key)
+            return None, token
+        if m.key != self.key or m.fingerprint != _fp(self.factors):
+            log.warning("replacing the manifest of %s: it was written for another key or environment", self.key)
+            return None, token
+        return m, token
 
     def _put_segment(self, batch: Mapping[str, Path]) -> tuple[Segment, int]:
         with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:

@@ -100,3 +100,21 @@ def test_restore_statuses(tmp_path: Path) -> None:
     r = restore(store, "k", {"inductor": tmp_path / "c"}, factors=foreign)
     assert r.status == "rejected" and "foreign" in r.reason
     assert not (tmp_path / "c" / "a.so").exists()
+
+
+def test_compaction_repacks_many_segments_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compile_cache.sync as sync
+
+    monkeypatch.setattr(sync, "MAX_SEGMENTS", 4)
+    store = LocalStore(tmp_path / "store")
+    cache = tmp_path / "c"
+    up = Uploader(store, "k", {"inductor": cache}, "v1", FACTORS)
+    for i in range(5):  # five boots, each compiling one new kernel: five segments ...
+        make_cache(cache, {f"k/{i}.so": os.urandom(100)})
+        up.upload()
+    m = Manifest.from_bytes(store.read(manifest_name("k")))
+    assert len(m.segments) == 1  # ... compacted by the writer that saw more than MAX_SEGMENTS
+    assert sorted(m.files()) == [f"inductor/k/{i}.so" for i in range(5)]
+    r = restore(store, "k", {"inductor": tmp_path / "fresh"}, factors=FACTORS)
+    assert r.status == "hit" and r.files == 5
+    assert (tmp_path / "fresh" / "k" / "4.so").read_bytes() == (cache / "k" / "4.so").read_bytes()
