@@ -11,13 +11,14 @@ Store-agnostic and torch-free. The protocol (see the module docs of stores.base 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,11 @@ __all__ = ["RestoreResult", "UploadResult", "restore", "Uploader", "read_manifes
 
 log = logging.getLogger("compile_cache")
 
-SEGMENT_TARGET_BYTES = 32 * 2**20  # pack new files into segments of about this many (uncompressed) bytes
+SEGMENT_TARGET_BYTES = 8 * 2**20  # pack new files into segments of about this many (uncompressed) bytes
 MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
 _CAS_ATTEMPTS = 20
 _PARALLEL_SEGMENTS = 8
+_IN_MEMORY_SEGMENT = 64 * 2**20  # larger objects stream to a temp file (parallel ranged GETs)
 
 
 def _mb(n: int) -> str:
@@ -155,51 +157,91 @@ def _restore(
     files = manifest.files()
     if sum(f.size for f in files.values()) > max_bytes or len(files) > max_files:
         raise EntryRejected(f"entry is larger than the caps ({max_bytes} bytes / {max_files} files)")
+    # Every segment is unpacked, duplicates included: bound that too, not only the de-duplicated view.
+    if sum(seg.unpacked_bytes for seg in manifest.segments) > max_bytes:
+        raise EntryRejected(f"entry's segments unpack to more than the cap ({max_bytes} bytes)")
     downloaded = 0
-    staged: Staged | None = None
+    stageds: list[tuple[int, Staged]] = []
     with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") as tmp:
         try:
-            parts = _download_all(store, manifest.segments, Path(tmp), cancel)
-            for seg in manifest.segments:
-                if cancel.is_set():
-                    raise _Cancelled
-                part = parts[seg.sha256]
-                downloaded += part.stat().st_size
-                _verify_object(part, seg)
-                staged = unpack_into_staging(
-                    part, seg.files, roots, max_bytes=max_bytes, max_files=max_files, staged=staged
-                )
-                part.unlink()
+            for index, staged, nbytes in _fetch_and_stage(
+                store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds
+            ):
+                downloaded += nbytes
             with commit_lock:
                 if cancel.is_set():
                     raise _Cancelled
-                moved = staged.commit() if staged else 0
+                # In manifest order: where two segments carry the same file, the first one's copy is kept.
+                moved = sum(st.commit() for _, st in sorted(stageds, key=lambda x: x[0]))
         except BaseException:
-            if staged:
-                staged.discard()
+            for _, st in stageds:
+                st.discard()
             raise
     log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
     return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token)
 
 
-def _download_all(store: Store, segments: list[Segment], tmp: Path, cancel: threading.Event) -> dict[str, Path]:
-    """Download every segment at once (segments are small; parallel requests hide per-request latency). Each large
-    object is itself fetched with parallel ranged GETs by the S3 store."""
-    from concurrent.futures import ThreadPoolExecutor
+def _fetch_and_stage(
+    store: Store,
+    segments: list[Segment],
+    tmp: Path,
+    roots: Mapping[str, Path],
+    cancel: threading.Event,
+    max_bytes: int,
+    max_files: int,
+    out: list[tuple[int, Staged]],
+) -> Iterator[tuple[int, Staged, int]]:
+    """Download, verify (sha256 of the object) and unpack (into staging, each member's sha256 checked) every
+    segment, several at a time: downloads overlap with hashing and decompression, which release the GIL. Each
+    result is appended to ``out`` as soon as it exists, so the caller can discard it whatever happens next."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    def one(seg: Segment) -> tuple[str, Path]:
+    def one(index: int, seg: Segment) -> tuple[int, Staged, int]:
         if cancel.is_set():
             raise _Cancelled
-        part = tmp / seg.sha256
-        if not part.exists():  # the same segment listed twice is fetched once
-            store.download(seg.object, part)
-        return seg.sha256, part
+        if seg.size <= _IN_MEMORY_SEGMENT:  # the usual case: one GET into memory, no temp file written and read
+            data = store.read(seg.object)
+            _verify_bytes(data, seg)
+            staged = unpack_into_staging(data, seg.files, roots, max_bytes=max_bytes, max_files=max_files)
+            return index, staged, len(data)
+        part = tmp / f"{index}-{seg.sha256}"
+        n = store.download(seg.object, part)
+        _verify_object(part, seg)
+        staged = unpack_into_staging(part, seg.files, roots, max_bytes=max_bytes, max_files=max_files)
+        part.unlink()
+        return index, staged, n
 
-    unique = list({s.sha256: s for s in segments}.values())
-    if len(unique) <= 1:
-        return dict(one(s) for s in unique)
-    with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(unique)), thread_name_prefix="cc-dl") as ex:
-        return dict(ex.map(one, unique))
+    if len(segments) <= 1:
+        for i, seg in enumerate(segments):
+            res = one(i, seg)
+            out.append((res[0], res[1]))
+            yield res
+        return
+    with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(segments)), thread_name_prefix="cc-dl") as ex:
+        futures = [ex.submit(one, i, seg) for i, seg in enumerate(segments)]
+        error: BaseException | None = None
+        for fut in as_completed(futures):
+            try:
+                res = fut.result()
+            except BaseException as e:  # keep collecting: every staged result must reach `out` to be discarded
+                if error is None:
+                    error = e
+                    cancel.set() if isinstance(e, _Cancelled) else None
+                    for f in futures:
+                        f.cancel()
+                continue
+            out.append((res[0], res[1]))
+            if error is None:
+                yield res
+        if error is not None:
+            raise error
+
+
+def _verify_bytes(data: bytes, seg: Segment) -> None:
+    if len(data) != seg.size:
+        raise IntegrityError(f"object {seg.sha256[:12]} is {len(data)} bytes, manifest says {seg.size} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != seg.sha256:
+        raise IntegrityError(f"object {seg.sha256[:12]} does not match its sha256")
 
 
 def _verify_object(path: Path, seg: Segment) -> None:
@@ -313,7 +355,10 @@ class Uploader:
         old = {s.sha256 for s in m.segments}
         with tempfile.TemporaryDirectory(prefix="compile-cache-compact-") as tmp:
             base = Path(tmp)
-            parts = _download_all(self.store, m.segments, base, threading.Event())
+            parts = {}
+            for seg in {s.sha256: s for s in m.segments}.values():
+                parts[seg.sha256] = base / seg.sha256
+                self.store.download(seg.object, parts[seg.sha256])
             roots = {p.split("/", 1)[0]: base / "files" / p.split("/", 1)[0] for p in m.files()}
             staged: Staged | None = None
             for seg in m.segments:

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Restore throughput vs a raw boto3 GET of the same bytes, side by side in one run, on a real S3 server.
+
+    scripts/bench_restore.py [--mb 48] [--rounds 5]          # starts a SeaweedFS server on 127.0.0.1 itself
+    scripts/bench_restore.py --url s3://bucket/prefix        # or uses yours (AWS_* env for endpoint/credentials)
+
+It writes a realistic entry (--mb of kernel-like files, packed into segments by the real upload path), then
+alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object, (b) a full restore
+(manifest read, parallel downloads straight to disk, sha256 checks, verified unpack, move into place) into an
+empty dir. Prints the median throughputs and their ratio (the issue's target: restore >= 0.8x raw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compile_cache.manifest import Manifest, manifest_name  # noqa: E402
+from compile_cache.stores import open_store  # noqa: E402
+from compile_cache.sync import Uploader, restore  # noqa: E402
+
+FACTORS = {"bench": "restore"}
+
+
+def make_entry(base: Path, mb: int) -> Path:
+    """Files shaped like an Inductor cache: many small .cpp/.py sources (compressible) and larger .so (less so)."""
+    src = base / "cache"
+    i = 0
+    total = 0
+    while total < mb << 20:
+        d = src / f"{i % 256:02x}"
+        d.mkdir(parents=True, exist_ok=True)
+        if i % 3 == 0:
+            data = (f"// kernel {i}\n" + "out[i] = a[i] * b[i] + c;\n" * 2000).encode()
+        else:
+            data = os.urandom(200_000 + (i % 50) * 1000)  # compiled code compresses little
+        (d / f"c{i:05d}.so").write_bytes(data)
+        total += len(data)
+        i += 1
+    return src
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="an s3:// URL to use instead of a local SeaweedFS server")
+    ap.add_argument("--mb", type=int, default=48, help="entry size in MB (default 48)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = ap.parse_args()
+
+    server = None
+    work = Path(tempfile.mkdtemp(prefix="bench-restore-"))
+    try:
+        if args.url:
+            url = args.url
+        else:
+            from tests.s3server import _start, _stop, _wait_ready  # the same launcher the tests use
+
+            server = _start(work / "seaweed")
+            _wait_ready(server)
+            bucket = server.make_bucket(f"bench-{uuid.uuid4().hex[:8]}")
+            os.environ.update(
+                AWS_ACCESS_KEY_ID=server.access_key,
+                AWS_SECRET_ACCESS_KEY=server.secret_key,
+                AWS_ENDPOINT_URL_S3=server.endpoint,
+                AWS_DEFAULT_REGION=server.region,
+            )
+            url = f"s3://{bucket}/bench"
+        store = open_store(url)
+        key = f"bench-{uuid.uuid4().hex[:8]}"
+        src = make_entry(work, args.mb)
+        up = Uploader(store, key, {"inductor": src}, "bench", FACTORS).upload()
+        assert up is not None and not up.error, up
+        m = Manifest.from_bytes(store.read(manifest_name(key)))
+        nbytes = m.total_bytes
+
+        import boto3  # the raw baseline: the same client settings a user would have by default
+
+        client = boto3.client("s3")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+
+        def raw() -> float:
+            t = time.perf_counter()
+            for seg in m.segments:
+                client.get_object(Bucket=bucket, Key=f"{prefix}/{seg.object}" if prefix else seg.object)["Body"].read()
+            return time.perf_counter() - t
+
+        raw_s, ours_s = [], []
+        for r in range(args.rounds):
+            raw_s.append(raw())
+            dest = work / f"restore{r}"
+            res = restore(store, key, {"inductor": dest}, factors=FACTORS)
+            assert res.status == "hit", res.reason
+            ours_s.append(res.seconds)
+            shutil.rmtree(dest)
+        raw_mb_s = nbytes / 1e6 / statistics.median(raw_s)
+        ours_mb_s = nbytes / 1e6 / statistics.median(ours_s)
+        out = {
+            "entry_bytes": nbytes,
+            "files": len(m.files()),
+            "segments": len(m.segments),
+            "raw_get_mb_s": round(raw_mb_s, 1),
+            "restore_mb_s": round(ours_mb_s, 1),
+            "ratio": round(ours_mb_s / raw_mb_s, 2),
+            "rounds": args.rounds,
+        }
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(
+                f"entry {nbytes / 1e6:.1f} MB in {out['segments']} segments, {out['files']} files\n"
+                f"raw boto3 GET   {raw_mb_s:7.1f} MB/s  (median of {args.rounds})\n"
+                f"restore         {ours_mb_s:7.1f} MB/s  (download + sha256 + verified unpack + move into place)\n"
+                f"ratio           {out['ratio']:.2f}x"
+            )
+        return 0
+    finally:
+        if server is not None:
+            _stop(server)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
