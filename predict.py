@@ -3,8 +3,10 @@
 Input: ``text``, one sentence per line. Output: one 384-float, unit-norm embedding per line (mean pooling over the
 attention mask, then L2 normalisation, as sentence-transformers does).
 
-Requests are padded to a small set of (batch, sequence) buckets, and warm-up runs every bucket, so no request ever
-compiles (the JIT strategy specialises on shapes).
+Default strategy: ``export`` — one AOTInductor package serves every batch (1-64) and sequence length (2-256), loads
+without Dynamo, and lives in the store (code only: the weights come from ``weights/``). With
+``COMPILE_CACHE_STRATEGY=jit`` requests are padded to a small set of (batch, sequence) buckets instead, and warm-up
+runs every bucket, so no request ever compiles (``torch.compile`` specialises on shapes).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from cog import Input
 
 from compile_cache import CompileConfig, CompiledPredictor
 from compile_cache.compiler import Example
+from compile_cache.export import Dim, ExportSpec
 
 WEIGHTS_DIR = Path(os.environ.get("MODEL_WEIGHTS_DIR", "weights/all-MiniLM-L6-v2"))
+MAX_BATCH = 64  # export: the package's batch dim is 1..MAX_BATCH
 BATCH_BUCKETS = (1, 16)
 SEQ_BUCKETS = (64, 256)  # 256 = the model's max_seq_length (sentence_bert_config.json)
 DEFAULT_TEXT = "A man is eating food.\nA man is eating a piece of bread.\nThe new movie is awesome."
@@ -43,7 +47,8 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 class Predictor(CompiledPredictor):
-    compile_config = CompileConfig(strategy="jit", dynamic=False)
+    # export measured best on this model (docs/benchmarks.md); jit stays one env var away.
+    compile_config = CompileConfig(strategy="export", dynamic=False)
     weights_dir = str(WEIGHTS_DIR)
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
@@ -53,7 +58,9 @@ class Predictor(CompiledPredictor):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no model in {path}: run `make weights` (scripts/fetch_weights.py)")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        bert = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        # No pooler: sentence embeddings mean-pool the hidden states (and an unused layer's weights would be
+        # folded into an exported package's code instead of being loaded from weights/).
+        bert = AutoModel.from_pretrained(path, attn_implementation="sdpa", add_pooling_layer=False)
         return SentenceEncoder(bert).eval()
 
     def _batch(self, sentences: list[str], batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +79,24 @@ class Predictor(CompiledPredictor):
             for s in SEQ_BUCKETS
         ]
 
+    def export_spec(self) -> ExportSpec:
+        batch, seq = Dim("batch", 1, MAX_BATCH), Dim("seq", 2, SEQ_BUCKETS[-1])
+        example = torch.ones(4, 16, dtype=torch.int64)  # sizes inside the dims, distinct per dim (see export.py)
+        return ExportSpec((example, example.clone()), {0: {0: batch, 1: seq}, 1: {0: batch, 1: seq}})
+
     def embed(self, sentences: list[str]) -> list[list[float]]:
+        exact = self.metrics.strategy == "export"  # one package serves every shape: no padding to buckets
         out: list[list[float]] = []
-        step = BATCH_BUCKETS[-1]
+        step = MAX_BATCH if exact else BATCH_BUCKETS[-1]
         for i in range(0, len(sentences), step):
             chunk = sentences[i : i + step]
-            longest = max(len(t) for t in self.tokenizer(chunk, truncation=True, max_length=SEQ_BUCKETS[-1])["input_ids"])
-            ids, mask = self._batch(chunk, bucket(len(chunk), BATCH_BUCKETS), bucket(longest, SEQ_BUCKETS))
-            out += self.model(ids, mask)[: len(chunk)].tolist()
+            ids = self.tokenizer(chunk, truncation=True, max_length=SEQ_BUCKETS[-1])["input_ids"]
+            longest = max(len(t) for t in ids)
+            if exact:
+                shape = (len(chunk), max(longest, 2))
+            else:
+                shape = (bucket(len(chunk), BATCH_BUCKETS), bucket(longest, SEQ_BUCKETS))
+            out += self.model(*self._batch(chunk, *shape))[: len(chunk)].tolist()
         return out
 
     def predict(

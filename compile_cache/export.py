@@ -27,6 +27,7 @@ mismatch is an error (the generated code may SIGILL), not a warning.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ __all__ = [
     "load_package",
     "check_shapes",
     "package_metadata",
+    "model_constants",
 ]
 
 logger = logging.getLogger("compile_cache")
@@ -277,6 +279,7 @@ def build_package(
         _META_PREFIX + "keep_weights_out": "1" if keep_weights_out else "0",
         _META_PREFIX + "spec": json.dumps(spec.describe(), sort_keys=True),
         _META_PREFIX + "torch": torch.__version__,
+        _META_PREFIX + "constant_fqns": json.dumps(constant_fqns),
     }
     configs: dict[str, Any] = {"aot_inductor.metadata": meta}
     if keep_weights_out:
@@ -419,6 +422,33 @@ def model_constants(model: torch.nn.Module, fqns: list[str]) -> dict[str, torch.
     return out
 
 
+def _import_spec_types(spec_json: str) -> None:
+    """Import the modules named by the ``type`` fields of a serialized treespec."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            t = node.get("type")
+            if isinstance(t, str) and "." in t:
+                names.add(t.rsplit(".", 1)[0])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    try:
+        walk(json.loads(spec_json))
+    except ValueError:
+        return
+    for mod in sorted(names):
+        try:
+            importlib.import_module(mod)
+            logger.debug("imported %s to rebuild a package's output structure", mod)
+        except Exception as e:  # best effort: the caller reports the real failure
+            logger.debug("cannot import %s: %s", mod, e)
+
+
 class AOTIRunner:
     """A loaded AOTInductor package: ``runner(*args) -> outputs``.
 
@@ -433,7 +463,12 @@ class AOTIRunner:
         self.metadata = metadata
         in_spec, out_spec = loader.get_call_spec()
         try:
-            self._out_spec = pytree.treespec_loads(out_spec)
+            try:
+                self._out_spec = pytree.treespec_loads(out_spec)
+            except NotImplementedError:
+                # the output type (e.g. a transformers ModelOutput) registers itself with pytree on import
+                _import_spec_types(out_spec)
+                self._out_spec = pytree.treespec_loads(out_spec)
             self._in_spec = pytree.treespec_loads(in_spec)
         except Exception as e:
             raise PackageLoadError(
@@ -486,12 +521,23 @@ def load_package(
         raise PackageLoadError(f"{path}: keep_weights_out=True needs the model to take the weights from")
     _check_device(meta, path)
     try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(path, _MODEL_NAME, False, num_runners, -1)  # type: ignore[attr-defined]
+        # (path, model name, run_single_threaded, num_runners, device_index)
+        loader = torch._C._aoti.AOTIModelPackageLoader(  # type: ignore[attr-defined]
+            path, _MODEL_NAME, False, num_runners, -1
+        )
     except Exception as e:
         raise PackageLoadError(f"cannot load AOTInductor package {path!r}: {e}") from e
     runner = AOTIRunner(loader, path, meta)
     if keep_weights_out:
         assert model is not None
+        expected = meta.get(_META_PREFIX + "constant_fqns")
+        if expected is not None:
+            baked = sorted(set(json.loads(expected)) - set(runner.constant_fqns))
+            if baked:
+                # Inductor inlined or folded these into the code: the package would ignore the model's values
+                raise PackageLoadError(
+                    f"{path}: weights {baked} are baked into the package's code, not loadable from the model"
+                )
         constants = model_constants(model, runner.constant_fqns)
         if share_weights:
             # user_managed needs contiguous tensors of the exact dtype; keep our own refs

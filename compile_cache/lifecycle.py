@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import json
 import signal
 import threading
 import time
@@ -18,11 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from cog import BasePredictor
 
 from . import log as logmod
-from .compiler import CompiledModel, Example, cache_roots, compile_model, counts
+from .compiler import CompiledModel, Example, cache_roots, compile_model, counts, describe_args
 from .config import CompileConfig, Settings
+from .export import ExportSpec
 from .key import CacheKey, environment_factors, hash_paths
 from .metrics import BootMetrics
 from .stores import open_store
@@ -55,6 +58,11 @@ class CompiledPredictor(BasePredictor):
         """Example inputs covering every input shape requests will have: warm-up compiles them all at boot."""
         raise NotImplementedError(f"{type(self).__name__} must implement warmup_examples()")
 
+    def export_spec(self) -> ExportSpec:
+        """For ``strategy="export"``: example inputs and the dynamic dims (min/max) one package serves. Called
+        before ``load()`` (the spec is part of the cache key), so build it from shapes, not from the model."""
+        raise NotImplementedError(f"{type(self).__name__} must implement export_spec() for strategy='export'")
+
     def version_files(self) -> list[Path]:
         """Files whose content defines the model version: predictor code, weights, pinned requirements.
 
@@ -85,7 +93,18 @@ class CompiledPredictor(BasePredictor):
         self.settings, self.cfg = settings, cfg
         m = self.metrics = BootMetrics(strategy=cfg.strategy)
         version = self.resolve_model_version(settings)
-        self.key = key = CacheKey(version, environment_factors(cfg.cache_factors()))
+        factors = cfg.cache_factors()
+        self._spec: ExportSpec | None = None
+        if cfg.enable and cfg.strategy == "export":
+            try:
+                self._spec = self.export_spec()
+                factors["export.spec"] = json.dumps(self._spec.describe(), sort_keys=True)
+            except Exception as e:  # no spec, or a bad one: the JIT strategy still serves
+                log.warning("export strategy unavailable (%s: %s): falling back to jit", type(e).__name__, e)
+                cfg = self.cfg = cfg.model_copy(update={"strategy": "jit"})
+                factors = cfg.cache_factors()
+                m.strategy = "jit"
+        self.key = key = CacheKey(version, environment_factors(factors))
         m.key = key.name
 
         # 1. restore
@@ -130,10 +149,15 @@ class CompiledPredictor(BasePredictor):
         # 3. compile + warm-up
         t = time.monotonic()
         before = counts()
-        fn, why_eager = compile_model(eager, cfg)
-        self.model = CompiledModel(fn, eager, cfg)
-        m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())
-        why_eager = why_eager or why_first_call
+        exported = self._export_strategy(eager, roots["inductor"], key) if self._spec is not None else None
+        if exported is not None:  # export: a package, no Dynamo; one artifact for every shape inside the dims
+            self.model, why_eager = exported, ""
+        else:
+            m.strategy = "jit"
+            fn, why_eager = compile_model(eager, cfg)
+            self.model = CompiledModel(fn, eager, cfg)
+            m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())
+            why_eager = why_eager or why_first_call
         if why_eager and cfg.enable:
             log.warning("serving EAGER (predictions stay correct, only slower): %s", why_eager)
         m.eager_fallback = why_eager if cfg.enable else ""
@@ -150,6 +174,44 @@ class CompiledPredictor(BasePredictor):
         m.write(settings.metrics_file)
 
     # -- pieces of setup -------------------------------------------------------------------------------------------
+    def _export_strategy(self, eager: Any, cache_dir: Path, key: CacheKey) -> CompiledModel | None:
+        """Load the AOTInductor package (restored from the store) or build it; None means "use jit".
+
+        Fallbacks, each logged once: export fails → jit; a restored package fails to load or raises on its first
+        call → rebuild once; a fresh build raises too → jit (whose own failure falls back to eager)."""
+        from .export import ExportError, ExportedModel, build_package
+
+        assert self._spec is not None
+        spec, m = self._spec, self.metrics
+        pkg = cache_dir / "aoti" / f"{key.name}.pt2"
+        for attempt in ("restored", "built"):
+            if attempt == "built":
+                try:
+                    info = build_package(eager, spec, pkg, keep_weights_out=True)
+                    log.info("export: built %s (%.1f MB) in %.1fs", pkg.name, info["package_bytes"] / 1e6,
+                             info["export_s"] + info["compile_s"])
+                except ExportError as e:
+                    log.warning("export FAILED (%s): falling back to the jit strategy", str(e).splitlines()[0])
+                    return None
+            elif not pkg.exists():
+                continue
+            t = time.monotonic()
+            try:
+                model = ExportedModel.load(spec, pkg, eager, keep_weights_out=True)
+                with torch.inference_mode():
+                    model(*spec.example_args)
+            except Exception as e:
+                what = "falling back to the jit strategy" if attempt == "built" else "rebuilding it once"
+                log.warning("the %s export package raised (%s: %s): %s", attempt, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "", what)
+                pkg.unlink(missing_ok=True)
+                continue
+            m.warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
+                         "s": round(time.monotonic() - t, 3)}]
+            m.strategy = "export"
+            return CompiledModel(model, eager, self.cfg)
+        return None
+
     def _open_store(self, settings: Settings) -> Store | None:
         if settings.disable:
             self.metrics.cache = "disabled"
