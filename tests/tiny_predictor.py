@@ -9,9 +9,11 @@ from cog import Input
 
 from compile_cache import CompileConfig, CompiledPredictor
 from compile_cache.compiler import Example
+from compile_cache.export import Dim, ExportSpec
 
 FEATURES = 16
 BATCHES = (1, 4)
+EXPORT_MAX_BATCH = 32  # strategy=export: one package for batch 1..32
 
 
 class TinyMLP(torch.nn.Module):
@@ -51,5 +53,23 @@ class Predictor(CompiledPredictor):
     def warmup_examples(self):  # type: ignore[no-untyped-def]
         return [Example((inputs(b),)) for b in BATCHES]
 
+    def export_spec(self) -> ExportSpec:
+        return ExportSpec((inputs(3),), {0: {0: Dim("batch", 1, EXPORT_MAX_BATCH)}})
+
     def predict(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
         return self.model(inputs(batch)).tolist()
+
+
+class DataDependent(TinyMLP):
+    """Control flow on a tensor's value: torch.export refuses it, Dynamo graph-breaks around it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if y.sum() > 1e9:
+            return -y
+        return y
+
+
+class UnexportablePredictor(Predictor):
+    def load(self, weights=None):  # type: ignore[no-untyped-def]
+        return DataDependent().eval()

@@ -1,0 +1,81 @@
+"""strategy=export through the lifecycle: build → store → a new container loads the package without Dynamo;
+fallbacks to jit; inputs outside the dims get a clear error, in-process and through the real Cog runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compile_cache.cogrun import CogServer
+from tests.conftest import ROOT, boot
+from tests.tiny_predictor import EXPORT_MAX_BATCH, TinyMLP, inputs
+
+TARGET = "tests.tiny_predictor:Predictor"
+
+
+def eager(batch: int) -> list[list[float]]:
+    with torch.no_grad():
+        return TinyMLP()(inputs(batch)).tolist()
+
+
+def close(a: list, b: list) -> bool:
+    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def export_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("export")
+    b = boot(TARGET, {"TORCHINDUCTOR_CACHE_DIR": str(d / "ind"), "COMPILE_CACHE_URL": str(d / "store"),
+                      "COMPILE_CACHE_STRATEGY": "export"}, {"batch": 2})
+    assert b.metrics["strategy"] == "export" and b.metrics["cache"] == "miss"
+    assert b.metrics["compiles"] == 0  # no Dynamo even on the cold boot: torch.export traced it
+    assert close(b.outputs[0], eager(2))
+    return d / "store"
+
+
+def test_new_container_loads_the_package_without_dynamo(export_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(export_store, store)
+    shapes = [1, 5, 17, EXPORT_MAX_BATCH]  # any batch inside the dims, none of them declared anywhere
+    b = boot(TARGET, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh"), "COMPILE_CACHE_URL": str(store),
+                      "COMPILE_CACHE_STRATEGY": "export"}, *({"batch": n} for n in shapes))
+    m = b.metrics
+    assert m["cache"] == "hit" and m["strategy"] == "export"
+    assert m["compiles"] == 0 and b.request_path_compiles == 0
+    assert m["bytes_uploaded"] == 0
+    assert any(".pt2" in w["shape"] or "restored" in w["shape"] for w in m["warmup"])
+    for n, out in zip(shapes, b.outputs):
+        assert close(out, eager(n))
+
+
+def test_export_failure_falls_back_to_jit(tmp_path: Path) -> None:
+    b = boot("tests.tiny_predictor:UnexportablePredictor",
+             {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_URL": str(tmp_path / "store"),
+              "COMPILE_CACHE_STRATEGY": "export"}, {"batch": 4})
+    assert "export FAILED" in b.stderr and "falling back to the jit strategy" in b.stderr
+    assert b.metrics["strategy"] == "jit" and b.metrics["compiles"] >= 1
+    assert close(b.outputs[0], eager(4))
+
+
+def test_input_outside_the_dims_is_rejected_cleanly(export_store: Path, tmp_path: Path) -> None:
+    """Through the real runtime: the prediction fails with a message naming the dim and range; the server lives."""
+    store = tmp_path / "store"
+    shutil.copytree(export_store, store)
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_URL": str(store),
+           "COMPILE_CACHE_STRATEGY": "export", "PYTHONPATH": str(ROOT),
+           "COMPILE_CACHE_METRICS_FILE": str(tmp_path / "m.json")}
+    # A cwd without .cog/openapi_schema.json: the tiny predictor's inputs are not the example's.
+    with CogServer(f"{ROOT}/tests/tiny_predictor.py:Predictor", cwd=tmp_path, env=env,
+                   log_path=tmp_path / "server.log") as srv:
+        srv.wait_ready(300)
+        code, resp = srv.predict({"batch": EXPORT_MAX_BATCH + 8})
+        assert resp["status"] == "failed", resp
+        assert "outside" in resp["error"] and str(EXPORT_MAX_BATCH) in resp["error"], resp["error"]
+        code, resp = srv.predict({"batch": 3})  # the worker survived and still serves
+        assert code == 200 and resp["status"] == "succeeded" and close(resp["output"], eager(3))
+        srv.shutdown("post")
+    assert json.loads((tmp_path / "m.json").read_text())["cache"] == "hit"
