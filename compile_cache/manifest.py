@@ -134,6 +134,12 @@ class Manifest(BaseModel):
             if require_signed:
                 raise EntryRejected("COMPILE_CACHE_REQUIRE_SIGNED is on but no COMPILE_CACHE_SIGNING_KEY is set")
             return  # signed by someone, and we do not check: same as unsigned
-        expected = hmac.new(signing_key, self._canonical(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, self.signature):
+        if not self.signed_with(signing_key):
             raise EntryRejected("manifest signature does not verify (tampered, or another signing key)")
+
+    def signed_with(self, signing_key: bytes) -> bool:
+        """True if the signature is this manifest's HMAC-SHA256 under ``signing_key`` (constant-time compare)."""
+        if self.signature is None:
+            return False
+        expected = hmac.new(signing_key, self._canonical(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected.encode(), self.signature.encode())  # str compare refuses non-ASCII

@@ -157,9 +157,12 @@ def _restore(
     files = manifest.files()
     if sum(f.size for f in files.values()) > max_bytes or len(files) > max_files:
         raise EntryRejected(f"entry is larger than the caps ({max_bytes} bytes / {max_files} files)")
-    # Every segment is unpacked, duplicates included: bound that too, not only the de-duplicated view.
+    # Every segment is unpacked, duplicates included (each into its own staging dir, so the per-member caps only
+    # see one segment): bound the sums too, not only the de-duplicated view.
     if sum(seg.unpacked_bytes for seg in manifest.segments) > max_bytes:
         raise EntryRejected(f"entry's segments unpack to more than the cap ({max_bytes} bytes)")
+    if sum(len(seg.files) for seg in manifest.segments) > max_files:
+        raise EntryRejected(f"entry's segments unpack to more than the cap ({max_files} files)")
     downloaded = 0
     stageds: list[tuple[int, Staged]] = []
     with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") as tmp:

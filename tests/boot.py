@@ -9,12 +9,12 @@ tests to get a truly fresh Dynamo/Inductor state per simulated container.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -23,8 +23,15 @@ def main() -> None:
     ap.add_argument("--predict", action="append", default=[], help="JSON object of predict() kwargs")
     ap.add_argument("--wait-upload", action="store_true", help="wait for the background upload before printing")
     args = ap.parse_args()
+    # Load the class exactly as Cog's worker does (cog.predictor.load_predictor_from_ref: the module is named after
+    # the file). Inductor's FX-graph keys can depend on the predictor module's name (pickle finds
+    # torch.contiguous_format through the first module holding `torch`), so importing it as `tests.x` instead of `x`
+    # would make a boot here miss an entry a real container wrote, and vice versa.
+    from cog.predictor import load_predictor_from_ref
+
     mod, cls = args.target.split(":")
-    p = getattr(importlib.import_module(mod), cls)()
+    ref = mod if mod.endswith(".py") else str(ROOT / (mod.replace(".", "/") + ".py"))
+    p = load_predictor_from_ref(f"{ref}:{cls}")
     p.setup()
     outputs = [p.predict(**json.loads(k)) for k in args.predict]
     if args.wait_upload and getattr(p, "_bg", None) is not None:
