@@ -78,3 +78,12 @@ def test_env_table_lists_every_variable_once() -> None:
     names = [row[0] for row in env_table()]
     assert len(names) == len(set(names))
     assert {"COMPILE_CACHE_URL", "COMPILE_CACHE_DISABLE", "COMPILE_CACHE_METRICS_FILE"} <= set(names)
+
+
+def test_readme_env_table_matches_the_settings_model() -> None:
+    """The README's table is generated from the settings model (`python -m compile_cache env`); keep it in sync."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, _default, _meaning in env_table():
+        assert f"| `{name}` |" in readme, f"{name} is missing from README's environment table"
