@@ -388,18 +388,21 @@ def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# -- bench, env ------------------------------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace, ctx: _Context) -> int:
+# -- bench, profile, env --------------------------------------------------------------------------------------------
+_FORWARDED = {"bench": "bench", "profile": "profile"}  # commands whose arguments belong to another module's main()
+
+
+def cmd_forward(args: argparse.Namespace, ctx: _Context) -> int:
+    name = _FORWARDED[args.command]
     try:
-        bench = importlib.import_module(f"{__package__}.bench")
+        mod = importlib.import_module(f"{__package__}.{name}")
     except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.bench":
+        if e.name != f"{__package__}.{name}":
             raise
-        raise _Failure("bench is not available: compile_cache.bench is missing from this installation") from e
+        raise _Failure(f"{name} is not available: compile_cache.{name} is missing from this installation") from e
     if ctx.store_flag is not None:
-        os.environ[_URL_ENV] = ctx.settings.url  # bench boots predictors, which read the environment
-    rc = bench.main(list(args.rest))
-    return int(rc or 0)
+        os.environ[_URL_ENV] = ctx.settings.url  # these boot predictors, which read the environment
+    return int(mod.main(list(args.rest)) or 0)
 
 
 def cmd_env(args: argparse.Namespace, ctx: _Context) -> int:
@@ -468,7 +471,14 @@ _COMMANDS: list[tuple[str, str, str, Callable[[argparse.Namespace, _Context], in
         "benchmarks: eager / cold / warm boots and latency (args go to the benchmark)",
         "Everything after `bench` is passed to the benchmark; `python -m compile_cache bench --help` shows its options."
         "\n\nexample:\n  python -m compile_cache bench --out bench-out",
-        cmd_bench,
+        cmd_forward,
+    ),
+    (
+        "profile",
+        "torch.profiler view: top operators eager vs compiled, Chrome traces (args go to the profiler)",
+        "Everything after `profile` is passed to the profiler; `python -m compile_cache profile --help` shows its"
+        " options.\n\nexample:\n  python -m compile_cache profile --out profile-out --rows 15",
+        cmd_forward,
     ),
     (
         "env",
@@ -503,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers = {}
     for name, short, long, fn in _COMMANDS:
         kw: dict[str, Any] = {"help": short, "description": long, "formatter_class": _HELP_FORMAT}
-        if name == "bench":
-            p = sub.add_parser(name, add_help=False, **kw)  # its own --help belongs to the benchmark
+        if name in _FORWARDED:
+            p = sub.add_parser(name, add_help=False, **kw)  # its own --help belongs to the forwarded module
         else:
             p = sub.add_parser(name, parents=[common], **kw)
         p.set_defaults(func=fn)
@@ -552,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
+    if args.command in _FORWARDED:
         args.rest = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

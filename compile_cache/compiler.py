@@ -16,7 +16,16 @@ import torch
 
 from .config import CompileConfig
 
-__all__ = ["Example", "Counts", "counts", "inductor_cache_dir", "cache_roots", "compile_model", "CompiledModel"]
+__all__ = [
+    "Example",
+    "Counts",
+    "counts",
+    "inductor_cache_dir",
+    "cache_roots",
+    "compile_model",
+    "CompiledModel",
+    "sdpa_backend",
+]
 
 log = logging.getLogger("compile_cache")
 
@@ -92,10 +101,48 @@ def cache_roots() -> dict[str, Path]:
     return roots
 
 
+_SDPA_MEMBERS = {
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}
+# Measured on torch 2.13 CPU: MATH and FLASH_ATTENTION (a CPU flash kernel, torch's own default choice there) run;
+# EFFICIENT_ATTENTION and CUDNN_ATTENTION raise "No viable backend for scaled_dot_product_attention".
+_CPU_SDPA = ("math", "flash")
+
+
+def sdpa_backend(cfg: CompileConfig) -> Any:
+    """The ``SDPBackend`` to run under, or None for torch's own choice. A GPU-only kernel asked for on a machine
+    without a GPU degrades to torch's choice with a warning instead of failing every call."""
+    if cfg.sdpa_backend is None:
+        return None
+    if cfg.sdpa_backend not in _CPU_SDPA and not torch.cuda.is_available():
+        log.warning(
+            "sdpa_backend=%r needs a GPU and there is none: attention uses torch's default CPU kernel", cfg.sdpa_backend
+        )
+        return None
+    from torch.nn.attention import SDPBackend
+
+    return getattr(SDPBackend, _SDPA_MEMBERS[cfg.sdpa_backend])
+
+
+def _memory_format(cfg: CompileConfig) -> torch.memory_format | None:
+    # "contiguous" is torch's default: nothing to convert.
+    return torch.channels_last if cfg.memory_format == "channels_last" else None
+
+
 def compile_model(model: Callable[..., Any], cfg: CompileConfig) -> tuple[Callable[..., Any], str]:
     """``torch.compile`` per ``cfg``; returns (callable, why-eager). On failure returns the model itself and the
     reason, so the caller serves eager. ``mode="reduce-overhead"`` needs CUDA graphs: on CPU it degrades to the
-    default mode with a warning instead of failing."""
+    default mode with a warning instead of failing. ``memory_format="channels_last"`` converts the module's 4-D
+    parameters in place (eager fallback included), before Dynamo sees them."""
+    fmt = _memory_format(cfg)
+    if fmt is not None:
+        if isinstance(model, torch.nn.Module):
+            model.to(memory_format=fmt)
+        else:
+            log.warning("memory_format=%r: the model is not an nn.Module, only inputs are converted", cfg.memory_format)
     if not cfg.enable:
         return model, "compile disabled by config"
     mode = cfg.mode
@@ -127,18 +174,50 @@ class CompiledModel:
         self.request_path_compiles = 0
         self._lock = threading.Lock()
         self.on_request_compile: Callable[[str, int], None] | None = None
+        self._sdpa = sdpa_backend(cfg)
+        self._fmt = _memory_format(cfg)
 
     @property
     def is_compiled(self) -> bool:
         return self.fn is not self.eager
 
     def _ctx(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.inference_mode() if self.cfg.inference_mode else torch.no_grad()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode() if self.cfg.inference_mode else torch.no_grad())
+        if self._sdpa is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            # The kernel choice is baked into the graph when it compiles (warm-up); on calls the context matters for
+            # eager fallback and request-path compiles. Its flags are process-wide, like torch's own.
+            stack.enter_context(sdpa_kernel(self._sdpa))
+            # Torch 2.13's AOTAutograd/FX-graph cache keys ignore the SDPA choice (pytorch/pytorch#185449, measured
+            # in tests/test_knobs.py): a graph compiled under another choice in the same cache dir would be reused.
+            # The cache-key tag keeps the entries apart.
+            tag = f"compile_cache.sdpa={self._sdpa.name}"
+            if torch.compiler.config.cache_key_tag:
+                tag = f"{torch.compiler.config.cache_key_tag}|{tag}"
+            stack.enter_context(torch.compiler.config.patch(cache_key_tag=tag))
+        return stack
+
+    def _convert(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """4-D tensors to the configured memory format, so every call matches the strides warm-up compiled for
+        (Dynamo guards on strides: a mismatch would recompile on the request path). Called outside inference mode:
+        a copy made inside it is an inference tensor, and Dynamo guards on that too (a caller's tensor already in
+        the format is passed as it is, so the two would differ and recompile)."""
+        fmt = self._fmt
+        if fmt is None:
+            return tuple(args), kwargs
+
+        def one(x: Any) -> Any:
+            return x.contiguous(memory_format=fmt) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+        return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         before = counts().compiles
+        cargs, ckwargs = self._convert(args, kwargs)
         with self._ctx():
-            out = self.fn(*args, **kwargs)
+            out = self.fn(*cargs, **ckwargs)
         new = counts().compiles - before
         if new > 0 and self.is_compiled:
             with self._lock:
@@ -156,14 +235,20 @@ class CompiledModel:
         timings: list[dict[str, Any]] = []
         for ex in examples:
             t0 = time.monotonic()
+            cargs, ckwargs = self._convert(ex.args, ex.kwargs or {})
             try:
                 with self._ctx():
-                    self.fn(*ex.args, **(ex.kwargs or {}))
+                    self.fn(*cargs, **ckwargs)
             except Exception as e:
                 if not self.is_compiled:
                     raise  # eager itself fails: the user's model is broken, not our business to hide
                 reason = f"compiled call raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 self.fn = self.eager
+                if self._sdpa is not None:
+                    # The kernel choice may be what failed (e.g. flash with an unsupported head size): eager keeps
+                    # the promise "correct, only slower" with torch's own choice.
+                    self._sdpa = None
+                    reason += "; attention kernel left to torch"
                 return timings, reason
             timings.append({"shape": ex.describe(), "s": round(time.monotonic() - t0, 3)})
         return timings, ""

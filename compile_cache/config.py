@@ -21,6 +21,9 @@ __all__ = ["Settings", "CompileConfig", "DEFAULT_STORE_URL", "env_table"]
 DEFAULT_STORE_URL = "file://.cache/compile-store"
 
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_MEMORY_FORMATS = ("contiguous", "channels_last")
+# Names of torch.nn.attention.SDPBackend members; None (env: "default") lets torch choose per call.
+_SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
 def _invalid(name: str, value: object, accepted: str, reason: str = "") -> ConfigError:
@@ -108,6 +111,14 @@ class Settings(BaseModel):
     options: dict[str, Any] | None = Field(
         None, alias="COMPILE_CACHE_OPTIONS", description='a JSON object of Inductor options, e.g. {"freezing": false}'
     )
+    memory_format: Literal[_MEMORY_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, alias="COMPILE_CACHE_MEMORY_FORMAT", description=" | ".join(_MEMORY_FORMATS)
+    )
+    sdpa_backend: Literal[(*_SDPA_BACKENDS, "default")] | None = Field(  # type: ignore[valid-type]
+        None,
+        alias="COMPILE_CACHE_SDPA_BACKEND",
+        description=" | ".join(_SDPA_BACKENDS) + " | default (torch chooses)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -132,7 +143,7 @@ class Settings(BaseModel):
             raise ValueError("not a JSON object")
         return v
 
-    @field_validator("dynamic", mode="before")
+    @field_validator("dynamic", "memory_format", "sdpa_backend", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -188,12 +199,30 @@ class CompileConfig(BaseModel):
     fullgraph: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
     inference_mode: bool = True
+    # "channels_last": model and 4-D tensor inputs converted before compiling and on every call (helps CNNs).
+    memory_format: Literal[_MEMORY_FORMATS] = "contiguous"  # type: ignore[valid-type]
+    # Attention kernel for F.scaled_dot_product_attention during compile, warm-up and calls; None = torch's choice.
+    sdpa_backend: Literal[_SDPA_BACKENDS] | None = None  # type: ignore[valid-type]
 
     @field_validator("mode", mode="before")
     @classmethod
     def _mode(cls, v: Any) -> Any:
         if v is not None and v not in _COMPILE_MODES:
             raise ValueError(f"mode {v!r} is not one of {', '.join(_COMPILE_MODES)}")
+        return v
+
+    @field_validator("memory_format", mode="before")
+    @classmethod
+    def _memory_format(cls, v: Any) -> Any:
+        if v not in _MEMORY_FORMATS:
+            raise ValueError(f"memory_format {v!r} is not one of {', '.join(_MEMORY_FORMATS)}")
+        return v
+
+    @field_validator("sdpa_backend", mode="before")
+    @classmethod
+    def _sdpa_backend(cls, v: Any) -> Any:
+        if v is not None and v not in _SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend {v!r} is not one of None, {', '.join(_SDPA_BACKENDS)}")
         return v
 
     @field_validator("options")
@@ -222,6 +251,10 @@ class CompileConfig(BaseModel):
             upd["fullgraph"] = s.fullgraph
         if s.options is not None:
             upd["options"] = {**self.options, **s.options}
+        if s.memory_format is not None:
+            upd["memory_format"] = s.memory_format
+        if s.sdpa_backend is not None:
+            upd["sdpa_backend"] = None if s.sdpa_backend == "default" else s.sdpa_backend
         return self.model_copy(update=upd) if upd else self
 
     def cache_factors(self) -> dict[str, str]:
@@ -235,4 +268,6 @@ class CompileConfig(BaseModel):
             "compile.fullgraph": str(self.fullgraph),
             "compile.options": json.dumps(self.options, sort_keys=True),
             "compile.inference_mode": str(self.inference_mode),
+            "compile.memory_format": self.memory_format,
+            "compile.sdpa_backend": str(self.sdpa_backend),
         }
