@@ -53,6 +53,9 @@ class Predictor(CompiledPredictor):
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # its load report lists the pooler we leave out on purpose
 
         path = Path(weights) if weights else WEIGHTS_DIR
         if not (path / "config.json").exists():

@@ -31,6 +31,7 @@ def boot_once(store: Path, inductor: Path, metrics: Path, text: str) -> tuple[di
         code, resp = srv.predict({"text": text})
         assert code == 200, resp
         assert resp["status"] == "succeeded", resp
+        health = srv.health()  # setup's last log lines may land after READY
         assert srv.shutdown("post", timeout=30) == 0
     return health, resp["output"], json.loads(metrics.read_text())
 
