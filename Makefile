@@ -9,6 +9,7 @@ WEIGHTS := weights/all-MiniLM-L6-v2/model.safetensors
 TEXT ?=
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench-out
+BENCH_ARGS ?=
 
 .PHONY: predict test install weights bench clean help
 
@@ -42,7 +43,7 @@ test: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: $(STAMP) $(WEIGHTS)
-	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT)
+	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache $(BENCH_OUT)

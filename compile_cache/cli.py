@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def _size(n: int) -> str:
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
 
 
 def _age(seconds: float) -> str:
@@ -366,10 +366,7 @@ def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
         m = p.metrics
         if getattr(p, "uploader", None) is None:
             raise _Failure(f"warm could not use the store {s.url}: {m.cache_reason or m.cache}")
-        # TODO(lifecycle): a public "finish uploads" method would spare these private names.
-        p._stop.set()  # no periodic uploads: one background upload, then the flush
-        p._bg.join()
-        p._flush("warm")
+        p.finish_uploads()  # the background upload, then the flush, now
         _say(f"key       {m.key}")
         _say(f"store     {m.store}")
         _say(f"restore   {m.cache}" + (f" ({m.cache_reason})" if m.cache_reason else ""))
@@ -400,8 +397,7 @@ def cmd_forward(args: argparse.Namespace, ctx: _Context) -> int:
         if e.name != f"{__package__}.{name}":
             raise
         raise _Failure(f"{name} is not available: compile_cache.{name} is missing from this installation") from e
-    if ctx.store_flag is not None:
-        os.environ[_URL_ENV] = ctx.settings.url  # these boot predictors, which read the environment
+    # No --store here: the benchmark always measures against a fresh store of its own, the profiler uses none.
     return int(mod.main(list(args.rest)) or 0)
 
 

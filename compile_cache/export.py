@@ -195,7 +195,7 @@ def check_shapes(spec: ExportSpec, args: tuple) -> None:
     if len(args) != len(spec.example_args):
         raise ShapeOutOfRange(f"expected {len(spec.example_args)} args, got {len(args)}")
     seen: dict[str, tuple[int, int, int]] = {}
-    for i, (a, ex) in enumerate(zip(args, spec.example_args)):
+    for i, (a, ex) in enumerate(zip(args, spec.example_args, strict=False)):
         if not isinstance(a, torch.Tensor):
             raise ShapeOutOfRange(f"arg {i}: expected a tensor, got {type(a).__name__}")
         if a.dtype != ex.dtype:

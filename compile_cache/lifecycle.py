@@ -156,8 +156,9 @@ class CompiledPredictor(BasePredictor):
             m.strategy = "jit"
             fn, why_eager = compile_model(eager, cfg)
             self.model = CompiledModel(fn, eager, cfg)
-            m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())
-            why_eager = why_eager or why_first_call
+            if cfg.enable:  # eager by choice has nothing to warm: its boot is load + serve
+                m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())
+                why_eager = why_eager or why_first_call
         if why_eager and cfg.enable:
             log.warning("serving EAGER (predictions stay correct, only slower): %s", why_eager)
         m.eager_fallback = why_eager if cfg.enable else ""
@@ -179,7 +180,7 @@ class CompiledPredictor(BasePredictor):
 
         Fallbacks, each logged once: export fails → jit; a restored package fails to load or raises on its first
         call → rebuild once; a fresh build raises too → jit (whose own failure falls back to eager)."""
-        from .export import ExportError, ExportedModel, build_package
+        from .export import ExportedModel, ExportError, build_package
 
         assert self._spec is not None
         spec, m = self._spec, self.metrics
@@ -269,11 +270,29 @@ class CompiledPredictor(BasePredictor):
             )
         m.write(self.settings.metrics_file)
 
+    # -- public controls for tools (CLI warm, bench, tests) --------------------------------------------------------
+    def wait_for_upload(self, timeout: float | None = None) -> bool:
+        """Block until the first background upload is done (True), or ``timeout`` seconds passed (False)."""
+        done = getattr(self, "_first_upload", None)
+        return True if done is None else done.wait(timeout)
+
+    def finish_uploads(self) -> None:
+        """Stop periodic uploads, wait for the background upload, then run the exit flush now (once)."""
+        if getattr(self, "uploader", None) is None:
+            return
+        self._stop.set()
+        self.wait_for_upload()
+        self._flush("finish_uploads")
+
     def _start_background_upload(self, interval_s: float) -> None:
         self._stop = threading.Event()
+        self._first_upload = threading.Event()
 
         def loop() -> None:
-            self._upload()
+            try:
+                self._upload()
+            finally:
+                self._first_upload.set()
             while interval_s > 0 and not self._stop.wait(interval_s):
                 self._upload()
 

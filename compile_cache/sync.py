@@ -167,7 +167,7 @@ def _restore(
     stageds: list[tuple[int, Staged]] = []
     with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") as tmp:
         try:
-            for index, staged, nbytes in _fetch_and_stage(
+            for _index, _staged, nbytes in _fetch_and_stage(
                 store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds
             ):
                 downloaded += nbytes

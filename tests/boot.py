@@ -34,8 +34,8 @@ def main() -> None:
     p = load_predictor_from_ref(f"{ref}:{cls}")
     p.setup()
     outputs = [p.predict(**json.loads(k)) for k in args.predict]
-    if args.wait_upload and getattr(p, "_bg", None) is not None:
-        p._bg.join()
+    if args.wait_upload:
+        p.wait_for_upload()
     out = {"metrics": p.metrics.to_dict(), "outputs": outputs, "request_path_compiles": p.model.request_path_compiles}
     print("BOOT-RESULT " + json.dumps(out), flush=True)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compile_cache.compiler import CompiledModel, Example, compile_model, counts, sdpa_backend
+from compile_cache.compiler import CompiledModel, Example, compile_model, sdpa_backend
 from compile_cache.config import CompileConfig, Settings
 from compile_cache.errors import ConfigError
 from compile_cache.key import CacheKey, diff_factors, environment_factors

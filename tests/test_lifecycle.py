@@ -42,7 +42,7 @@ def test_new_container_hits_the_store(tiny_seeded_store: Path, tmp_path: Path) -
     assert m["bytes_downloaded"] > 0 and m["files_restored"] > 0
     assert m["bytes_uploaded"] == 0  # nothing new compiled: nothing uploaded
     assert b.request_path_compiles == 0
-    for n, out in zip(BATCHES, b.outputs):
+    for n, out in zip(BATCHES, b.outputs, strict=False):
         assert close(out, eager(n))
     assert metrics_file.exists()
     for key in ("cache", "restore_s", "load_s", "compile_s", "total_s", "fxgraph_hits", "fxgraph_misses",

@@ -1,0 +1,74 @@
+"""The benchmark end to end on the tiny predictor (four fresh boots, about a minute): bench.json keeps its interface
+(issue #6) and the chart is a PNG. No timing asserts: timings on a shared machine are noise, the keys are not."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compile_cache.bench import REQUIRED_KEYS, break_even, overhead_removed, percentiles
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_arithmetic() -> None:
+    assert percentiles([1.0, 2.0, 3.0, 4.0, 5.0])["p50"] == 3.0
+    assert percentiles([7.0]) == {"p50": 7.0, "p90": 7.0, "p99": 7.0}
+    assert overhead_removed(1.0, 31.0, 4.0) == pytest.approx(0.9)
+    assert overhead_removed(1.0, 1.0, 1.0) is None  # compiling cost nothing: no overhead to remove
+    # 30 s extra boot, 1.1 ms saved per request → 27273 requests (ceil)
+    assert break_even(31.0, 1.0, 11.0, 9.9) == math.ceil(30.0 / 0.0011)
+    assert break_even(0.5, 1.0, 11.0, 9.9) == 0  # compiled boot no slower: pays from the first request
+    assert break_even(31.0, 1.0, 9.0, 9.9) is None  # compiled not faster: never pays back
+
+
+def test_bench_quick_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "compile_cache", "bench", "--quick"]
+    cmd += ["--predictor", "tests/tiny_predictor.py:Predictor", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert cp.returncode == 0, f"{cp.stdout}\n{cp.stderr}"
+    r = json.loads((out / "bench.json").read_text())
+
+    missing = [k for k in REQUIRED_KEYS if k not in r]
+    assert not missing, missing
+    for k in ("eager_setup_s", "cold_setup_s", "warm_setup_s"):
+        assert isinstance(r[k], float) and r[k] >= 0, (k, r[k])
+    for who in ("eager", "compiled"):
+        for b in ("b1", "b16"):
+            p = [r[f"{who}_{q}_ms_{b}"] for q in ("p50", "p90", "p99")]
+            assert all(isinstance(v, float) and v > 0 for v in p), (who, b, p)
+            assert p[0] <= p[1] <= p[2]
+    assert r["overhead_removed"] is None or isinstance(r["overhead_removed"], float)
+    for k in ("break_even_requests_cold", "break_even_requests_warm"):
+        assert r[k] is None or (isinstance(r[k], int) and r[k] >= 0), (k, r[k])
+    if r["break_even_requests_cold"] is None:
+        assert "break_even_note" in r  # a null is always explained
+    assert r["request_path_compiles"] == 0
+    assert r["boots"]["warm"]["request_path"]["requests"] == 20
+    # The modes really differ: eager compiled nothing, the warm boot restored what the seed boot uploaded.
+    assert r["boots"]["eager"]["compiled"] is False and r["boots"]["warm"]["compiled"] is True
+    assert r["warm_cache"] == "hit" and r["boots"]["seed"]["upload_state"] == "done"
+    assert r["boots"]["cold"]["fxgraph_hits"] == 0 and r["boots"]["warm"]["fxgraph_hits"] > 0
+    assert r["strategy"] in ("jit", "export") and isinstance(r["torch_version"], str)
+    assert isinstance(r["machine"]["nproc"], int) and r["command"].startswith("python -m compile_cache bench")
+    # The tiny model declares batches 1 and 4: the b16 figures say which batch they are at.
+    assert r["latency_examples"]["b16"]["batch"] == 4
+
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert not (out / "work").exists()  # caches and the store are removed unless --keep-work
+    assert "overhead removed" in cp.stdout and "request-path compiles: 0" in cp.stdout
+
+
+def test_bench_bad_predictor(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "compile_cache", "bench", "--predictor", "nope.py:Predictor", "--out", str(tmp_path)]
+    cp = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "nope.py" in cp.stderr
