@@ -127,7 +127,14 @@ class CogServer:
         raise RuntimeFailure(f"not READY after {timeout:.0f}s (last status {last}):\n{self.log_tail()}")
 
     def predict(self, inputs: dict[str, Any], timeout: float = 600) -> tuple[int, Any]:
-        return self._request("POST", "/predictions", {"input": inputs}, timeout=timeout)
+        """POST a prediction. The runtime has one slot and answers 409 while it is still releasing it after the
+        previous (synchronous) prediction's response: wait for it, as a client of a busy server would."""
+        end = time.monotonic() + timeout
+        while True:
+            code, body = self._request("POST", "/predictions", {"input": inputs}, timeout=timeout)
+            if code != 409 or time.monotonic() > end:
+                return code, body
+            time.sleep(0.1)
 
     # -- stopping --------------------------------------------------------------------------------------------------
     def worker_pids(self) -> list[int]:

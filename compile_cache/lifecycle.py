@@ -169,10 +169,12 @@ class CompiledPredictor(BasePredictor):
         # 4. upload what is new, in the background; flush the rest at exit
         m.total_s = time.monotonic() - t_start
         if self.uploader is not None:
+            m.upload_state = "running"
+        log.info("\n%s", m.timeline())
+        m.write(settings.metrics_file)  # before the upload thread starts: from then on, only _write_metrics writes
+        if self.uploader is not None:
             self._start_background_upload(settings.upload_interval_s)
             self._register_exit_flush()
-        log.info("\n%s", m.timeline())
-        m.write(settings.metrics_file)
 
     # -- pieces of setup -------------------------------------------------------------------------------------------
     def _export_strategy(self, eager: Any, cache_dir: Path, key: CacheKey) -> CompiledModel | None:
@@ -245,20 +247,12 @@ class CompiledPredictor(BasePredictor):
     # -- uploads ---------------------------------------------------------------------------------------------------
     def _upload(self, deadline: float | None = None, lock_timeout: float = -1) -> None:
         assert self.uploader is not None
-        m = self.metrics
-        m.upload_state = "running"
         r = self.uploader.upload(deadline, lock_timeout)
-        tot = self.uploader.total
         if r is None:
             # The background upload still holds the lock (a slow store): it stops at the flush deadline between
-            # segments. Report what it has published; the caller writes the metrics file.
+            # segments. What it has published is in the uploader's totals.
             log.warning("an upload is still running and the flush budget is spent: leaving it")
-            m.bytes_uploaded, m.files_uploaded, m.upload_state = tot.bytes_uploaded, tot.files, "partial"
-            return
-        m.bytes_uploaded, m.files_uploaded, m.upload_s = tot.bytes_uploaded, tot.files, tot.seconds
-        m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
-        m.upload_error = r.error
-        if r.error:
+        elif r.error:
             log.warning("upload ERROR (the cache entry stays as it was): %s", r.error)
         elif r.files:
             log.info(
@@ -268,7 +262,22 @@ class CompiledPredictor(BasePredictor):
                 r.bytes_uploaded / 1e6,
                 r.seconds,
             )
-        m.write(self.settings.metrics_file)
+        self._write_metrics(r)
+
+    def _write_metrics(self, r: Any = None, *, flushed: bool = False) -> None:
+        """Fold an upload's result into the metrics and rewrite the file. One lock around update and write: the
+        background thread and the exit flush both call this, and the file must end with the latest state."""
+        assert self.uploader is not None
+        with self._metrics_lock:
+            m, tot = self.metrics, self.uploader.total
+            m.bytes_uploaded, m.files_uploaded, m.upload_s = tot.bytes_uploaded, tot.files, tot.seconds
+            if r is None:
+                m.upload_state = "partial" if m.upload_state == "running" else m.upload_state
+            else:
+                m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
+                m.upload_error = r.error
+            m.flushed_at_exit = m.flushed_at_exit or flushed
+            m.write(self.settings.metrics_file)
 
     # -- public controls for tools (CLI warm, bench, tests) --------------------------------------------------------
     def wait_for_upload(self, timeout: float | None = None) -> bool:
@@ -286,6 +295,7 @@ class CompiledPredictor(BasePredictor):
 
     def _start_background_upload(self, interval_s: float) -> None:
         self._stop = threading.Event()
+        self._metrics_lock = threading.Lock()
         self._first_upload = threading.Event()
 
         def loop() -> None:
@@ -327,9 +337,12 @@ class CompiledPredictor(BasePredictor):
             self._stop.set()
             self.uploader.deadline = deadline  # the background upload, if still running, stops at it too
             log.info("exit flush (%s): budget %.1fs", why, budget)
-            self._upload(deadline, lock_timeout=max(0.0, deadline - time.monotonic()))
-            self.metrics.flushed_at_exit = True
-            self.metrics.write(self.settings.metrics_file)
+            r = self.uploader.upload(deadline, lock_timeout=max(0.0, deadline - time.monotonic()))
+            if r is None:
+                log.warning("an upload is still running and the flush budget is spent: leaving it")
+            elif r.error:
+                log.warning("upload ERROR (the cache entry stays as it was): %s", r.error)
+            self._write_metrics(r, flushed=True)
             log.info(
                 "exit flush done: state=%s, %d bytes uploaded in total",
                 self.metrics.upload_state,
