@@ -8,22 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from compile_cache.cogrun import CogServer
 from tests.conftest import ROOT, boot
-from tests.tiny_predictor import EXPORT_MAX_BATCH, TinyMLP, inputs
+from tests.tiny_predictor import EXPORT_MAX_BATCH, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
 
-
-def eager(batch: int) -> list[list[float]]:
-    with torch.no_grad():
-        return TinyMLP()(inputs(batch)).tolist()
-
-
-def close(a: list, b: list) -> bool:
-    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

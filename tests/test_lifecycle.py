@@ -6,21 +6,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from tests.conftest import boot
-from tests.tiny_predictor import BATCHES, TinyMLP, inputs
+from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
 
-
-def eager(batch: int) -> list[list[float]]:
-    with torch.no_grad():
-        return TinyMLP()(inputs(batch)).tolist()
-
-
-def close(a: list[list[float]], b: list[list[float]]) -> bool:
-    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
 def test_new_container_hits_the_store(tiny_seeded_store: Path, tmp_path: Path) -> None:

@@ -11,26 +11,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from compile_cache.manifest import Manifest, manifest_name
 from compile_cache.stores import open_store
 from compile_cache.sync import restore
 from tests.conftest import ROOT, boot
 from tests.s3server import apply_s3_env
-from tests.tiny_predictor import TinyMLP, inputs
+from tests.tiny_predictor import close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
 FACTORS = {"torch": "t", "python": "p", "device": "cpu", "cpu.isa": "X"}
 
-
-def eager(batch: int) -> list[list[float]]:
-    with torch.no_grad():
-        return TinyMLP()(inputs(batch)).tolist()
-
-
-def close(a: list, b: list) -> bool:
-    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
 def s3_boot(env: dict[str, str], inductor: Path, **extra: str) -> dict:

@@ -39,6 +39,16 @@ def inputs(batch: int) -> torch.Tensor:
     return torch.arange(batch * FEATURES, dtype=torch.float32).reshape(batch, FEATURES) / 100.0
 
 
+def eager(batch: int) -> list[list[float]]:
+    """The reference output: the tiny model run eagerly, as the tests compare every served output with it."""
+    with torch.no_grad():
+        return TinyMLP()(inputs(batch)).tolist()
+
+
+def close(a: list, b: list) -> bool:
+    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
 class Predictor(CompiledPredictor):
     # TINY_BREAK_FORWARD=1: the first compiled call fails (same as COMPILE_CACHE_BACKEND=tiny_broken).
     compile_config = CompileConfig(
