@@ -155,6 +155,13 @@ class CompiledPredictor(BasePredictor):
         else:
             m.strategy = "jit"
             fn, why_eager = compile_model(eager, cfg)
+            # -- jit_restore="precompile" (issue #6, docs/restore-strategies.md): per-shape precompiled functions in
+            # the cache dir serve the calls they accept; any other call still goes through `fn` (the dir snapshot).
+            if cfg.jit_restore == "precompile" and not why_eager:
+                from .precompile import Precompiled
+
+                fn = Precompiled(eager, fn, cfg, roots["inductor"] / "precompile" / key.name)
+            # -- end jit_restore
             self.model = CompiledModel(fn, eager, cfg)
             if cfg.enable:  # eager by choice has nothing to warm: its boot is load + serve
                 m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())

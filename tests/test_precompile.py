@@ -1,0 +1,63 @@
+"""jit_restore="precompile" through the lifecycle: a cold boot precompiles each warm-up shape into the cache dir; a new
+container restores the dir and serves from the precompiled functions without Dynamo; a damaged file, an undeclared
+shape and a model with a graph break all still get correct answers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from compile_cache.config import CompileConfig, Settings
+from tests.conftest import boot
+from tests.tiny_predictor import BATCHES, close, eager
+
+TARGET = "tests.tiny_predictor:Predictor"
+ENV = {"COMPILE_CACHE_JIT_RESTORE": "precompile"}
+
+
+def test_setting_overrides_the_config_and_keys_its_own_entry() -> None:
+    cfg = CompileConfig().with_overrides(Settings.from_env({"COMPILE_CACHE_JIT_RESTORE": "PRECOMPILE"}))
+    assert cfg.jit_restore == "precompile" and cfg.cache_factors()["compile.jit_restore"] == "precompile"
+    # the default adds no factor: the keys of existing "dir" entries do not change
+    assert "compile.jit_restore" not in CompileConfig().cache_factors()
+
+
+@pytest.fixture(scope="module")
+def precompile_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    d = tmp_path_factory.mktemp("precompile")
+    b = boot(TARGET, {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(d / "ind"), "COMPILE_CACHE_URL": str(d / "store")},
+             {"batch": 1})
+    assert b.metrics["cache"] == "miss" and b.metrics["compiles"] == len(BATCHES)
+    files = list((d / "ind" / "precompile" / b.metrics["key"]).glob("*.bin"))
+    assert len(files) == len(BATCHES)  # one precompiled function per warm-up shape
+    return d / "store", b.metrics["key"]
+
+
+def test_new_container_serves_without_dynamo(precompile_store: tuple[Path, str], tmp_path: Path) -> None:
+    store, key = precompile_store
+    shutil.copytree(store, tmp_path / "store")
+    ind = tmp_path / "ind"
+    # a damaged local file must not fail the boot: it is skipped with a warning
+    (ind / "precompile" / key).mkdir(parents=True)
+    (ind / "precompile" / key / "damaged.bin").write_bytes(b"not a precompiled function")
+    b = boot(TARGET, {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(ind), "COMPILE_CACHE_URL": str(tmp_path / "store")},
+             *({"batch": n} for n in BATCHES), {"batch": 7})
+    m = b.metrics
+    assert m["cache"] == "hit" and m["key"] == key
+    assert m["compiles"] == 0 and m["eager_fallback"] == ""  # warm-up: only precompiled functions, no tracing
+    assert f"precompile: {len(BATCHES)} function(s) loaded" in b.stderr
+    assert "cannot load damaged.bin" in b.stderr
+    for n, out in zip((*BATCHES, 7), b.outputs, strict=True):
+        assert close(out, eager(n))
+    # batch 7 is outside the plan: precompiled on the request path (and counted), saved for the next boot
+    assert b.request_path_compiles == 1 and "(7x16)" in b.stderr
+    assert len(list((ind / "precompile" / key).glob("*7x16*.bin"))) == 1
+
+
+def test_graph_break_serves_through_the_jit_function(tmp_path: Path) -> None:
+    b = boot("tests.tiny_predictor:UnexportablePredictor",
+             {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_DISABLE": "1"}, {"batch": 4})
+    assert "precompile FAILED" in b.stderr and b.metrics["eager_fallback"] == ""
+    assert close(b.outputs[0], eager(4))
