@@ -11,12 +11,14 @@ PYTEST_ARGS ?=
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 
-.PHONY: predict test install weights bench clean help
+.PHONY: predict test install weights bench table1 restore-strategies clean help
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
 	@echo "make test                                     the whole test suite"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
+	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 (small Llama, cold vs warm, ~20 min)"
+	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,12 @@ test: $(STAMP) $(WEIGHTS)
 
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+table1: $(STAMP)
+	$(BIN)/python scripts/table1.py --out $(BENCH_OUT)/table1
+
+restore-strategies: $(STAMP) $(WEIGHTS)
+	$(BIN)/python scripts/restore_strategies.py --out $(BENCH_OUT)/restore-strategies
 
 clean:
 	rm -rf .cache $(BENCH_OUT)

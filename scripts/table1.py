@@ -16,7 +16,7 @@ Total = time inside the process from the start of the restore (warm) or the mode
 ``compile_s`` is Dynamo's own compile time (``_compile.compile_inner``) inside it. Then prefill recompiles over three
 prompt lengths with ``dynamic=False``, the default (``None``: automatic dynamic) and ``dynamic=True``.
 
-    python scripts/table1.py --out table1-out                   # the full run (about 30 min on 2 shared cores)
+    python scripts/table1.py --out table1-out                   # the full run (about 20 min on 2 shared cores)
     python scripts/table1.py --out /tmp/t1 --quick              # a tiny model, batch 1, eager vs compile-decode
 
 Writes ``<out>/table1.json`` and ``<out>/table1.md``. See docs/table1.md for the numbers and their reading.
