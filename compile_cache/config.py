@@ -213,26 +213,19 @@ class CompileConfig(BaseModel):
     # experimental (compile_cache/precompile.py, docs/restore-strategies.md).
     jit_restore: Literal["dir", "precompile"] = "dir"
 
-    @field_validator("mode", mode="before")
+    @field_validator("mode", "memory_format", "sdpa_backend", mode="before")
     @classmethod
-    def _mode(cls, v: Any) -> Any:
-        if v is not None and v not in _COMPILE_MODES:
-            raise ValueError(f"mode {v!r} is not one of {', '.join(_COMPILE_MODES)}")
-        return v
-
-    @field_validator("memory_format", mode="before")
-    @classmethod
-    def _memory_format(cls, v: Any) -> Any:
-        if v not in _MEMORY_FORMATS:
-            raise ValueError(f"memory_format {v!r} is not one of {', '.join(_MEMORY_FORMATS)}")
-        return v
-
-    @field_validator("sdpa_backend", mode="before")
-    @classmethod
-    def _sdpa_backend(cls, v: Any) -> Any:
-        if v is not None and v not in _SDPA_BACKENDS:
-            raise ValueError(f"sdpa_backend {v!r} is not one of None, {', '.join(_SDPA_BACKENDS)}")
-        return v
+    def _one_of(cls, v: Any, info: Any) -> Any:
+        """A wrong value names the accepted ones (``None`` only where the field allows it)."""
+        accepted, none_ok = {
+            "mode": (_COMPILE_MODES, True),
+            "memory_format": (_MEMORY_FORMATS, False),
+            "sdpa_backend": (_SDPA_BACKENDS, True),
+        }[info.field_name]
+        if (v is None and none_ok) or v in accepted:
+            return v
+        names = ", ".join((("None",) if none_ok and info.field_name == "sdpa_backend" else ()) + tuple(accepted))
+        raise ValueError(f"{info.field_name} {v!r} is not one of {names}")
 
     @field_validator("options")
     @classmethod
