@@ -9,19 +9,21 @@ land in a staging directory first and are moved into place only when the whole s
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import io
 import os
 import shutil
+import stat
 import tarfile
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import zstandard
 
-from .errors import IntegrityError, UnsafeArchive
+from .errors import CacheError, IntegrityError, UnsafeArchive
 from .manifest import FileEntry
 
 __all__ = ["scan", "pack", "unpack_into_staging", "check_archive", "Staged", "STAGING_PREFIX", "sha256_file"]
@@ -115,7 +117,11 @@ def _safe_member_name(name: str, roots: Iterable[str]) -> PurePosixPath:
 
 @dataclass
 class Staged:
-    """Verified files waiting in a staging dir per root; ``commit`` moves them into place, ``discard`` drops them."""
+    """Verified files waiting in a staging dir per root; ``commit`` moves them into place, ``discard`` drops them.
+
+    A staging dir holds its files in the tree they will have in the root, so the directories are made while the
+    restore still downloads (several segments at a time) and ``commit`` moves whole subtrees with one rename
+    each: into an empty cache dir, a handful of renames, however many files and directories the entry has."""
 
     staging: dict[str, Path]
     files: list[tuple[str, Path]]  # (store path, staged file)
@@ -126,33 +132,52 @@ class Staged:
         many moved. A local file of another size than its verified copy is damaged (a crash or a full disk while
         it was written): Torch would load such a kernel as it is (tests/test_faults.py), so the copy replaces it.
 
-        All or nothing: if a move fails (a full disk can refuse a new directory, a read-only one anything), the
-        files moved so far and the directories made for them are removed again before the error propagates."""
-        moved: list[Path] = []
-        made: list[Path] = []
-        try:
-            for name, staged in self.files:
-                label, _, rel = name.partition("/")
-                dest = self.roots[label] / rel
-                if dest.is_file() and dest.stat().st_size == staged.stat().st_size:
+        All or nothing: if a move fails (a regular file where a directory must go, a read-only dir), what was
+        moved so far goes back before the error propagates. Renames within one filesystem need no new inode, so
+        a disk that filled up after the unpack cannot stop a commit halfway."""
+        trees: list[tuple[str, str]] = []  # (destination, staged) of subtrees moved in one rename
+        files: list[str] = []  # files moved one by one (their directory existed already)
+        kept = 0
+
+        def merge(src: str, dest: str) -> None:
+            nonlocal kept
+            with os.scandir(src) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                d = os.path.join(dest, e.name)
+                if e.is_dir(follow_symlinks=False):
+                    try:
+                        os.rename(e.path, d)  # atomically refused if ``d`` is a non-empty directory: merge into it
+                        trees.append((d, e.path))
+                    except OSError as err:
+                        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                            raise
+                        merge(e.path, d)
                     continue
-                d = dest.parent
-                while d != self.roots[label] and not d.exists():
-                    made.append(d)
-                    d = d.parent
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, dest)
-                moved.append(dest)
+                try:
+                    st = os.stat(d)
+                    if stat.S_ISREG(st.st_mode) and st.st_size == e.stat(follow_symlinks=False).st_size:
+                        kept += 1
+                        continue
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+                os.replace(e.path, d)
+                files.append(d)
+
+        try:
+            for label, staging in self.staging.items():
+                merge(str(staging), str(self.roots[label]))
         except BaseException:
-            for f in moved:
-                f.unlink(missing_ok=True)
-            for d in sorted(made, key=lambda d: len(d.parts), reverse=True):
+            for f in reversed(files):
                 with contextlib.suppress(OSError):
-                    d.rmdir()  # only if empty: never a directory something else wrote into meanwhile
+                    os.unlink(f)
+            for dest, staged in reversed(trees):
+                with contextlib.suppress(OSError):
+                    os.rename(dest, staged)  # back into staging, which discard removes
             raise
         finally:
             self.discard()
-        return len(moved)
+        return len(self.files) - kept
 
     def discard(self) -> None:
         for d in self.staging.values():
@@ -160,18 +185,27 @@ class Staged:
 
 
 def unpack_into_staging(
-    archive: Path | bytes,
+    archive: Path | BinaryIO,
     expected: Iterable[FileEntry],
     roots: Mapping[str, Path],
     *,
     max_bytes: int,
     max_files: int,
     staged: Staged | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
 ) -> Staged:
-    """Decompress and verify ``archive`` into staging dirs inside each root (same filesystem, so commit is a
-    rename). Every member must be listed in ``expected`` with the same size and sha256. Raises UnsafeArchive,
-    IntegrityError or OSError (disk full, read-only dir), having removed everything it wrote, staging dirs
-    included; pass ``staged`` to accumulate several segments (an error then discards all of them)."""
+    """Decompress and verify ``archive`` (a file, or a stream such as an HTTP body) into staging dirs inside each
+    root (same filesystem, so commit is a rename). Every member must be a regular file the manifest lists
+    (``expected``) with the same size. Raises UnsafeArchive, IntegrityError or OSError (disk full, read-only dir),
+    having removed everything it wrote, staging dirs included; pass ``staged`` to accumulate several segments (an
+    error then discards all of them).
+
+    With ``sha256`` and ``size`` (the object's, from the manifest), the compressed bytes are hashed as they are
+    read, in the same pass, and must match before this returns: a download streams straight into staging, never
+    through memory or a temp file, and nothing reaches the cache dir before the object is proven whole. Those
+    bytes are then exactly what the writer packed (it hashed every member while packing), so the members' own
+    hashes are not computed again. Without them, every member's sha256 is checked instead."""
     if staged is None:
         staged = Staged({}, [], roots)
     try:
@@ -183,15 +217,46 @@ def unpack_into_staging(
                 staged.staging[label] = d
         seen = {n for n, _ in staged.files}
         total = sum(p.stat().st_size for _, p in staged.files)
-        written, _ = _unpack_checked(
-            archive, expected, roots, max_bytes=max_bytes, max_files=max_files, seen=seen, total=total,
-            staging=staged.staging,
-        )
-        staged.files += [(n, p) for n, p in written if p is not None]
+        with open(archive, "rb") if isinstance(archive, Path) else contextlib.nullcontext(archive) as raw:
+            source = _Source(raw, sha256, size)
+            written, _ = _unpack_checked(
+                source, expected, roots, max_bytes=max_bytes, max_files=max_files, seen=seen, total=total,
+                staging=staged.staging, hash_members=sha256 is None,
+            )
+            source.finish()
+        staged.files += [(n, Path(p)) for n, p in written if p is not None]
     except BaseException:
         staged.discard()
         raise
     return staged
+
+
+class _Source:
+    """The compressed bytes on their way to the decompressor: counted, and hashed when an expected sha256 is
+    given. ``finish`` reads what the decompressor left (the end of the object) and checks both."""
+
+    def __init__(self, f: BinaryIO, sha256: str | None, size: int | None) -> None:
+        self.f, self.want, self.size = f, sha256, size
+        self.what = f"object {sha256[:12]}" if sha256 else "archive"
+        self.h = hashlib.sha256() if sha256 is not None else None
+        self.n = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n if n is not None and n >= 0 else _CHUNK)
+        self.n += len(b)
+        if self.size is not None and self.n > self.size:
+            raise IntegrityError(f"{self.what} is longer than the {self.size} bytes the manifest says")
+        if self.h is not None:
+            self.h.update(b)
+        return b
+
+    def finish(self) -> None:
+        while self.read(_CHUNK):
+            pass
+        if self.size is not None and self.n != self.size:
+            raise IntegrityError(f"{self.what} is {self.n} bytes, manifest says {self.size} (truncated?)")
+        if self.h is not None and self.h.hexdigest() != self.want:
+            raise IntegrityError(f"{self.what} does not match its sha256")
 
 
 def check_archive(
@@ -206,15 +271,16 @@ def check_archive(
 ) -> int:
     """Dry run of :func:`unpack_into_staging`: the same checks, nothing written. Returns the unpacked byte count
     so far; to check several segments against one cap, pass the same ``seen`` set and the returned ``total``."""
-    _, total = _unpack_checked(
-        archive, expected, labels, max_bytes=max_bytes, max_files=max_files,
-        seen=set() if seen is None else seen, total=total, staging=None,
-    )
+    with open(archive, "rb") as raw:
+        _, total = _unpack_checked(
+            _Source(raw, None, None), expected, labels, max_bytes=max_bytes, max_files=max_files,
+            seen=set() if seen is None else seen, total=total, staging=None,
+        )
     return total
 
 
 def _unpack_checked(
-    archive: Path | bytes,
+    source: _Source,
     expected: Iterable[FileEntry],
     labels: Collection[str],
     *,
@@ -223,60 +289,161 @@ def _unpack_checked(
     seen: set[str],
     total: int,
     staging: Mapping[str, Path] | None,
-) -> tuple[list[tuple[str, Path | None]], int]:
+    hash_members: bool = True,
+) -> tuple[list[tuple[str, str | None]], int]:
     """The one place that decides whether an archive is safe (restore and ``verify`` share it). Writes each
     member under ``staging[root label]`` (or only hashes it when ``staging`` is None); ``seen`` and ``total``
     carry earlier segments' files and bytes for the caps. Returns ([(store path, written file)], new total);
     files written before an error are left for the caller to discard with their staging dir."""
     want = {f.path: f for f in expected}
-    written: list[tuple[str, Path | None]] = []
+    written: list[tuple[str, str | None]] = []
     here: set[str] = set()
+    made: set[str] = set()
     try:
-        dctx = zstandard.ZstdDecompressor()
-        # An archive is a file, or the bytes of a small segment already verified in memory (restore).
-        opened = io.BytesIO(archive) if isinstance(archive, bytes | bytearray) else open(archive, "rb")
-        with opened as raw, dctx.stream_reader(raw) as zr, tarfile.open(fileobj=zr, mode="r|") as tar:
-            for m in tar:
-                p = _safe_member_name(m.name, labels)
-                if not m.isreg():
-                    raise UnsafeArchive(f"archive member {m.name!r} is not a regular file (links/devices refused)")
-                entry = want.get(m.name)
-                if entry is None:
-                    raise IntegrityError(f"archive member {m.name!r} is not listed in the manifest")
-                if m.name in here:
-                    raise IntegrityError(f"archive member {m.name!r} appears twice")
-                if m.size != entry.size:
-                    raise IntegrityError(f"archive member {m.name!r} has size {m.size}, manifest says {entry.size}")
-                # Two writers racing on one key can publish segments that overlap (the CAS loser merges its whole
-                # segment): an earlier segment's copy wins, as in Manifest.files(); this one is only verified.
-                again = m.name in seen
-                if not again:
-                    total += m.size
-                    if total > max_bytes or len(seen) + 1 > max_files:
-                        raise UnsafeArchive(
-                            f"restore exceeds the caps ({max_bytes} bytes / {max_files} files): refusing to unpack"
-                        )
-                src = tar.extractfile(m)
-                assert src is not None
-                here.add(m.name)
-                # Staged flat (one file per name, no directory tree): directory creation and removal dominate a
-                # restore's time on slow-metadata filesystems; the tree is made once, at commit.
-                dest = staging[p.parts[0]] / f"{len(seen):08d}" if staging is not None and not again else None
-                h = hashlib.sha256()
-                with open(dest, "xb") if dest is not None else contextlib.nullcontext() as out:
-                    while chunk := src.read(1 << 20):
+        zr = zstandard.ZstdDecompressor().stream_reader(source, read_size=_CHUNK, closefd=False)
+        for name, regular, size, content in _TarReader(zr, _tar_bound(want.values())).members():
+            p = _safe_member_name(name, labels)
+            if not regular:
+                raise UnsafeArchive(f"archive member {name!r} is not a regular file (links/devices refused)")
+            entry = want.get(name)
+            if entry is None:
+                raise IntegrityError(f"archive member {name!r} is not listed in the manifest")
+            if name in here:
+                raise IntegrityError(f"archive member {name!r} appears twice")
+            if size != entry.size:
+                raise IntegrityError(f"archive member {name!r} has size {size}, manifest says {entry.size}")
+            # Two writers racing on one key can publish segments that overlap (the CAS loser merges its whole
+            # segment): an earlier segment's copy wins, as in Manifest.files(); this one is only verified.
+            again = name in seen
+            if not again:
+                total += size
+                if total > max_bytes or len(seen) + 1 > max_files:
+                    raise UnsafeArchive(
+                        f"restore exceeds the caps ({max_bytes} bytes / {max_files} files): refusing to unpack"
+                    )
+            here.add(name)
+            # Staged in the tree the root will have (see Staged), each directory made once. Plain strings: this
+            # runs once per file of a restore, and pathlib's parsing showed in its profile.
+            dest = None
+            if staging is not None and not again:
+                dest = os.path.join(staging[p.parts[0]], *p.parts[1:])
+                parent = os.path.dirname(dest)
+                if parent not in made:
+                    os.makedirs(parent, exist_ok=True)
+                    made.add(parent)
+            h = hashlib.sha256() if hash_members or dest is None else None
+            with open(dest, "xb") if dest is not None else contextlib.nullcontext() as out:
+                for chunk in content():
+                    if h is not None:
                         h.update(chunk)
-                        if out is not None:
-                            out.write(chunk)
-                if h.hexdigest() != entry.sha256:
-                    raise IntegrityError(f"archive member {m.name!r} does not match its sha256")
-                if not again:
-                    seen.add(m.name)
-                    written.append((m.name, dest))
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
-        name = "segment" if isinstance(archive, bytes | bytearray) else archive.name
-        raise IntegrityError(f"archive {name} is corrupt: {e}") from e
+                    if out is not None:
+                        out.write(chunk)
+            if h is not None and h.hexdigest() != entry.sha256:
+                raise IntegrityError(f"archive member {name!r} does not match its sha256")
+            if not again:
+                seen.add(name)
+                written.append((name, dest))
+    except CacheError:  # ours (IntegrityError is a ValueError too), and a store failing midway: as they are
+        raise
+    except (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError) as e:  # ValueError: bad numbers, UTF-8
+        raise IntegrityError(f"archive is corrupt: {type(e).__name__}: {e}") from e
     missing = set(want) - here
     if missing:
         raise IntegrityError(f"archive lacks {len(missing)} file(s) the manifest lists, e.g. {sorted(missing)[0]!r}")
     return written, total
+
+
+def _tar_bound(files: Iterable[FileEntry]) -> int:
+    """Most decompressed bytes an honest archive of ``files`` needs: each file padded to 512, its header, a PAX
+    header for a long name, and the end marker. Reading past it is a bomb, whatever the zstd frame claims."""
+    return sum(-(-f.size // 512) * 512 + 2048 + 2 * len(f.path.encode()) for f in files) + 2048
+
+
+class _TarReader:
+    """A forward-only reader of the tar subset ``pack`` writes: ustar headers (tarfile parses each 512-byte header
+    and checks its checksum) with PAX extended headers for long names. Anything else, links, devices and
+    directories included, is reported as not regular, for the caller to refuse. Reads a member's content in
+    chunks of up to 1 MiB straight off the decompressor (tarfile's stream mode copies through 10 KB reads), and
+    never more than ``bound`` decompressed bytes in all."""
+
+    def __init__(self, zr: BinaryIO, bound: int) -> None:
+        self.zr, self.left = zr, bound
+
+    def _read(self, n: int) -> bytes:
+        if n > self.left:
+            raise UnsafeArchive("archive unpacks to more than its files need: refusing it (a decompression bomb?)")
+        b = self.zr.read(n)
+        while len(b) < n:  # the decompressor may return less than asked
+            more = self.zr.read(n - len(b))
+            if not more:
+                raise IntegrityError("archive is truncated")
+            b += more
+        self.left -= n
+        return b
+
+    def members(self) -> Iterator[tuple[str, bool, int, Callable[[], Iterator[bytes]]]]:
+        """(name, is a regular file, size, content chunks) per member; read the content before the next one."""
+        pax: dict[str, str] = {}
+        while True:
+            block = self._read(512)
+            if block == _ZERO_BLOCK:
+                return  # end of archive (what follows is padding)
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            padded = -(-info.size // 512) * 512
+            if info.type == tarfile.XHDTYPE:
+                if info.size > _MAX_PAX:
+                    raise UnsafeArchive(f"PAX header of {info.size} bytes refused")
+                pax = _pax_records(self._read(padded)[: info.size])
+                continue
+            name = pax.get("path", info.name)
+            size = int(pax["size"]) if "size" in pax else info.size
+            if size < 0:
+                raise IntegrityError(f"archive member {name!r} has a negative size")
+            regular = info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and not any(k.startswith("GNU.") for k in pax)
+            pax = {}
+            if not regular:  # never read: the caller refuses it
+                yield name, False, size, lambda: iter(())
+                return
+            padded = -(-size // 512) * 512
+            consumed = False
+
+            def content(size: int = size) -> Iterator[bytes]:
+                nonlocal consumed
+                if size > self.left:
+                    raise UnsafeArchive("archive unpacks to more than its files need: refusing it")
+                left = size
+                while left:
+                    chunk = self.zr.read(min(left, _CHUNK))  # whatever is ready: no joining into exact sizes
+                    if not chunk:
+                        raise IntegrityError("archive is truncated")
+                    left -= len(chunk)
+                    yield chunk
+                self.left -= size
+                consumed = True
+
+            yield name, True, size, content
+            if not consumed:
+                raise RuntimeError("a tar member's content must be read before the next member")
+            if padded > size:
+                self._read(padded - size)
+
+
+_ZERO_BLOCK = bytes(512)
+_MAX_PAX = 64 * 1024
+_CHUNK = 1 << 20
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """Parse PAX records ``"<len> <key>=<value>\n"`` (POSIX.1-2001); ValueError on anything malformed."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        rec = data[sp + 1 : pos + length]
+        if length <= sp - pos or pos + length > len(data) or not rec.endswith(b"\n") or b"=" not in rec:
+            raise ValueError("malformed PAX record")
+        key, _, value = rec[:-1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out

@@ -2,8 +2,8 @@
 
 Store-agnostic and torch-free. The protocol (see the module docs of stores.base and manifest):
 
-- restore: read the manifest, check it (key, fingerprint, signature), download every segment (sha256-verified),
-  unpack into staging, then move into place. Any failure leaves the cache dir as it was and returns a status the
+- restore: read the manifest, check it (key, fingerprint, signature), stream every segment through its sha256
+  check and the decompressor into staging (one pass, several segments at a time), then move into place. Any failure leaves the cache dir as it was and returns a status the
   lifecycle turns into a cold boot.
 - upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
   (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
@@ -11,7 +11,7 @@ Store-agnostic and torch-free. The protocol (see the module docs of stores.base 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import socket
@@ -34,8 +34,21 @@ log = logging.getLogger("compile_cache")
 SEGMENT_TARGET_BYTES = 8 * 2**20  # pack new files into segments of about this many (uncompressed) bytes
 MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
 _CAS_ATTEMPTS = 20
-_PARALLEL_SEGMENTS = 8
-_IN_MEMORY_SEGMENT = 64 * 2**20  # larger objects stream to a temp file (parallel ranged GETs)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Segments restored at a time, each streamed, hashed, decompressed and written by its own thread. Against a server
+# on the same 2 cores (scripts/bench_restore.py) 2, 4 and 8 at a time were within noise of each other: the CPU is
+# the limit there. Against a remote store each stream is limited by its connection, so four at least; one per core
+# up to eight (the S3 connection pool) beyond that.
+_PARALLEL_SEGMENTS = max(4, min(8, _cpus()))
+_STREAMED_SEGMENT = 64 * 2**20  # larger objects go to a temp file first (parallel ranged GETs)
 
 
 def _mb(n: int) -> str:
@@ -165,7 +178,8 @@ def _restore(
         raise EntryRejected(f"entry's segments unpack to more than the cap ({max_files} files)")
     downloaded = 0
     stageds: list[tuple[int, Staged]] = []
-    with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") as tmp:
+    large = any(seg.size > _STREAMED_SEGMENT for seg in manifest.segments)  # only those need a temp file
+    with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") if large else contextlib.nullcontext("") as tmp:
         try:
             for _index, _staged, nbytes in _fetch_and_stage(
                 store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds
@@ -194,25 +208,27 @@ def _fetch_and_stage(
     max_files: int,
     out: list[tuple[int, Staged]],
 ) -> Iterator[tuple[int, Staged, int]]:
-    """Download, verify (sha256 of the object) and unpack (into staging, each member's sha256 checked) every
-    segment, several at a time: downloads overlap with hashing and decompression, which release the GIL. Each
+    """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
+    member names, types and sizes checked against the manifest) every segment, in one pass per segment and
+    several segments at a time: downloads overlap with hashing, decompression and writes, which release the GIL. Each
     result is appended to ``out`` as soon as it exists, so the caller can discard it whatever happens next."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     def one(index: int, seg: Segment) -> tuple[int, Staged, int]:
         if cancel.is_set():
             raise _Cancelled
-        if seg.size <= _IN_MEMORY_SEGMENT:  # the usual case: one GET into memory, no temp file written and read
-            data = store.read(seg.object)
-            _verify_bytes(data, seg)
-            staged = unpack_into_staging(data, seg.files, roots, max_bytes=max_bytes, max_files=max_files)
-            return index, staged, len(data)
-        part = tmp / f"{index}-{seg.sha256}"
+        check = {"max_bytes": max_bytes, "max_files": max_files, "sha256": seg.sha256, "size": seg.size}
+        if seg.size <= _STREAMED_SEGMENT:
+            # The usual case: one GET streamed through sha256 and the decompressor straight into staging files;
+            # no copy of the object in memory or in a temp file. Nothing is committed unless it verified.
+            with store.open_read(seg.object) as body:
+                return index, unpack_into_staging(body, seg.files, roots, **check), seg.size
+        part = tmp / f"{index}-{seg.sha256}"  # large: parallel ranged GETs into a file, then one verified pass
         n = store.download(seg.object, part)
-        _verify_object(part, seg)
-        staged = unpack_into_staging(part, seg.files, roots, max_bytes=max_bytes, max_files=max_files)
-        part.unlink()
-        return index, staged, n
+        try:
+            return index, unpack_into_staging(part, seg.files, roots, **check), n
+        finally:
+            part.unlink()
 
     if len(segments) <= 1:
         for i, seg in enumerate(segments):
@@ -238,23 +254,6 @@ def _fetch_and_stage(
                 yield res
         if error is not None:
             raise error
-
-
-def _verify_bytes(data: bytes, seg: Segment) -> None:
-    if len(data) != seg.size:
-        raise IntegrityError(f"object {seg.sha256[:12]} is {len(data)} bytes, manifest says {seg.size} (truncated?)")
-    if hashlib.sha256(data).hexdigest() != seg.sha256:
-        raise IntegrityError(f"object {seg.sha256[:12]} does not match its sha256")
-
-
-def _verify_object(path: Path, seg: Segment) -> None:
-    from .snapshot import sha256_file
-
-    size = path.stat().st_size
-    if size != seg.size:
-        raise IntegrityError(f"object {seg.sha256[:12]} is {size} bytes, manifest says {seg.size} (truncated?)")
-    if sha256_file(path) != seg.sha256:
-        raise IntegrityError(f"object {seg.sha256[:12]} does not match its sha256")
 
 
 def _writer_id() -> str:
@@ -365,9 +364,9 @@ class Uploader:
             roots = {p.split("/", 1)[0]: base / "files" / p.split("/", 1)[0] for p in m.files()}
             staged: Staged | None = None
             for seg in m.segments:
-                _verify_object(parts[seg.sha256], seg)
                 staged = unpack_into_staging(
-                    parts[seg.sha256], seg.files, roots, max_bytes=2**62, max_files=2**31, staged=staged
+                    parts[seg.sha256], seg.files, roots, max_bytes=2**62, max_files=2**31, staged=staged,
+                    sha256=seg.sha256, size=seg.size,
                 )
             if staged:
                 staged.commit()

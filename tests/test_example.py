@@ -31,7 +31,8 @@ def boot_once(store: Path, inductor: Path, metrics: Path, text: str) -> tuple[di
         code, resp = srv.predict({"text": text})
         assert code == 200, resp
         assert resp["status"] == "succeeded", resp
-        health = srv.health()  # setup's last log lines may land after READY
+        # setup's last log lines may land after READY; the slot may still read BUSY for a moment after a response
+        health = srv.wait_ready(30)
         assert srv.shutdown("post", timeout=30) == 0
     return health, resp["output"], json.loads(metrics.read_text())
 

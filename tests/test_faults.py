@@ -479,19 +479,41 @@ def test_disk_full_during_restore(entry: Entry, tmp_path: Path, tmpfs: Any) -> N
     assert not any(p.name.startswith(STAGING_PREFIX) for p in rw.iterdir())
 
 
-def test_commit_rolls_back_on_a_full_disk(tmp_path: Path, tmpfs: Any) -> None:
-    """ENOSPC while moving into place (each new directory needs an inode): what was moved is removed again."""
+def test_commit_needs_no_new_inode(tmp_path: Path, tmpfs: Any) -> None:
+    """The directories are made while unpacking (into staging, which a failure discards); moving them into place
+    is renames only. So a disk whose inodes ran out after the unpack still takes the whole commit."""
     root = tmpfs("small", "4m", opts="nr_inodes=1000")
     data = {f"inductor/d{i}/f": bytes([i]) * 1000 for i in range(40)}
     (tmp_path / "seg").write_bytes(craft([regular(n, b) for n, b in data.items()]))
     files = [fe(n, b) for n, b in data.items()]
     staged = unpack_into_staging(tmp_path / "seg", files, {"inductor": root}, max_bytes=10**6, max_files=100)
     used = os.statvfs(root).f_files - os.statvfs(root).f_ffree
-    # Room for 5 of the 40 directories commit has to make: the 6th mkdir fails with ENOSPC.
-    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 5}", str(root)], check=True)
-    with pytest.raises(OSError, match="No space left"):
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={used}", str(root)], check=True)
+    assert os.statvfs(root).f_ffree == 0
+    with pytest.raises(OSError, match="No space left"):  # the disk is full indeed
+        (root / "probe").mkdir()
+    assert staged.commit() == 40
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"d{i}" for i in range(40))  # staging dir gone
+    assert all((root / n.partition("/")[2]).read_bytes() == b for n, b in data.items())
+
+
+def test_commit_rolls_back_when_a_move_fails(tmp_path: Path) -> None:
+    """A regular file where a directory must go stops the commit midway: the subtrees already moved go back, the
+    files moved into an existing directory are removed, and what was there before stays as it was."""
+    root = tmp_path / "root"
+    (root / "d0").mkdir(parents=True)
+    (root / "d0" / "other").write_bytes(b"theirs")  # an existing directory: the commit merges into it
+    (root / "d20").write_bytes(b"a file, not a directory")  # in the way of the 14th move (sorted order)
+    data = {f"inductor/d{i}/f": bytes([i]) * 1000 for i in range(40)}
+    (tmp_path / "seg").write_bytes(craft([regular(n, b) for n, b in data.items()]))
+    staged = unpack_into_staging(
+        tmp_path / "seg", [fe(n, b) for n, b in data.items()], {"inductor": root}, max_bytes=10**6, max_files=100
+    )
+    with pytest.raises(OSError):
         staged.commit()
-    assert list(root.iterdir()) == []  # the 5 moved files, their directories and the staging dir: all gone
+    assert sorted(p.name for p in root.iterdir()) == ["d0", "d20"]
+    assert sorted(p.name for p in (root / "d0").iterdir()) == ["other"]
+    assert (root / "d20").read_bytes() == b"a file, not a directory"
 
 
 # -- the overlapping segments two racing writers can publish ------------------------------------------------------

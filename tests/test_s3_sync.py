@@ -131,3 +131,19 @@ def test_16_concurrent_restores_of_one_key(s3_env: dict[str, str], tmp_path: Pat
         res = json.loads(out.strip().splitlines()[-1])
         assert res["status"] == "hit" and res["files"] == 40, res
         assert (tmp_path / f"dst{i}" / "k" / "f7.so").read_bytes() == (src / "k" / "f7.so").read_bytes()
+
+
+def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
+    """`scripts/bench_restore.py` (the issue's benchmark) on a small entry: it starts its own SeaweedFS server,
+    restores (asserting a hit each round) and prints the ratio to a raw GET of the same bytes, both measured."""
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_restore.py", "--mb", "4", "--rounds", "2", "--json", "--dest", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["entry_bytes"] > 4 * 10**6 * 0.5 and res["files"] > 10 and res["segments"] >= 1
+    assert res["raw_get_mb_s"] > 0 and res["restore_mb_s"] > 0
+    assert abs(res["ratio"] - res["restore_mb_s"] / res["raw_get_mb_s"]) < 0.01
+    assert res["dest_fs"] != "unknown at ?"
+    assert list(tmp_path.iterdir()) == []  # every restored copy removed again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -58,6 +60,64 @@ def test_unpack_refuses_a_member_the_manifest_does_not_list(tmp_path: Path) -> N
     with pytest.raises(IntegrityError, match="not listed"):
         unpack_into_staging(tmp_path / "seg", entries[:1], {"inductor": tmp_path / "d"}, max_bytes=99, max_files=9)
     assert not any((tmp_path / "d").rglob("a"))
+
+
+def _segment(tmp_path: Path, files: dict[str, bytes]) -> tuple[bytes, list, str]:
+    src = make_cache(tmp_path / "src", files)
+    entries = pack(scan({"inductor": src}), tmp_path / "seg")
+    data = (tmp_path / "seg").read_bytes()
+    return data, entries, hashlib.sha256(data).hexdigest()
+
+
+def test_streamed_unpack_long_names_and_one_pass_verification(tmp_path: Path) -> None:
+    """A stream (as an HTTP body) unpacks in one pass with the object's sha256: long names (PAX records) and
+    nested directories come out as they went in, written through a chunked reader."""
+    deep = "fxgraph/" + "/".join(["d" * 60] * 3) + "/entry"  # 200+ characters: a PAX path record
+    files = {deep: os.urandom(3 * 2**20 + 7), "ab/k.so": os.urandom(1000), "ab/empty": b""}
+    data, entries, sha = _segment(tmp_path, files)
+    dest = tmp_path / "dest"
+    staged = unpack_into_staging(
+        _Trickle(data), entries, {"inductor": dest}, max_bytes=10**8, max_files=10, sha256=sha, size=len(data)
+    )
+    assert staged.commit() == 3
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize("damage", ["flip", "append", "truncate"])
+def test_streamed_unpack_rejects_a_changed_object(tmp_path: Path, damage: str) -> None:
+    """Member hashes are skipped when the object's own sha256 is given: a byte changed inside an incompressible
+    file (stored raw by zstd, so it still decompresses and parses) must be caught by the object hash, and
+    nothing reaches the cache dir."""
+    payload = os.urandom(100_000)
+    data, entries, sha = _segment(tmp_path, {"ab/k.so": payload, "fxgraph/e": b"graph"})
+    at = data.index(payload[40_000:40_032])  # inside the raw block that holds the kernel
+    bad = {
+        "flip": data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :],
+        "append": data + b"more",
+        "truncate": data[:-1],
+    }[damage]
+    dest = tmp_path / "dest"
+    with pytest.raises(IntegrityError):
+        unpack_into_staging(
+            io.BytesIO(bad), entries, {"inductor": dest}, max_bytes=10**6, max_files=9, sha256=sha, size=len(data)
+        )
+    assert [p for p in dest.rglob("*")] == []  # staging discarded, nothing in place
+    if damage == "flip":  # the same bytes without the object's hash: the member's own sha256 catches it
+        with pytest.raises(IntegrityError, match="does not match its sha256"):
+            unpack_into_staging(io.BytesIO(bad), entries, {"inductor": dest}, max_bytes=10**6, max_files=9)
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most 4093 bytes per read, as a network body may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buf = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self.buf.read(min(n if n >= 0 else 4093, 4093))
 
 
 def test_restore_then_upload_is_a_delta(tmp_path: Path) -> None:

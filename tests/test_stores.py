@@ -130,6 +130,57 @@ def test_download(store: Store, tmp_path: Path, size: int) -> None:
     assert hashlib.sha256((tmp_path / "out").read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
+def test_open_read_streams_in_chunks(store: Store, tmp_path: Path) -> None:
+    data = os.urandom(3 * 2**20 + 5)
+    store.put_immutable("blob", _file(tmp_path, "src", data))
+    chunks = []
+    with store.open_read("blob") as f:
+        while chunk := f.read(2**20):
+            assert len(chunk) <= 2**20
+            chunks.append(chunk)
+    assert b"".join(chunks) == data and len(chunks) >= 4
+    with pytest.raises(ObjectNotFound):
+        store.open_read("missing")
+
+
+def test_s3_body_cut_midway_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GET whose body stops short of its Content-Length (a dropped connection) is the store's one-line
+    StoreError, which a restore turns into a cold boot; botocore raises it from the body's read, after the
+    response was accepted, so no retry hides it. The endpoint is a socket that answers every request so."""
+    import socket
+
+    from compile_cache.stores.s3 import S3Store
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "e"\r\n\r\n' + b"x" * 1000)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{srv.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+        store = S3Store.from_url("s3://bucket/cc", read_timeout=5, max_attempts=1)
+        with store.open_read("objects/x") as body, pytest.raises(StoreError) as info:
+            while body.read(2**16):
+                pass
+        msg = str(info.value)
+        assert "GetObject s3://bucket/cc/objects/x" in msg and "\n" not in msg and "very-secret" not in msg
+    finally:
+        stop.set()
+        srv.close()
+
+
 def test_download_refuses_existing_dest(store: Store, tmp_path: Path) -> None:
     store.put_immutable("blob", _file(tmp_path, "src", b"x"))
     (tmp_path / "out").write_bytes(b"mine")

@@ -11,11 +11,15 @@ primitives. Correctness comes from the primitives' atomicity, not from locks:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import StoreError
 
@@ -77,6 +81,11 @@ class Store(ABC):
     # -- conveniences built on the primitives ----------------------------------------------------------------------
     def read(self, name: str) -> bytes:
         return self.read_versioned(name)[0]
+
+    def open_read(self, name: str) -> AbstractContextManager[BinaryIO]:
+        """Object ``name`` as a stream to ``read(n)`` from, for a restore that unpacks while it downloads. Raises
+        ObjectNotFound on opening, StoreError if the transfer fails midway. The default reads it into memory."""
+        return contextlib.nullcontext(io.BytesIO(self.read(name)))
 
     def exists(self, name: str) -> bool:
         return any(o.name == name for o in self.list(name))

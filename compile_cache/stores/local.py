@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from filelock import FileLock
 
@@ -45,6 +46,15 @@ class LocalStore(Store):
         except OSError as e:
             raise StoreError(f"{self.url}/{name}: {e.strerror or e}") from e
         return data, hashlib.sha256(data).hexdigest()
+
+    def open_read(self, name: str) -> BinaryIO:  # a file is its own context manager
+        path = self._path(name)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.url}/{name}: not found") from e
+        except OSError as e:
+            raise StoreError(f"{self.url}/{name}: {e.strerror or e}") from e
 
     def download(self, name: str, dest: Path, *, progress: Progress | None = None) -> int:
         path = self._path(name)
