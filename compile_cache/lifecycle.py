@@ -137,6 +137,7 @@ class CompiledPredictor(BasePredictor):
                 known=known,
                 manifest=r.manifest,
                 token=r.token,
+                drop=set(r.bad_segments),
             )
         else:
             m.store, self.uploader = "(disabled)", None

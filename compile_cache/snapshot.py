@@ -82,8 +82,9 @@ class _HashingReader:
         return b
 
 
-def pack(files: Mapping[str, Path], dest: Path) -> list[FileEntry]:
-    """Write ``files`` (store path → local path) as a zstd tar to ``dest``; return their entries.
+def pack(files: Mapping[str, Path], dest: Path, *, mtime: int | None = None) -> list[FileEntry]:
+    """Write ``files`` (store path → local path) as a zstd tar to ``dest``; return their entries. ``mtime``
+    replaces the files' own in the headers (so the same files pack to other bytes).
 
     A file that vanished since the scan is left out (Inductor may clean up a temp file).
     """
@@ -99,7 +100,8 @@ def pack(files: Mapping[str, Path], dest: Path) -> list[FileEntry]:
             with f:
                 st = os.fstat(f.fileno())
                 info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = st.st_size, 0o644, int(st.st_mtime)
+                info.size, info.mode = st.st_size, 0o644
+                info.mtime = int(st.st_mtime) if mtime is None else mtime
                 reader = _HashingReader(f)
                 tar.addfile(info, reader)  # type: ignore[arg-type]
                 entries.append(FileEntry(path=name, size=reader.n, sha256=reader.h.hexdigest()))

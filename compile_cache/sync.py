@@ -64,6 +64,10 @@ class RestoreResult:
     seconds: float = 0.0
     manifest: Manifest | None = None
     token: str | None = None
+    # Segments whose object is missing or failed verification (size, sha256, archive checks): the next upload of
+    # this process leaves them out of the manifest (Uploader.drop), so a damaged object does not keep every
+    # replica cold until someone prunes it.
+    bad_segments: frozenset[str] = frozenset()
 
     @property
     def throughput_mb_s(self) -> float:
@@ -114,11 +118,13 @@ def restore(
     cancel = threading.Event()
     commit_lock = threading.Lock()
     box: dict[str, RestoreResult] = {}
+    bad: set[str] = set()
 
     def work() -> None:
         try:
             box["r"] = _restore(
-                store, key, roots, factors, signing_key, require_signed, max_bytes, max_files, cancel, commit_lock
+                store, key, roots, factors, signing_key, require_signed, max_bytes, max_files, cancel, commit_lock,
+                bad,
             )
         except _Cancelled:
             pass
@@ -146,6 +152,8 @@ def restore(
         why = f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={timeout_s:g}s" if timed_out else "restore stopped"
         r = RestoreResult("error", why)
     r.seconds = time.monotonic() - t0
+    if r.status != "hit":
+        r.bad_segments = frozenset(bad)
     return r
 
 
@@ -160,6 +168,7 @@ def _restore(
     max_files: int,
     cancel: threading.Event,
     commit_lock: threading.Lock,
+    bad: set[str],
 ) -> RestoreResult:
     manifest, token = read_manifest(store, key)
     if manifest is None:
@@ -182,7 +191,7 @@ def _restore(
     with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") if large else contextlib.nullcontext("") as tmp:
         try:
             for _index, _staged, nbytes in _fetch_and_stage(
-                store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds
+                store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds, bad
             ):
                 downloaded += nbytes
             with commit_lock:
@@ -207,6 +216,7 @@ def _fetch_and_stage(
     max_bytes: int,
     max_files: int,
     out: list[tuple[int, Staged]],
+    bad: set[str],
 ) -> Iterator[tuple[int, Staged, int]]:
     """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
     member names, types and sizes checked against the manifest) every segment, in one pass per segment and
@@ -217,6 +227,13 @@ def _fetch_and_stage(
     def one(index: int, seg: Segment) -> tuple[int, Staged, int]:
         if cancel.is_set():
             raise _Cancelled
+        try:
+            return fetch(index, seg)
+        except (IntegrityError, ObjectNotFound):  # the object itself is wrong or gone (not the network, not us)
+            bad.add(seg.sha256)
+            raise
+
+    def fetch(index: int, seg: Segment) -> tuple[int, Staged, int]:
         check = {"max_bytes": max_bytes, "max_files": max_files, "sha256": seg.sha256, "size": seg.size}
         if seg.size <= _STREAMED_SEGMENT:
             # The usual case: one GET streamed through sha256 and the decompressor straight into staging files;
@@ -281,6 +298,8 @@ class Uploader:
     deadline: float | None = None  # time.monotonic() value; set by the exit flush to bound every upload
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_progress: Callable[[UploadResult], None] | None = None
+    drop: set[str] = field(default_factory=set)  # damaged segments to leave out (RestoreResult.bad_segments)
+    _dropping: bool = False  # the manifest in hand left some out and is not written yet
 
     def pending(self) -> dict[str, Path]:
         return {n: p for n, p in scan(self.roots).items() if n not in self.known}
@@ -321,6 +340,8 @@ class Uploader:
         self.known = set(self.manifest.files()) if self.manifest is not None else set()
         new = self.pending()
         if not new:
+            if self._dropping:  # every file is in another segment: only the damaged ones go
+                self._write_dropped()
             return
         for batch in _batches(new):
             if self._out_of_time(deadline):
@@ -419,15 +440,46 @@ class Uploader:
         if m.key != self.key or m.fingerprint != _fp(self.factors):
             log.warning("replacing the manifest of %s: it was written for another key or environment", self.key)
             return None, token
+        damaged = [s for s in m.segments if s.sha256 in self.drop]
+        self._dropping = bool(damaged)
+        if damaged:
+            log.warning(
+                "leaving %d damaged segment(s) out of the manifest of %s (%s); this upload replaces their files",
+                len(damaged), self.key, ", ".join(s.sha256[:12] for s in damaged),
+            )
+            kept = [s for s in m.segments if s.sha256 not in self.drop]
+            m = m.model_copy(update={"segments": kept, "updated_at": time.time()}, deep=True)
         return m, token
+
+    def _write_dropped(self) -> None:
+        """Compare-and-swap the manifest in hand (damaged segments left out) when no new segment carries it."""
+        for _ in range(_CAS_ATTEMPTS):
+            if self.manifest is None or not self._dropping:
+                return
+            try:
+                self.token = self.store.put_conditional(
+                    manifest_name(self.key), self.manifest.to_bytes(self.signing_key), self.token
+                )
+                self._dropping = False
+                return
+            except PreconditionFailed:
+                self.manifest, self.token = self._read_or_reset()
+        raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
 
     def _put_segment(self, batch: Mapping[str, Path]) -> tuple[Segment, int]:
         with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
-            archive = Path(tmp) / "segment.tar.zst"
-            entries = pack(batch, archive)
             from .snapshot import sha256_file
 
-            sha, size = sha256_file(archive), archive.stat().st_size
+            archive = Path(tmp) / "segment.tar.zst"
+            entries = pack(batch, archive)
+            sha = sha256_file(archive)
+            if sha in self.drop:
+                # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
+                # damaged copy under that name. Other header times give other bytes, hence another name.
+                archive.unlink()
+                entries = pack(batch, archive, mtime=int(time.time()))
+                sha = sha256_file(archive)
+            size = archive.stat().st_size
             seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
             written = self.store.put_immutable(seg.object, archive)
         return seg, size if written else 0
@@ -445,12 +497,14 @@ class Uploader:
                 raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
             merged = base.with_segment(seg)
             if merged.segments == base.segments and self.manifest is not None:
-                return  # someone published all these files already
+                self._write_dropped()  # someone published all these files already; damaged segments still go
+                return
             try:
                 self.token = self.store.put_conditional(
                     manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
                 )
                 self.manifest = merged
+                self._dropping = False
                 return
             except PreconditionFailed:
                 self.manifest, self.token = self._read_or_reset()

@@ -196,6 +196,7 @@ def restore_then_upload(
     up = Uploader(
         store, key, roots, e.good.manifest.model_version, factors, signing_key=signing_key,
         known=set(r.manifest.files()) if r.manifest else set(), manifest=r.manifest, token=r.token,
+        drop=set(r.bad_segments),
     )
     u = up.upload()
     assert u is not None
@@ -286,8 +287,18 @@ def test_truncated_object(entry: Entry, tmp_path: Path) -> None:
     out = restore_then_upload(entry, {"inductor": tmp_path / "ind"}, signing_key=KEY)
     assert out.status == "rejected" and "truncated" in out.reason
     assert_not_worse(entry, before, signing_key=KEY, require_signed=True)
-    rep = verify_entry(entry.store, entry.key, signing_key=KEY)
-    assert not rep.ok and any("truncated" in p for p in rep.problems)
+    assert_healed(entry, tmp_path)
+
+
+def assert_healed(e: Entry, tmp_path: Path) -> None:
+    """The cold boot's upload left the damaged segment out and published its files anew (under another name even
+    where they pack to the damaged object's original bytes: the cold dir is a copy with the same mtimes): the
+    entry verifies and the next container's restore is a hit. The damaged object stays for `prune`."""
+    assert e.object not in {s.object for s in Manifest.from_bytes(e.store.read(e.mname)).segments}
+    assert verify_entry(e.store, e.key, signing_key=KEY, require_signed=True).ok
+    r = restore(e.store, e.key, {"inductor": tmp_path / "next"}, factors=e.good.factors, signing_key=KEY)
+    assert r.status == "hit", r.reason
+    assert r.files == len(e.good.manifest.files())
 
 
 def test_one_flipped_byte(entry: Entry, tmp_path: Path) -> None:
@@ -296,7 +307,7 @@ def test_one_flipped_byte(entry: Entry, tmp_path: Path) -> None:
     out = restore_then_upload(entry, {"inductor": tmp_path / "ind"}, signing_key=KEY)
     assert out.status == "rejected" and "sha256" in out.reason
     assert_not_worse(entry, before, signing_key=KEY, require_signed=True)
-    assert any("sha256" in p for p in verify_entry(entry.store, entry.key).problems)
+    assert_healed(entry, tmp_path)
 
 
 def test_manifest_edited_after_signing(entry: Entry, tmp_path: Path) -> None:
@@ -389,15 +400,24 @@ def fe(name: str, data: bytes) -> FileEntry:
 def test_archive_with_a_dotdot_path(entry: Entry, tmp_path: Path) -> None:
     evil = b"import os; os.system('echo owned')\n"
     for name in ("inductor/../../evil.py", "inductor/fxgraph/../../../evil.py", "/tmp/evil.py"):
-        publish_crafted(entry, tmp_path, craft([regular(name, evil)]), [fe(name, evil)])
+        archive = craft([regular(name, evil)])
+        publish_crafted(entry, tmp_path, archive, [fe(name, evil)])
+        assert any("escape" in p for p in verify_entry(entry.store, entry.key).problems)
         before = entry.state()
         roots = {"inductor": tmp_path / "x" / "y" / "ind"}
         out = restore_then_upload(entry, roots)
         assert out.status == "rejected" and "escape" in out.reason, out.reason
         assert not list(tmp_path.rglob("evil.py")) and not Path("/tmp/evil.py").exists()
         assert_not_worse(entry, before)
-        assert any("escape" in p for p in verify_entry(entry.store, entry.key).problems)
+        assert_crafted_dropped(entry, archive)
         shutil.rmtree(tmp_path / "x")
+
+
+def assert_crafted_dropped(e: Entry, archive: bytes) -> None:
+    """The cold boot's upload left the refused segment out of the manifest and published its own files."""
+    listed = {s.sha256 for s in Manifest.from_bytes(e.store.read(e.mname)).segments}
+    assert hashlib.sha256(archive).hexdigest() not in listed and listed
+    assert verify_entry(e.store, e.key).ok
 
 
 def test_archive_with_a_symlink(entry: Entry, tmp_path: Path) -> None:
@@ -407,13 +427,15 @@ def test_archive_with_a_symlink(entry: Entry, tmp_path: Path) -> None:
         payload = b"written through the link"
         members = [(link, None), regular("inductor/fxgraph/ab/entry2", payload)]
         files = [FileEntry(path=link.name, size=0, sha256="0" * 64), fe("inductor/fxgraph/ab/entry2", payload)]
-        publish_crafted(entry, tmp_path, craft(members), files)
+        archive = craft(members)
+        publish_crafted(entry, tmp_path, archive, files)
+        assert any("not a regular file" in p for p in verify_entry(entry.store, entry.key).problems)
         before = entry.state()
         roots = {"inductor": tmp_path / f"ind-{kind.decode()}"}
         out = restore_then_upload(entry, roots)
         assert out.status == "rejected" and "not a regular file" in out.reason
         assert_not_worse(entry, before)
-        assert any("not a regular file" in p for p in verify_entry(entry.store, entry.key).problems)
+        assert_crafted_dropped(entry, archive)
 
 
 def test_archive_bomb_over_the_caps(entry: Entry, tmp_path: Path) -> None:
@@ -603,6 +625,23 @@ def test_done_when_every_object_has_a_flipped_byte(good: Good, tmp_path: Path, e
     assert_bad_entry_not_loaded(b, expected, "error", "rejected")
     assert b.metrics["compiles"] > 0 and not b.metrics["eager_fallback"]  # a cold compile, not eager
     assert_not_worse(e, before, signing_key=KEY, require_signed=True)
+
+
+def test_a_damaged_object_heals_at_the_next_boots_upload(good: Good, tmp_path: Path, expected: dict) -> None:
+    """Through the lifecycle: one segment's object damaged in the store; the boot that finds it compiles cold and
+    its upload leaves that segment out (republishing its files); the container after it gets a hit. Without
+    this, every replica would boot cold until someone pruned the entry."""
+    e = local_entry(good, tmp_path)
+    e.raw_put(e.object, flip_byte(e.store.read(e.object)))
+    env = boot_env(tmp_path, e.store.url, COMPILE_CACHE_SIGNING_KEY=SIGNING_KEY)
+    b = run_boot(tmp_path, env, e.secrets)
+    assert_bad_entry_not_loaded(b, expected, "rejected")
+    assert b.metrics["bytes_uploaded"] > 0
+    assert verify_entry(e.store, e.key, signing_key=KEY, require_signed=True).ok
+    b = run_boot(tmp_path, {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "next-container")}, e.secrets)
+    assert b.metrics["cache"] == "hit", b.metrics["cache_reason"]
+    assert b.metrics["fxgraph_misses"] == 0 and b.metrics["fxgraph_hits"] > 0
+    assert_correct(b, expected)
 
 
 def test_boot_with_a_wrong_s3_secret_403(
