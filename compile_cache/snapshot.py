@@ -2,8 +2,10 @@
 
 A segment is a zstd-compressed tar of regular files named ``<root>/<relative path>`` (root: ``inductor``, and on GPU
 ``triton`` when Triton's cache lives elsewhere). Unpacking trusts nothing: every member must be a regular file with a
-safe relative name that the manifest lists with the same size and sha256; caps bound bytes and file count; files
-land in a staging directory first and are moved into place only when the whole segment verified.
+safe relative name that the manifest lists with the same size, and its content must match: through the object's
+sha256, computed while the segment streams in (a restore), or through each member's own (``verify``, and any archive
+unpacked without the object's hash); caps bound bytes and file count; files land in a staging directory first and
+are moved into place only when the whole segment verified.
 """
 
 from __future__ import annotations
