@@ -84,9 +84,9 @@ class _HashingReader:
         return b
 
 
-def pack(files: Mapping[str, Path], dest: Path, *, mtime: int | None = None) -> list[FileEntry]:
-    """Write ``files`` (store path → local path) as a zstd tar to ``dest``; return their entries. ``mtime``
-    replaces the files' own in the headers (so the same files pack to other bytes).
+def pack(files: Mapping[str, Path], dest: Path, *, mtime_bump: int = 0) -> list[FileEntry]:
+    """Write ``files`` (store path → local path) as a zstd tar to ``dest``; return their entries. ``mtime_bump``
+    seconds are added to every member's mtime, so the same files pack to other bytes.
 
     A file that vanished since the scan is left out (Inductor may clean up a temp file).
     """
@@ -103,7 +103,7 @@ def pack(files: Mapping[str, Path], dest: Path, *, mtime: int | None = None) -> 
                 st = os.fstat(f.fileno())
                 info = tarfile.TarInfo(name)
                 info.size, info.mode = st.st_size, 0o644
-                info.mtime = int(st.st_mtime) if mtime is None else mtime
+                info.mtime = int(st.st_mtime) + mtime_bump
                 reader = _HashingReader(f)
                 tar.addfile(info, reader)  # type: ignore[arg-type]
                 entries.append(FileEntry(path=name, size=reader.n, sha256=reader.h.hexdigest()))

@@ -12,6 +12,7 @@ Store-agnostic and torch-free. The protocol (see the module docs of stores.base 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -300,6 +301,7 @@ class Uploader:
     on_progress: Callable[[UploadResult], None] | None = None
     drop: set[str] = field(default_factory=set)  # damaged segments to leave out (RestoreResult.bad_segments)
     _dropping: bool = False  # the manifest in hand left some out and is not written yet
+    _scrubbed: bool = False  # the other segments' objects were checked once (see _scrub)
 
     def pending(self) -> dict[str, Path]:
         return {n: p for n, p in scan(self.roots).items() if n not in self.known}
@@ -440,6 +442,8 @@ class Uploader:
         if m.key != self.key or m.fingerprint != _fp(self.factors):
             log.warning("replacing the manifest of %s: it was written for another key or environment", self.key)
             return None, token
+        if self.drop and not self._scrubbed and self.deadline is None:
+            self._scrub(m)
         damaged = [s for s in m.segments if s.sha256 in self.drop]
         self._dropping = bool(damaged)
         if damaged:
@@ -450,6 +454,25 @@ class Uploader:
             kept = [s for s in m.segments if s.sha256 not in self.drop]
             m = m.model_copy(update={"segments": kept, "updated_at": time.time()}, deep=True)
         return m, token
+
+    def _scrub(self, m: Manifest) -> None:
+        """A restore stops at its first damaged segments; before leaving those out, check the other objects' sizes
+        and sha256 too (streamed, nothing written), so one upload heals the whole entry. Only after damage was
+        found, in the background upload (never under the exit flush's deadline), once per process."""
+        self._scrubbed = True
+        for seg in m.segments:
+            if seg.sha256 in self.drop:
+                continue
+            h, n = hashlib.sha256(), 0
+            try:
+                with self.store.open_read(seg.object) as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        n += len(chunk)
+            except ObjectNotFound:
+                n = -1
+            if n != seg.size or h.hexdigest() != seg.sha256:
+                self.drop.add(seg.sha256)
 
     def _write_dropped(self) -> None:
         """Compare-and-swap the manifest in hand (damaged segments left out) when no new segment carries it."""
@@ -473,11 +496,13 @@ class Uploader:
             archive = Path(tmp) / "segment.tar.zst"
             entries = pack(batch, archive)
             sha = sha256_file(archive)
-            if sha in self.drop:
+            for bump in range(1, 4):
+                if sha not in self.drop:
+                    break
                 # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
                 # damaged copy under that name. Other header times give other bytes, hence another name.
                 archive.unlink()
-                entries = pack(batch, archive, mtime=int(time.time()))
+                entries = pack(batch, archive, mtime_bump=bump)
                 sha = sha256_file(archive)
             size = archive.stat().st_size
             seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())

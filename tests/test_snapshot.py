@@ -107,6 +107,34 @@ def test_streamed_unpack_rejects_a_changed_object(tmp_path: Path, damage: str) -
             unpack_into_staging(io.BytesIO(bad), entries, {"inductor": dest}, max_bytes=10**6, max_files=9)
 
 
+def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore stops at its first damaged object (segments not started yet are never read); the upload checks
+    the other objects before it drops what is damaged, so the next restore is a hit, not another cold boot."""
+    from compile_cache import sync
+
+    monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 5000)
+    store = LocalStore(tmp_path / "store")
+    files = {f"k{i}/kernel.so": os.urandom(4000) for i in range(4)}
+    cold = make_cache(tmp_path / "cold", files)
+    Uploader(store, "k", {"inductor": cold}, "v", FACTORS).upload()
+    m = Manifest.from_bytes(store.read(manifest_name("k")))
+    assert len(m.segments) == 4
+    for seg in (m.segments[1], m.segments[3]):  # damage the second and the fourth
+        path = store.root / seg.object
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    r = restore(store, "k", {"inductor": tmp_path / "a"}, factors=FACTORS)
+    assert r.status == "rejected" and m.segments[1].sha256 in r.bad_segments
+    # As a restore that stopped before reading the fourth reports it (which one runs first is up to the threads):
+    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS, drop={m.segments[1].sha256})
+    assert not up.upload().error
+    assert up.drop == {m.segments[1].sha256, m.segments[3].sha256}
+    r = restore(store, "k", {"inductor": tmp_path / "b"}, factors=FACTORS)
+    assert r.status == "hit" and r.files == 4, r.reason
+    assert {str(p.relative_to(tmp_path / "b")): p.read_bytes() for p in (tmp_path / "b").rglob("*.so")} == files
+
+
 class _Trickle(io.RawIOBase):
     """A stream that returns at most 4093 bytes per read, as a network body may."""
 
