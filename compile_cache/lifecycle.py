@@ -180,6 +180,12 @@ class CompiledPredictor(BasePredictor):
             m.upload_state = "running"
         log.info("\n%s", m.timeline())
         m.write(settings.metrics_file)  # before the upload thread starts: from then on, only _write_metrics writes
+        # The runtime reads the worker's output on its own thread and closes setup.logs when setup() returns; the
+        # timeline, written last, was missing from them once in three full test runs here, with the upload
+        # thread below competing for the CPU. Flush, and give the reader a moment before that thread starts.
+        for h in log.handlers:
+            h.flush()
+        time.sleep(0.1)
         if self.uploader is not None:
             self._start_background_upload(settings.upload_interval_s)
             self._register_exit_flush()
