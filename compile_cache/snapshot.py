@@ -28,7 +28,9 @@ import zstandard
 from .errors import CacheError, IntegrityError, UnsafeArchive
 from .manifest import FileEntry
 
-__all__ = ["scan", "pack", "unpack_into_staging", "check_archive", "Staged", "STAGING_PREFIX", "sha256_file"]
+__all__ = [
+    "scan", "pack", "unpack_into_staging", "check_archive", "check_object", "Staged", "STAGING_PREFIX", "sha256_file",
+]
 
 STAGING_PREFIX = ".compile_cache-staging-"
 # Not worth shipping: locks, temp files, bytecode, our own log dir, and precompiled headers (150 MB that only speed
@@ -233,6 +235,11 @@ def unpack_into_staging(
         staged.discard()
         raise
     return staged
+
+
+def check_object(f: BinaryIO, sha256: str, size: int) -> None:
+    """Read the stream ``f`` to its end; IntegrityError unless it is ``size`` bytes with this sha256."""
+    _Source(f, sha256, size).finish()
 
 
 class _Source:

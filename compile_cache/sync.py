@@ -12,7 +12,6 @@ Store-agnostic and torch-free. The protocol (see the module docs of stores.base 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from .errors import CacheError, EntryRejected, IntegrityError, ObjectNotFound, PreconditionFailed, StoreError
 from .manifest import Manifest, Segment, manifest_name
-from .snapshot import Staged, pack, scan, unpack_into_staging
+from .snapshot import Staged, check_object, pack, scan, unpack_into_staging
 from .stores.base import Store
 
 __all__ = ["RestoreResult", "UploadResult", "restore", "Uploader", "read_manifest"]
@@ -463,15 +462,10 @@ class Uploader:
         for seg in m.segments:
             if seg.sha256 in self.drop:
                 continue
-            h, n = hashlib.sha256(), 0
             try:
                 with self.store.open_read(seg.object) as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                        n += len(chunk)
-            except ObjectNotFound:
-                n = -1
-            if n != seg.size or h.hexdigest() != seg.sha256:
+                    check_object(f, seg.sha256, seg.size)
+            except (IntegrityError, ObjectNotFound):
                 self.drop.add(seg.sha256)
 
     def _write_dropped(self) -> None:
