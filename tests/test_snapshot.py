@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from compile_cache.errors import IntegrityError
-from compile_cache.manifest import Manifest, manifest_name
-from compile_cache.snapshot import pack, scan, unpack_into_staging
+from compile_cache.errors import IntegrityError, UnsafeArchive
+from compile_cache.manifest import FileEntry, Manifest, manifest_name
+from compile_cache.snapshot import _header, pack, scan, unpack_into_staging
 from compile_cache.stores import LocalStore
 from compile_cache.sync import Uploader, restore
 
@@ -133,6 +134,72 @@ def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pyt
     r = restore(store, "k", {"inductor": tmp_path / "b"}, factors=FACTORS)
     assert r.status == "hit" and r.files == 4, r.reason
     assert {str(p.relative_to(tmp_path / "b")): p.read_bytes() for p in (tmp_path / "b").rglob("*.so")} == files
+
+
+def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.mtime = size, kind, 1_700_000_000
+    return info
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_header_parser_agrees_with_tarfile(fmt: int) -> None:
+    """The restore's own header parser reads what tarfile writes as tarfile reads it: names (short, unicode, a
+    ustar prefix+name split), types and sizes up to the largest the octal field holds; the last block of each
+    header sequence is the member's own header (PAX and GNU put long names in blocks before it)."""
+    infos = [
+        _info("inductor/ab/c.so", 123_456),
+        _info("inductor/fxgraph/é/ß", 0),
+        _info("inductor/" + "d" * 90 + "/" + "e" * 40, 1),  # 140 characters: ustar splits it into prefix + name
+        _info("inductor/big", 8**11 - 1),
+        _info("inductor/a", 5, tarfile.AREGTYPE),
+        _info("inductor/dir", 0, tarfile.DIRTYPE),
+        _info("inductor/link", 0, tarfile.SYMTYPE),
+    ]
+    for info in infos:
+        buf = info.tobuf(fmt, "utf-8", "surrogateescape")
+        block = buf[-512:]
+        theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        name, kind, size = _header(block)
+        assert (kind, size) == (theirs.type, theirs.size)
+        # tarfile drops a directory's trailing slash; a restore refuses directories, whatever their name.
+        assert name == theirs.name or (kind == tarfile.DIRTYPE and name == theirs.name + "/")
+        if fmt == tarfile.USTAR_FORMAT:  # the whole name lives in this block
+            assert theirs.name == info.name.rstrip("/")
+
+
+def test_header_parser_refuses_malformed_headers() -> None:
+    block = _info("inductor/ab/c.so", 10).tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    _header(block)
+    flipped = block[:3] + bytes([block[3] ^ 1]) + block[4:]
+    with pytest.raises(ValueError, match="checksum"):
+        _header(flipped)
+
+    def with_size(field: bytes) -> bytes:  # a header with this size field and a correct checksum
+        b = bytearray(block[:124] + field + block[136:148] + b" " * 8 + block[156:])
+        b[148:156] = b"%06o\0 " % sum(b)
+        return bytes(b)
+
+    assert _header(with_size(b"00000000012\0"))[2] == 10
+    for bad in (b"0000000001 9", b"0000000001x\0", b"\x80" + bytes(10) + b"\x0a"):  # 9, junk, GNU base-256
+        with pytest.raises(ValueError, match="bad number"):
+            _header(with_size(bad))
+
+
+@pytest.mark.parametrize("name", ["inductor//a", "inductor/./a", "inductor/a/", "inductor", "/inductor/a", "x/a"])
+def test_unpack_refuses_names_that_are_not_canonical(tmp_path: Path, name: str) -> None:
+    """Member names must be exactly what scan writes: every one is refused before anything is written, even when
+    a (crafted) manifest lists it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    (tmp_path / "seg").write_bytes(__import__("zstandard").ZstdCompressor().compress(buf.getvalue()))
+    entry = FileEntry(path=name, size=1, sha256=hashlib.sha256(b"1").hexdigest())
+    with pytest.raises(UnsafeArchive, match="escape"):
+        unpack_into_staging(tmp_path / "seg", [entry], {"inductor": tmp_path / "d"}, max_bytes=99, max_files=9)
+    assert list((tmp_path / "d").iterdir()) == []
 
 
 class _Trickle(io.RawIOBase):
