@@ -145,5 +145,7 @@ def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
     assert res["entry_bytes"] > 4 * 10**6 * 0.5 and res["files"] > 10 and res["segments"] >= 1
     assert res["raw_get_mb_s"] > 0 and res["restore_mb_s"] > 0
     assert abs(res["ratio"] - res["restore_mb_s"] / res["raw_get_mb_s"]) < 0.01
+    assert res["raw_get_to_file_mb_s"] > 0
+    assert abs(res["ratio_to_file"] - res["restore_mb_s"] / res["raw_get_to_file_mb_s"]) < 0.01
     assert res["dest_fs"] != "unknown at ?"
-    assert list(tmp_path.iterdir()) == []  # every restored copy removed again
+    assert list(tmp_path.iterdir()) == []  # every restored copy and downloaded file removed again
