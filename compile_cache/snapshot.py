@@ -112,7 +112,7 @@ def pack(files: Mapping[str, Path], dest: Path, *, mtime_bump: int = 0) -> list[
     return entries
 
 
-def _safe_member_name(name: str, roots: Collection[str] | Mapping[str, Path]) -> list[str]:
+def _safe_member_name(name: str, roots: Collection[str]) -> list[str]:
     """The parts of a member name, if it is a canonical relative path under one of the roots (what ``scan``
     writes: no empty, ``.`` or ``..`` part, no leading or trailing slash); UnsafeArchive otherwise."""
     parts = name.split("/")
@@ -393,10 +393,9 @@ def _tar_bound(files: Iterable[FileEntry]) -> int:
 
 class _TarReader:
     """A forward-only reader of the tar subset ``pack`` writes: ustar headers (checksum checked) with PAX extended
-    headers for long names. Anything else, links, devices and
-    directories included, is reported as not regular, for the caller to refuse. Reads a member's content in
-    chunks of up to 1 MiB straight off the decompressor (tarfile's stream mode copies through 10 KB reads), and
-    never more than ``bound`` decompressed bytes in all."""
+    headers for long names. Anything else, links, devices and directories included, is reported as not regular,
+    for the caller to refuse. Reads a member's content in chunks of up to 1 MiB straight off the decompressor
+    (tarfile's stream mode copies through 10 KB reads), and never more than ``bound`` decompressed bytes in all."""
 
     def __init__(self, zr: BinaryIO, bound: int) -> None:
         self.zr, self.left = zr, bound
