@@ -216,7 +216,9 @@ def unpack_into_staging(
     read, in the same pass, and must match before this returns: a download streams straight into staging, never
     through memory or a temp file, and nothing reaches the cache dir before the object is proven whole. Those
     bytes are then exactly what the writer packed (it hashed every member while packing), so the members' own
-    hashes are not computed again. Without them, every member's sha256 is checked instead."""
+    hashes are not computed again. Without them, every member's sha256 is checked instead. An archive refused
+    midway whose object does not match its sha256 raises that mismatch: the bytes are damaged, whatever they
+    garbled."""
     if staged is None:
         staged = Staged({}, [], roots)
     try:
@@ -230,16 +232,33 @@ def unpack_into_staging(
         total = sum(os.stat(p).st_size for _, p in staged.files)
         with open(archive, "rb") if isinstance(archive, Path) else contextlib.nullcontext(archive) as raw:
             source = _Source(raw, sha256, size)
-            written, _ = _unpack_checked(
-                source, expected, roots, max_bytes=max_bytes, max_files=max_files, seen=seen, total=total,
-                staging=staged.staging, hash_members=sha256 is None,
-            )
+            try:
+                written, _ = _unpack_checked(
+                    source, expected, roots, max_bytes=max_bytes, max_files=max_files, seen=seen, total=total,
+                    staging=staged.staging, hash_members=sha256 is None,
+                )
+            except IntegrityError as refused:
+                if sha256 is not None:
+                    _blame_the_object(source, refused)
+                raise
             source.finish()
         staged.files += [(n, p) for n, p in written if p is not None]
     except BaseException:
         staged.discard()
         raise
     return staged
+
+
+def _blame_the_object(source: _Source, refused: IntegrityError) -> None:
+    """An archive refused midway is either damaged bytes (a flipped bit can garble a tar header as well as a file)
+    or a writer's bad archive. Read the rest of the object: if its size or sha256 is wrong, that is the reason
+    (raised, chained to the archive's error); if it is intact, the caller re-raises the archive's own error."""
+    try:
+        source.finish()
+    except IntegrityError as damaged:
+        raise damaged from refused
+    except OSError:  # the store failed while draining: the archive's error is all that is known
+        pass
 
 
 def check_object(f: BinaryIO, sha256: str, size: int) -> None:

@@ -108,6 +108,33 @@ def test_streamed_unpack_rejects_a_changed_object(tmp_path: Path, damage: str) -
             unpack_into_staging(io.BytesIO(bad), entries, {"inductor": dest}, max_bytes=10**6, max_files=9)
 
 
+def test_a_damaged_header_is_blamed_on_the_object_not_the_writer(tmp_path: Path) -> None:
+    """A flipped bit inside a compressed block can garble a tar header rather than a file. The object's sha256
+    names the cause (damaged in storage or transit) whatever the bytes garbled; the same archive published with
+    its own hash (a writer's bad archive) is refused for what it is."""
+    data, entries, sha = _segment(tmp_path, {f"ab/k{i}.so": bytes(range(256)) * (i + 3) for i in range(6)})
+    dest = tmp_path / "dest"
+
+    def unpack(b: bytes, **check: object) -> None:
+        staged = unpack_into_staging(io.BytesIO(b), entries, {"inductor": dest}, max_bytes=10**6, max_files=9, **check)
+        staged.discard()  # a flip that changed nothing checked
+
+    for i in range(len(data)):  # the first flip that garbles a header (found without the object's hash)
+        bad = data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
+        try:
+            unpack(bad)
+        except IntegrityError as e:
+            if "checksum" in str(e):
+                break
+    else:
+        pytest.fail("no flipped bit garbles a tar header")
+    with pytest.raises(IntegrityError, match=r"^object [0-9a-f]{12} does not match its sha256"):
+        unpack(bad, sha256=sha, size=len(data))
+    with pytest.raises(IntegrityError, match=r"^archive is corrupt: .*checksum"):
+        unpack(bad, sha256=hashlib.sha256(bad).hexdigest(), size=len(bad))
+    assert [p for p in dest.rglob("*")] == []
+
+
 def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A restore stops at its first damaged object (segments not started yet are never read); the upload checks
     the other objects before it drops what is damaged, so the next restore is a hit, not another cold boot."""
