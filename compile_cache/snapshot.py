@@ -261,9 +261,25 @@ def _blame_the_object(source: _Source, refused: IntegrityError) -> None:
         pass
 
 
-def check_object(f: BinaryIO, sha256: str, size: int) -> None:
-    """Read the stream ``f`` to its end; IntegrityError unless it is ``size`` bytes with this sha256."""
-    _Source(f, sha256, size).finish()
+def check_object(
+    f: BinaryIO, sha256: str, size: int, files: Iterable[FileEntry] | None = None, labels: Collection[str] = ()
+) -> None:
+    """Read the stream ``f`` to its end; IntegrityError unless it is ``size`` bytes with this sha256 and, given
+    the segment's ``files``, an archive of exactly those that a restore into roots ``labels`` would unpack
+    (UnsafeArchive otherwise). One pass, nothing written, members not hashed again (the object's hash covers
+    them)."""
+    source = _Source(f, sha256, size)
+    if files is not None:
+        files = list(files)
+        try:
+            _unpack_checked(
+                source, files, labels, max_bytes=sum(x.size for x in files), max_files=len(files), seen=set(),
+                total=0, staging=None, hash_members=False,
+            )
+        except IntegrityError as refused:
+            _blame_the_object(source, refused)
+            raise
+    source.finish()
 
 
 class _Source:
@@ -327,7 +343,8 @@ def _unpack_checked(
     hash_members: bool = True,
 ) -> tuple[list[tuple[str, str | None]], int]:
     """The one place that decides whether an archive is safe (restore and ``verify`` share it). Writes each
-    member under ``staging[root label]`` (or only hashes it when ``staging`` is None); ``seen`` and ``total``
+    member under ``staging[root label]`` (or only reads it when ``staging`` is None), hashing it when
+    ``hash_members`` (without the object's own sha256, nothing else vouches for its content); ``seen`` and ``total``
     carry earlier segments' files and bytes for the caps. Returns ([(store path, written file)], new total);
     files written before an error are left for the caller to discard with their staging dir."""
     want = {f.path: f for f in expected}
@@ -367,7 +384,7 @@ def _unpack_checked(
                 if parent not in made:
                     os.makedirs(parent, exist_ok=True)
                     made.add(parent)
-            h = hashlib.sha256() if hash_members or dest is None else None
+            h = hashlib.sha256() if hash_members else None
             fd = os.open(dest, _CREATE, 0o666) if dest is not None else -1
             try:
                 for chunk in content():

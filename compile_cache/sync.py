@@ -455,16 +455,17 @@ class Uploader:
         return m, token
 
     def _scrub(self, m: Manifest) -> None:
-        """A restore stops at its first damaged segments; before leaving those out, check the other objects' sizes
-        and sha256 too (streamed, nothing written), so one upload heals the whole entry. Only after damage was
-        found, in the background upload (never under the exit flush's deadline), once per process."""
+        """A restore stops at its first damaged segments; before leaving those out, check the other objects too
+        (size, sha256 and the archive a restore would refuse; streamed, nothing written), so one upload heals the
+        whole entry. Only after damage was found, in the background upload (never under the exit flush's
+        deadline), once per process."""
         self._scrubbed = True
         for seg in m.segments:
             if seg.sha256 in self.drop:
                 continue
             try:
                 with self.store.open_read(seg.object) as f:
-                    check_object(f, seg.sha256, seg.size)
+                    check_object(f, seg.sha256, seg.size, seg.files, self.roots.keys())
             except (IntegrityError, ObjectNotFound):
                 self.drop.add(seg.sha256)
 

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from compile_cache.errors import IntegrityError, UnsafeArchive
 from compile_cache.manifest import FileEntry, Manifest, manifest_name
@@ -163,6 +164,41 @@ def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pyt
     assert {str(p.relative_to(tmp_path / "b")): p.read_bytes() for p in (tmp_path / "b").rglob("*.so")} == files
 
 
+def test_one_upload_drops_every_refused_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Archives whose objects match their hashes but that a restore refuses (a writer without the signing key
+    published links): the upload's check of the other objects reads the archives too, so both go in one upload."""
+    from compile_cache import sync
+    from compile_cache.manifest import Segment
+
+    monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 5000)
+    store = LocalStore(tmp_path / "store")
+    files = {f"k{i}/kernel.so": os.urandom(4000) for i in range(4)}
+    cold = make_cache(tmp_path / "cold", files)
+    Uploader(store, "k", {"inductor": cold}, "v", FACTORS).upload()
+    m = Manifest.from_bytes(store.read(manifest_name("k")))
+    segments = list(m.segments)
+    for i in (1, 3):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            link = tarfile.TarInfo(f"inductor/k{i}/link")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+        data = zstandard.ZstdCompressor().compress(buf.getvalue())
+        sha = hashlib.sha256(data).hexdigest()
+        seg = Segment(sha256=sha, size=len(data), files=[FileEntry(path=link.name, size=0, sha256="0" * 64)])
+        (store.root / seg.object).parent.mkdir(parents=True, exist_ok=True)
+        (store.root / seg.object).write_bytes(data)
+        segments[i] = seg
+    (store.root / manifest_name("k")).write_bytes(m.model_copy(update={"segments": segments}).to_bytes(None))
+    r = restore(store, "k", {"inductor": tmp_path / "a"}, factors=FACTORS)
+    assert r.status == "rejected" and "not a regular file" in r.reason and segments[1].sha256 in r.bad_segments
+    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS, drop={segments[1].sha256})
+    assert not up.upload().error
+    assert up.drop == {segments[1].sha256, segments[3].sha256}
+    r = restore(store, "k", {"inductor": tmp_path / "b"}, factors=FACTORS)
+    assert r.status == "hit" and r.files == 4, r.reason
+
+
 def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.type, info.mtime = size, kind, 1_700_000_000
@@ -222,7 +258,7 @@ def test_unpack_refuses_names_that_are_not_canonical(tmp_path: Path, name: str) 
         info = tarfile.TarInfo(name)
         info.size = 1
         tar.addfile(info, io.BytesIO(b"1"))
-    (tmp_path / "seg").write_bytes(__import__("zstandard").ZstdCompressor().compress(buf.getvalue()))
+    (tmp_path / "seg").write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
     entry = FileEntry(path=name, size=1, sha256=hashlib.sha256(b"1").hexdigest())
     with pytest.raises(UnsafeArchive, match="escape"):
         unpack_into_staging(tmp_path / "seg", [entry], {"inductor": tmp_path / "d"}, max_bytes=99, max_files=9)
