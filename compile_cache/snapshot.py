@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -231,17 +231,10 @@ def unpack_into_staging(
         seen = {n for n, _ in staged.files}
         total = sum(os.stat(p).st_size for _, p in staged.files)
         with open(archive, "rb") if isinstance(archive, Path) else contextlib.nullcontext(archive) as raw:
-            source = _Source(raw, sha256, size)
-            try:
-                written, _ = _unpack_checked(
-                    source, expected, roots, max_bytes=max_bytes, max_files=max_files, seen=seen, total=total,
-                    staging=staged.staging, hash_members=sha256 is None,
-                )
-            except IntegrityError as refused:
-                if sha256 is not None:
-                    _blame_the_object(source, refused)
-                raise
-            source.finish()
+            written, _ = _unpack_object(
+                _Source(raw, sha256, size), expected, roots, max_bytes=max_bytes, max_files=max_files, seen=seen,
+                total=total, staging=staged.staging, hash_members=sha256 is None,
+            )
         staged.files += [(n, p) for n, p in written if p is not None]
     except BaseException:
         staged.discard()
@@ -249,16 +242,25 @@ def unpack_into_staging(
     return staged
 
 
-def _blame_the_object(source: _Source, refused: IntegrityError) -> None:
-    """An archive refused midway is either damaged bytes (a flipped bit can garble a tar header as well as a file)
-    or a writer's bad archive. Read the rest of the object: if its size or sha256 is wrong, that is the reason
-    (raised, chained to the archive's error); if it is intact, the caller re-raises the archive's own error."""
+def _unpack_object(source: _Source, *args: Any, **kw: Any) -> tuple[list[tuple[str, str | None]], int]:
+    """:func:`_unpack_checked`, then the rest of the object, whose size and sha256 must match.
+
+    An archive refused midway is either damaged bytes (a flipped bit can garble a tar header as well as a file) or
+    a writer's bad archive. With the object's sha256 known, the rest is read first: a wrong size or sha256 is the
+    error raised (chained to the archive's); an intact object keeps the archive's own error."""
     try:
-        source.finish()
-    except IntegrityError as damaged:
-        raise damaged from refused
-    except OSError:  # the store failed while draining: the archive's error is all that is known
-        pass
+        result = _unpack_checked(source, *args, **kw)
+    except IntegrityError as refused:
+        if source.want is not None:
+            try:
+                source.finish()
+            except IntegrityError as damaged:
+                raise damaged from refused
+            except OSError:  # the store failed while draining: the archive's error is all that is known
+                pass
+        raise
+    source.finish()
+    return result
 
 
 def check_object(
@@ -269,17 +271,14 @@ def check_object(
     (UnsafeArchive otherwise). One pass, nothing written, members not hashed again (the object's hash covers
     them)."""
     source = _Source(f, sha256, size)
-    if files is not None:
-        files = list(files)
-        try:
-            _unpack_checked(
-                source, files, labels, max_bytes=sum(x.size for x in files), max_files=len(files), seen=set(),
-                total=0, staging=None, hash_members=False,
-            )
-        except IntegrityError as refused:
-            _blame_the_object(source, refused)
-            raise
-    source.finish()
+    if files is None:
+        source.finish()
+        return
+    files = list(files)
+    _unpack_object(
+        source, files, labels, max_bytes=sum(x.size for x in files), max_files=len(files), seen=set(), total=0,
+        staging=None, hash_members=False,
+    )
 
 
 class _Source:
