@@ -136,9 +136,8 @@ def test_a_damaged_header_is_blamed_on_the_object_not_the_writer(tmp_path: Path)
     assert [p for p in dest.rglob("*")] == []
 
 
-def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A restore stops at its first damaged object (segments not started yet are never read); the upload checks
-    the other objects before it drops what is damaged, so the next restore is a hit, not another cold boot."""
+def _four_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[LocalStore, dict, Path, Manifest]:
+    """An entry of four files in four segments: (store, files, the dir they came from, its manifest)."""
     from compile_cache import sync
 
     monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 5000)
@@ -148,6 +147,23 @@ def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pyt
     Uploader(store, "k", {"inductor": cold}, "v", FACTORS).upload()
     m = Manifest.from_bytes(store.read(manifest_name("k")))
     assert len(m.segments) == 4
+    return store, files, cold, m
+
+
+def _one_upload_heals(store: LocalStore, cold: Path, found: str, also: str, dest: Path) -> None:
+    """As a restore that stopped before reading ``also`` reports only ``found`` (which one runs first is up to the
+    threads), the upload finds the other too, drops both, and the next restore is a hit with every file."""
+    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS, drop={found})
+    assert not up.upload().error
+    assert up.drop == {found, also}
+    r = restore(store, "k", {"inductor": dest}, factors=FACTORS)
+    assert r.status == "hit" and r.files == 4, r.reason
+
+
+def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore stops at its first damaged object (segments not started yet are never read); the upload checks
+    the other objects before it drops what is damaged, so the next restore is a hit, not another cold boot."""
+    store, files, cold, m = _four_segments(tmp_path, monkeypatch)
     for seg in (m.segments[1], m.segments[3]):  # damage the second and the fourth
         path = store.root / seg.object
         data = bytearray(path.read_bytes())
@@ -155,27 +171,16 @@ def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pyt
         path.write_bytes(bytes(data))
     r = restore(store, "k", {"inductor": tmp_path / "a"}, factors=FACTORS)
     assert r.status == "rejected" and m.segments[1].sha256 in r.bad_segments
-    # As a restore that stopped before reading the fourth reports it (which one runs first is up to the threads):
-    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS, drop={m.segments[1].sha256})
-    assert not up.upload().error
-    assert up.drop == {m.segments[1].sha256, m.segments[3].sha256}
-    r = restore(store, "k", {"inductor": tmp_path / "b"}, factors=FACTORS)
-    assert r.status == "hit" and r.files == 4, r.reason
+    _one_upload_heals(store, cold, m.segments[1].sha256, m.segments[3].sha256, tmp_path / "b")
     assert {str(p.relative_to(tmp_path / "b")): p.read_bytes() for p in (tmp_path / "b").rglob("*.so")} == files
 
 
 def test_one_upload_drops_every_refused_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Archives whose objects match their hashes but that a restore refuses (a writer without the signing key
     published links): the upload's check of the other objects reads the archives too, so both go in one upload."""
-    from compile_cache import sync
     from compile_cache.manifest import Segment
 
-    monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 5000)
-    store = LocalStore(tmp_path / "store")
-    files = {f"k{i}/kernel.so": os.urandom(4000) for i in range(4)}
-    cold = make_cache(tmp_path / "cold", files)
-    Uploader(store, "k", {"inductor": cold}, "v", FACTORS).upload()
-    m = Manifest.from_bytes(store.read(manifest_name("k")))
+    store, _, cold, m = _four_segments(tmp_path, monkeypatch)
     segments = list(m.segments)
     for i in (1, 3):
         buf = io.BytesIO()
@@ -192,11 +197,7 @@ def test_one_upload_drops_every_refused_archive(tmp_path: Path, monkeypatch: pyt
     (store.root / manifest_name("k")).write_bytes(m.model_copy(update={"segments": segments}).to_bytes(None))
     r = restore(store, "k", {"inductor": tmp_path / "a"}, factors=FACTORS)
     assert r.status == "rejected" and "not a regular file" in r.reason and segments[1].sha256 in r.bad_segments
-    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS, drop={segments[1].sha256})
-    assert not up.upload().error
-    assert up.drop == {segments[1].sha256, segments[3].sha256}
-    r = restore(store, "k", {"inductor": tmp_path / "b"}, factors=FACTORS)
-    assert r.status == "hit" and r.files == 4, r.reason
+    _one_upload_heals(store, cold, segments[1].sha256, segments[3].sha256, tmp_path / "b")
 
 
 def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
