@@ -3,8 +3,8 @@
 Store-agnostic and torch-free. The protocol (see the module docs of stores.base and manifest):
 
 - restore: read the manifest, check it (key, fingerprint, signature), stream every segment through its sha256
-  check and the decompressor into staging (one pass, several segments at a time), then move into place. Any failure leaves the cache dir as it was and returns a status the
-  lifecycle turns into a cold boot.
+  check and the decompressor into staging (one pass, several segments at a time), then move into place. Any
+  failure leaves the cache dir as it was and returns a status the lifecycle turns into a cold boot.
 - upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
   (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
 """
@@ -220,8 +220,8 @@ def _fetch_and_stage(
 ) -> Iterator[tuple[int, Staged, int]]:
     """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
     member names, types and sizes checked against the manifest) every segment, in one pass per segment and
-    several segments at a time: downloads overlap with hashing, decompression and writes, which release the GIL. Each
-    result is appended to ``out`` as soon as it exists, so the caller can discard it whatever happens next."""
+    several segments at a time: downloads overlap with hashing, decompression and writes, which release the GIL.
+    Each result is appended to ``out`` as soon as it exists, so the caller can discard it whatever happens next."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     def one(index: int, seg: Segment) -> tuple[int, Staged, int]:
