@@ -224,7 +224,7 @@ class CompileConfig(BaseModel):
         }[info.field_name]
         if (v is None and none_ok) or v in accepted:
             return v
-        names = ", ".join((("None",) if none_ok and info.field_name == "sdpa_backend" else ()) + tuple(accepted))
+        names = ", ".join((("None",) if none_ok else ()) + tuple(accepted))
         raise ValueError(f"{info.field_name} {v!r} is not one of {names}")
 
     @field_validator("options")
