@@ -13,10 +13,20 @@ check and the decompressor straight into staging files, several at a time, then 
 dir. Prints the median throughputs and the ratios (the issue's target: restore >= 0.8x raw).
 
 The raw GETs only read bytes (into memory, or into a few files); a restore also hashes them, decompresses them and
-creates every file and directory of the entry. Every round's copies are kept until the run ends (ext4 scans past
-inodes freed in the last minutes, so deleting them between rounds would slow the next round's file creation); a
-run right after another one, or after a test suite, on the same ext4 directory still pays for their deletions.
---dest on a tmpfs measures the restore pipeline without the filesystem.
+creates every file and directory of the entry.
+
+Both sides write into memory in the same state. The raw GET reads into heap memory the process reused from the
+round before; a restore writes into new page cache. On a VM whose host takes back free guest memory (virtio-balloon
+free page reporting, as on the 2-core VM this was written on), the first write to a page the host took back costs a
+host fault: writing 45 MB into new files took 135-145 ms there instead of 11-16 ms (a one-off measurement). So
+after each timed step that wrote files, the files are written back (os.sync) and their page cache is dropped
+(POSIX_FADV_DONTNEED; on tmpfs, where the pages are the files, the files are removed): the next step's writes land
+in pages just freed, as the raw GET's reads do. --keep-pages skips that, to see the effect.
+
+The files themselves stay until the run ends: journal-less ext4 scans past inodes freed in the last minutes
+(recently_deleted() in fs/ext4/ialloc.c), so deleting them between rounds would slow the next round's file
+creation; a run right after another one, or after a test suite, on the same journal-less ext4 directory still pays
+for their deletions. --dest on a tmpfs measures the restore pipeline without the filesystem.
 """
 
 from __future__ import annotations
@@ -74,6 +84,26 @@ def _fs_type(path: Path) -> str:
     return f"{best[1]} at {best[0] or '?'}"
 
 
+def _release(written: Path, keep: bool, tmpfs: bool) -> None:
+    """Write back what a timed step wrote, then (unless ``keep``) give its page cache back to the kernel, as the
+    raw GET's buffers go back to the heap: the next step writes into pages just freed, not into pages the host took
+    back (see the docstring). The files stay (deleting them slows journal-less ext4's next file creations); on
+    tmpfs, where the pages are the files, they go."""
+    os.sync()
+    if keep:
+        return
+    if tmpfs:
+        shutil.rmtree(written)
+        return
+    for dirpath, _, names in os.walk(written):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an s3:// URL to use instead of a local SeaweedFS server")
@@ -81,6 +111,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--dest", type=Path, help="directory to restore into (default: the system temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.add_argument(
+        "--keep-pages",
+        action="store_true",
+        help="keep every round's files in the page cache (see the docstring: on a VM whose host takes back free "
+        "guest memory, each round then writes into pages the host must fault in again)",
+    )
     args = ap.parse_args()
 
     server = None
@@ -129,21 +165,24 @@ def main() -> int:
                     shutil.copyfileobj(body, f, 1 << 20)
             return time.perf_counter() - t
 
-        # Every round's copies stay until the end: journal-less ext4 avoids reusing an inode freed in the last few
-        # minutes (its allocator reads past each one, recently_deleted() in ialloc.c), so deleting a round's 558
-        # files and directories before the next round made that round pay for them: 2-10x the kernel time.
-        # A container restores into a cache dir where nothing was just deleted.
+        # Every round's files stay until the end (their page cache does not, see _release): journal-less ext4
+        # avoids reusing an inode freed in the last few minutes (its allocator reads past each one,
+        # recently_deleted() in ialloc.c), so deleting a round's 558 files and directories before the next round
+        # made that round pay for them: 2-10x the kernel time. A container restores into a cache dir where nothing
+        # was just deleted.
         out_dir = Path(tempfile.mkdtemp(prefix="bench-restore-dest-", dir=args.dest))
         cleanup.append(out_dir)
+        tmpfs = _fs_type(out_dir).startswith("tmpfs ")
         raw_s, ours_s, file_s = [], [], []
         for i in range(args.rounds):
             raw_s.append(raw())
             (out_dir / f"get-{i}").mkdir()
             file_s.append(raw_to_file(out_dir / f"get-{i}"))
+            _release(out_dir / f"get-{i}", args.keep_pages, tmpfs)
             res = restore(store, key, {"inductor": out_dir / f"restore-{i}"}, factors=FACTORS)
             assert res.status == "hit", res.reason
             ours_s.append(res.seconds)
-            os.sync()  # write this round's files back now, not while the next round is timed
+            _release(out_dir / f"restore-{i}", args.keep_pages, tmpfs)
         raw_mb_s = nbytes / 1e6 / statistics.median(raw_s)
         ours_mb_s = nbytes / 1e6 / statistics.median(ours_s)
         file_mb_s = nbytes / 1e6 / statistics.median(file_s)
@@ -158,6 +197,7 @@ def main() -> int:
             "ratio_to_file": round(ours_mb_s / file_mb_s, 2),
             "rounds": args.rounds,
             "dest_fs": _fs_type(args.dest or Path(tempfile.gettempdir())),
+            "pages_released": not args.keep_pages,
         }
         if args.json:
             print(json.dumps(out))
@@ -166,9 +206,10 @@ def main() -> int:
                 f"entry {nbytes / 1e6:.1f} MB in {out['segments']} segments, {out['files']} files\n"
                 f"raw boto3 GET   {raw_mb_s:7.1f} MB/s  (get_object().read(), median of {args.rounds})\n"
                 f"GET to file     {file_mb_s:7.1f} MB/s  (the same GETs streamed into one file per object)\n"
-                f"restore         {ours_mb_s:7.1f} MB/s  (manifest + streamed sha256/unpack to disk + move into place)\n"
+                f"restore         {ours_mb_s:7.1f} MB/s  (manifest, streamed sha256/unpack to disk, move into place)\n"
                 f"ratio           {out['ratio']:.2f}x  (restored into {out['dest_fs']}; "
-                f"{out['ratio_to_file']:.2f}x of the GET to file)"
+                f"{out['ratio_to_file']:.2f}x of the GET to file; page cache "
+                f"{'dropped' if out['pages_released'] else 'kept'} between steps)"
             )
         return 0
     finally:

@@ -148,4 +148,5 @@ def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
     assert res["raw_get_to_file_mb_s"] > 0
     assert abs(res["ratio_to_file"] - res["restore_mb_s"] / res["raw_get_to_file_mb_s"]) < 0.01
     assert res["dest_fs"] != "unknown at ?"
+    assert res["pages_released"] is True  # the default: each step's page cache dropped before the next one
     assert list(tmp_path.iterdir()) == []  # every restored copy and downloaded file removed again
