@@ -150,3 +150,48 @@ def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
     assert res["dest_fs"] != "unknown at ?"
     assert res["pages_released"] is True  # the default: each step's page cache dropped before the next one
     assert list(tmp_path.iterdir()) == []  # every restored copy and downloaded file removed again
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of ``path``'s pages are in the page cache: mincore(2) on a private mapping (which faults none in)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            first = ctypes.c_char.from_buffer(mm)
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(first)), ctypes.c_size_t(size), vec)
+            del first  # the mapping cannot close while a ctypes object points into it
+        finally:
+            mm.close()
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec)
+
+
+def test_restore_benchmark_drops_each_steps_page_cache(tmp_path: Path) -> None:
+    """The bench's _release: on a disk, files written back and kept with their pages dropped; on tmpfs (where the
+    pages are the files) removed; with --keep-pages untouched and still cached."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_restore
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import mmap
+
+    data = os.urandom(100_000)
+    pages = -(-len(data) // mmap.PAGESIZE)
+    files = {}
+    for case in ("disk", "tmpfs", "keep"):
+        (tmp_path / case / "ab").mkdir(parents=True)
+        files[case] = tmp_path / case / "ab" / "c.so"
+        files[case].write_bytes(data)
+        assert _resident_pages(files[case]) == pages  # just written: every page cached (the check can see them)
+        bench_restore._release(tmp_path / case, keep=case == "keep", tmpfs=case == "tmpfs")
+    assert _resident_pages(files["disk"]) == 0 and files["disk"].read_bytes() == data
+    assert not (tmp_path / "tmpfs").exists()
+    assert _resident_pages(files["keep"]) == pages and files["keep"].read_bytes() == data
