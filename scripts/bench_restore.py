@@ -170,8 +170,8 @@ def main() -> int:
         # Every round's files stay until the end (their page cache does not, see _release): journal-less ext4
         # avoids reusing an inode freed in the last few minutes (its allocator reads past each one,
         # recently_deleted() in ialloc.c), so deleting a round's 558 files and directories before the next round
-        # made that round pay for them: 2-10x the kernel time. A container restores into a cache dir where nothing
-        # was just deleted.
+        # made that round pay for them (creating such a tree took 2.5x as long right after deletions, in a one-off
+        # measurement). A container restores into a cache dir where nothing was just deleted.
         out_dir = Path(tempfile.mkdtemp(prefix="bench-restore-dest-", dir=args.dest))
         cleanup.append(out_dir)
         tmpfs = _fs_type(out_dir).startswith("tmpfs ")
