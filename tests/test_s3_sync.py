@@ -182,16 +182,29 @@ def test_restore_benchmark_drops_each_steps_page_cache(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     import mmap
+    import shutil
+    import tempfile
 
+    # The disk case needs a disk: pages of a file on tmpfs cannot be dropped (a CI may mount /tmp as tmpfs).
+    disk = tmp_path
+    if bench_restore._fs_type(tmp_path).startswith("tmpfs "):
+        (ROOT / ".cache").mkdir(exist_ok=True)
+        disk = Path(tempfile.mkdtemp(prefix="test-release-", dir=ROOT / ".cache"))
+    assert not bench_restore._fs_type(disk).startswith("tmpfs "), "no disk-backed directory to test on"
     data = os.urandom(100_000)
     pages = -(-len(data) // mmap.PAGESIZE)
     files = {}
-    for case in ("disk", "tmpfs", "keep"):
-        (tmp_path / case / "ab").mkdir(parents=True)
-        files[case] = tmp_path / case / "ab" / "c.so"
-        files[case].write_bytes(data)
-        assert _resident_pages(files[case]) == pages  # just written: every page cached (the check can see them)
-        bench_restore._release(tmp_path / case, keep=case == "keep", tmpfs=case == "tmpfs")
-    assert _resident_pages(files["disk"]) == 0 and files["disk"].read_bytes() == data
-    assert not (tmp_path / "tmpfs").exists()
-    assert _resident_pages(files["keep"]) == pages and files["keep"].read_bytes() == data
+    try:
+        for case in ("disk", "tmpfs", "keep"):
+            base = (disk if case == "disk" else tmp_path) / case
+            (base / "ab").mkdir(parents=True)
+            files[case] = base / "ab" / "c.so"
+            files[case].write_bytes(data)
+            assert _resident_pages(files[case]) == pages  # just written: every page cached (the check sees them)
+            bench_restore._release(base, keep=case == "keep", tmpfs=case == "tmpfs")
+        assert _resident_pages(files["disk"]) == 0 and files["disk"].read_bytes() == data
+        assert not (tmp_path / "tmpfs").exists()
+        assert _resident_pages(files["keep"]) == pages and files["keep"].read_bytes() == data
+    finally:
+        if disk != tmp_path:
+            shutil.rmtree(disk)
