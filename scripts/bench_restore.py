@@ -152,18 +152,19 @@ def main() -> int:
 
         client = boto3.client("s3")
         bucket, _, prefix = url[len("s3://") :].partition("/")
+        keys = [f"{prefix}/{seg.object}" if prefix else seg.object for seg in m.segments]
 
         def raw() -> float:
             t = time.perf_counter()
-            for seg in m.segments:
-                client.get_object(Bucket=bucket, Key=f"{prefix}/{seg.object}" if prefix else seg.object)["Body"].read()
+            for k in keys:
+                client.get_object(Bucket=bucket, Key=k)["Body"].read()
             return time.perf_counter() - t
 
         def raw_to_file(dest: Path) -> float:
             t = time.perf_counter()
-            for seg in m.segments:
-                body = client.get_object(Bucket=bucket, Key=f"{prefix}/{seg.object}" if prefix else seg.object)["Body"]
-                with open(dest / seg.object.replace("/", "_"), "wb") as f:
+            for k in keys:
+                body = client.get_object(Bucket=bucket, Key=k)["Body"]
+                with open(dest / k.replace("/", "_"), "wb") as f:
                     shutil.copyfileobj(body, f, 1 << 20)
             return time.perf_counter() - t
 
@@ -174,7 +175,8 @@ def main() -> int:
         # measurement). A container restores into a cache dir where nothing was just deleted.
         out_dir = Path(tempfile.mkdtemp(prefix="bench-restore-dest-", dir=args.dest))
         cleanup.append(out_dir)
-        tmpfs = _fs_type(out_dir).startswith("tmpfs ")
+        dest_fs = _fs_type(out_dir)
+        tmpfs = dest_fs.startswith("tmpfs ")
         raw_s, ours_s, file_s = [], [], []
         for i in range(args.rounds):
             raw_s.append(raw())
@@ -198,7 +200,7 @@ def main() -> int:
             "raw_get_to_file_mb_s": round(file_mb_s, 1),
             "ratio_to_file": round(ours_mb_s / file_mb_s, 2),
             "rounds": args.rounds,
-            "dest_fs": _fs_type(args.dest or Path(tempfile.gettempdir())),
+            "dest_fs": dest_fs,
             "pages_released": not args.keep_pages and (tmpfs or hasattr(os, "posix_fadvise")),
         }
         if args.json:
