@@ -86,17 +86,22 @@ class _HashingReader:
         return b
 
 
-def pack(files: Mapping[str, Path], dest: Path, *, mtime_bump: int = 0) -> list[FileEntry]:
-    """Write ``files`` (store path → local path) as a zstd tar to ``dest``; return their entries. ``mtime_bump``
-    seconds are added to every member's mtime, so the same files pack to other bytes.
+def pack(
+    files: Mapping[str, Path], dest: Path, *, mtime_bump: int = 0, max_packed: int | None = None
+) -> list[FileEntry]:
+    """Write ``files`` (store path → local path), in the mapping's order, as a zstd tar to ``dest``; return their
+    entries. ``mtime_bump`` seconds are added to every member's mtime, so the same files pack to other bytes. With
+    ``max_packed``, no file is added once ``dest`` holds that many compressed bytes: the entries, a prefix of
+    ``files``, say which went in.
 
     A file that vanished since the scan is left out (Inductor may clean up a temp file).
     """
     entries: list[FileEntry] = []
     cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     with open(dest, "wb") as raw, cctx.stream_writer(raw) as zw, tarfile.open(fileobj=zw, mode="w|") as tar:
-        for name in sorted(files):
-            src = files[name]
+        for name, src in files.items():
+            if max_packed is not None and entries and raw.tell() >= max_packed:
+                break  # (what the compressor still holds, up to a block, is not counted: about is enough)
             try:
                 f = open(src, "rb")
             except FileNotFoundError:

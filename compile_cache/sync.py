@@ -31,7 +31,13 @@ __all__ = ["RestoreResult", "UploadResult", "restore", "Uploader", "read_manifes
 
 log = logging.getLogger("compile_cache")
 
-SEGMENT_TARGET_BYTES = 8 * 2**20  # pack new files into segments of about this many (uncompressed) bytes
+# New files go into segments of about SEGMENT_TARGET_BYTES in the store (compressed) and at most
+# SEGMENT_MAX_UNPACKED_BYTES of files (or one larger file): an entry that compresses well still takes few requests,
+# and a large one still several segments to restore at a time. Cut at 8 MB of files instead, the 419 MB entry of
+# `scripts/bench_restore.py --compressible --mb 400` (.so files that compress like CPU kernels, about 24x) took 51
+# objects of 265 KB and restored in 340-410 ms; in 7 objects, 220-240 ms (one-off, interleaved runs on 2 cores).
+SEGMENT_TARGET_BYTES = 8 * 2**20
+SEGMENT_MAX_UNPACKED_BYTES = 64 * 2**20
 MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
 _CAS_ATTEMPTS = 20
 
@@ -345,28 +351,37 @@ class Uploader:
                 self._write_dropped()
             return
         for batch in _batches(new):
-            if self._out_of_time(deadline):
-                r.complete = False
-                log.warning("upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files)
-                return
-            seg, nbytes = self._put_segment(batch)
-            r.bytes_uploaded += nbytes
-            self.total.bytes_uploaded += nbytes
-            self._publish(seg)
-            r.files += len(seg.files)
-            r.segments += 1
-            # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
-            # upload still reports what that upload has published.
-            self.total.files += len(seg.files)
-            self.total.segments += 1
-            self.known |= {f.path for f in seg.files}
-            if self.on_progress:
-                self.on_progress(r)
+            while batch:
+                if self._out_of_time(deadline):
+                    r.complete = False
+                    log.warning(
+                        "upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files
+                    )
+                    return
+                seg, nbytes, batch = self._put_segment(batch)
+                if seg is None:
+                    break
+                self._published(r, seg, nbytes)
         if deadline is None and self.deadline is None and self.manifest and len(self.manifest.segments) > MAX_SEGMENTS:
             try:
                 self.compact()
             except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
                 log.warning("compaction of %s skipped: %s", self.key, e)
+
+    def _published(self, r: UploadResult, seg: Segment, nbytes: int) -> None:
+        """Publish ``seg`` (put already, ``nbytes`` sent) and count it."""
+        r.bytes_uploaded += nbytes
+        self.total.bytes_uploaded += nbytes
+        self._publish(seg)
+        r.files += len(seg.files)
+        r.segments += 1
+        # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
+        # upload still reports what that upload has published.
+        self.total.files += len(seg.files)
+        self.total.segments += 1
+        self.known |= {f.path for f in seg.files}
+        if self.on_progress:
+            self.on_progress(r)
 
     def compact(self) -> bool:
         """Repack the manifest's many segments into few, so restores need few requests. Crash-safe: the new
@@ -393,7 +408,13 @@ class Uploader:
             if staged:
                 staged.commit()
             files = {p: base / "files" / p for p in m.files()}
-            new_segments = [self._put_segment(batch)[0] for batch in _batches(files)]
+            new_segments = []
+            for batch in _batches(files):
+                while batch:
+                    seg, _, batch = self._put_segment(batch)
+                    if seg is None:
+                        break
+                    new_segments.append(seg)
         for _ in range(_CAS_ATTEMPTS):
             cur = self.manifest
             assert cur is not None
@@ -484,12 +505,19 @@ class Uploader:
                 self.manifest, self.token = self._read_or_reset()
         raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
 
-    def _put_segment(self, batch: Mapping[str, Path]) -> tuple[Segment, int]:
+    def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
+        """Pack the first of ``files`` into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
+        segment (None if none of the files exists any more), the bytes sent, and the files left for the next."""
         with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
             from .snapshot import sha256_file
 
             archive = Path(tmp) / "segment.tar.zst"
-            entries = pack(batch, archive)
+            entries = pack(files, archive, max_packed=SEGMENT_TARGET_BYTES)
+            if not entries:
+                return None, 0, {}
+            names = list(files)
+            rest = {n: files[n] for n in names[names.index(entries[-1].path) + 1 :]}
+            packed = {e.path: files[e.path] for e in entries}
             sha = sha256_file(archive)
             for bump in range(1, 4):
                 if sha not in self.drop:
@@ -497,12 +525,12 @@ class Uploader:
                 # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
                 # damaged copy under that name. Other header times give other bytes, hence another name.
                 archive.unlink()
-                entries = pack(batch, archive, mtime_bump=bump)
+                entries = pack(packed, archive, mtime_bump=bump)
                 sha = sha256_file(archive)
             size = archive.stat().st_size
             seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
             written = self.store.put_immutable(seg.object, archive)
-        return seg, size if written else 0
+        return seg, size if written else 0, rest
 
     def _publish(self, seg: Segment) -> None:
         """Compare-and-swap the manifest to include ``seg``; on a lost race, re-read and merge again."""
@@ -538,9 +566,10 @@ def _fp(factors: Mapping[str, str]) -> str:
 
 
 def _batches(files: Mapping[str, Path]) -> list[dict[str, Path]]:
-    """Group files into segments of about SEGMENT_TARGET_BYTES. Kernels go first, the FX-graph and AOTAutograd
-    entries that refer to them last: a deadline that cuts the upload short publishes usable kernels, not graph
-    entries whose kernels are missing (Inductor would rebuild those, but slowly)."""
+    """Group files, in the order they are packed, into batches of at most SEGMENT_MAX_UNPACKED_BYTES (or one larger
+    file), each packed into one or more segments. Kernels go first, the FX-graph and AOTAutograd entries that
+    refer to them last: a deadline that cuts the upload short publishes usable kernels, not graph entries whose
+    kernels are missing (Inductor would rebuild those, but slowly)."""
     out: list[dict[str, Path]] = []
     cur: dict[str, Path] = {}
     size = 0
@@ -549,7 +578,7 @@ def _batches(files: Mapping[str, Path]) -> list[dict[str, Path]]:
             n = files[name].stat().st_size
         except FileNotFoundError:
             continue
-        if cur and size + n > SEGMENT_TARGET_BYTES:
+        if cur and size + n > SEGMENT_MAX_UNPACKED_BYTES:
             out.append(cur)
             cur, size = {}, 0
         cur[name] = files[name]

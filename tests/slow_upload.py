@@ -5,7 +5,8 @@ Test-only. The plan comes from ``TINY_SLOW_STORE``, a JSON object (every key opt
 - ``hold_until_exit``: writes wait until the exit flush begins (atexit or signal), so the background upload cannot
   finish before the container is told to stop: the flush has to finish it.
 - ``put_delay_s``: sleep before every object write (after the hold).
-- ``segment_bytes``: pack segments of about this many bytes (default 32 MB: the tiny entry would be one segment).
+- ``segment_bytes``: pack segments of at most this many bytes of files (SEGMENT_MAX_UNPACKED_BYTES; by default the
+  tiny entry would be one segment).
 - ``stall_at_publish`` + ``marker``: the N-th manifest write touches ``marker`` and then blocks forever, leaving
   its segment object written but unpublished until the test SIGKILLs the worker.
 """
@@ -69,7 +70,7 @@ class SlowUploadPredictor(Predictor):
     def setup(self, weights: Any = None) -> None:
         self._plan = json.loads(os.environ.get("TINY_SLOW_STORE") or "{}")
         if self._plan.get("segment_bytes"):
-            sync.SEGMENT_TARGET_BYTES = int(self._plan["segment_bytes"])  # this worker process only
+            sync.SEGMENT_MAX_UNPACKED_BYTES = int(self._plan["segment_bytes"])  # this worker process only
         self._exit_started = threading.Event()
         super().setup(weights)
 

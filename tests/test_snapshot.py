@@ -140,7 +140,7 @@ def _four_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Loc
     """An entry of four files in four segments: (store, files, the dir they came from, its manifest)."""
     from compile_cache import sync
 
-    monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 5000)
+    monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 5000)
     store = LocalStore(tmp_path / "store")
     files = {f"k{i}/kernel.so": os.urandom(4000) for i in range(4)}
     cold = make_cache(tmp_path / "cold", files)
@@ -337,3 +337,47 @@ def test_compaction_repacks_many_segments_into_one(tmp_path: Path, monkeypatch: 
     r = restore(store, "k", {"inductor": tmp_path / "fresh"}, factors=FACTORS)
     assert r.status == "hit" and r.files == 5
     assert (tmp_path / "fresh" / "k" / "4.so").read_bytes() == (cache / "k" / "4.so").read_bytes()
+
+
+def test_pack_stops_at_its_compressed_budget_and_says_what_went_in(tmp_path: Path) -> None:
+    src = make_cache(tmp_path / "src", {f"k/{i:02d}.so": os.urandom(100_000) for i in range(20)})
+    files = {n: src / n.split("/", 1)[1] for n in sorted(scan({"inductor": src}), reverse=True)}  # not name order
+    entries = pack(files, tmp_path / "seg", max_packed=500_000)
+    assert [e.path for e in entries] == list(files)[: len(entries)]  # a prefix, in the order given
+    # Random bytes do not compress: about 500 KB of them, give or take what the compressor still held (a block).
+    assert 3 <= len(entries) <= 9
+    assert 500_000 <= (tmp_path / "seg").stat().st_size < 1_000_000
+    staged = unpack_into_staging(tmp_path / "seg", entries, {"inductor": tmp_path / "d"}, max_bytes=10**7, max_files=99)
+    assert staged.commit() == len(entries)
+
+
+def test_segments_are_sized_by_what_they_weigh_in_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments hold about SEGMENT_TARGET_BYTES of compressed bytes, and at most SEGMENT_MAX_UNPACKED_BYTES of files:
+    files that compress well take few objects (few requests to restore), random ones take many."""
+    import compile_cache.sync as sync
+
+    monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 400_000)
+    monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 10**7)
+    store = LocalStore(tmp_path / "store")
+    kernel = b"".join(b"out[%d] = a[%d] * b[%d];\n" % (i, i, i) for i in range(3000))  # ~85 KB, compresses
+    padded = {f"k/{i:02d}.so": kernel + bytes(200_000) for i in range(30)}  # 8.5 MB of files
+    noise = {f"n/{i:02d}.so": os.urandom(100_000) for i in range(30)}  # 3 MB, incompressible
+    cache = make_cache(tmp_path / "c", {**padded, **noise, "fxgraph/g/entry": b"graph"})
+    r = Uploader(store, "k", {"inductor": cache}, "v1", FACTORS).upload()
+    assert r is not None and not r.error and r.files == 61
+    m = Manifest.from_bytes(store.read(manifest_name("k")))
+    sizes = [(seg.size, seg.unpacked_bytes, [f.path for f in seg.files]) for seg in m.segments]
+    # The 30 compressible files (8.5 MB) share one object; the first random ones join it up to its target.
+    assert len([s for s in sizes if any("/k/" in p for p in s[2])]) == 1
+    # 3 MB of random files take objects of at most the target, give or take what the compressor held (a block or two).
+    random_only = [s for s in sizes if all("/n/" in p for p in s[2])]
+    assert len(random_only) >= 4 and all(s[0] < 400_000 + 300_000 for s in random_only)
+    # Kernels first, graph entries last, whatever the cuts.
+    assert [p for s in sizes for p in s[2]][-1] == "inductor/fxgraph/g/entry"
+    rr = restore(store, "k", {"inductor": tmp_path / "fresh"}, factors=FACTORS)
+    assert rr.status == "hit" and rr.files == 61
+    assert (tmp_path / "fresh" / "n" / "07.so").read_bytes() == noise["n/07.so"]
+
+    monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 2_000_000)  # the cap on files cuts compressible ones
+    r = Uploader(store, "k2", {"inductor": make_cache(tmp_path / "c2", padded)}, "v1", FACTORS).upload()
+    assert r is not None and r.segments == 5  # 30 files of 285 KB, 7 to a batch
