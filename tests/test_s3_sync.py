@@ -150,6 +150,17 @@ def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
     assert res["dest_fs"] != "unknown at ?"
     assert res["pages_released"] is True  # the default: each step's page cache dropped before the next one
     assert list(tmp_path.iterdir()) == []  # every restored copy and downloaded file removed again
+    assert res["compressible"] is False and res["entry_bytes"] < res["unpacked_bytes"] < 1.2 * res["entry_bytes"]
+    assert abs(res["restore_unpacked_mb_s"] / res["restore_mb_s"] - res["unpacked_bytes"] / res["entry_bytes"]) < 0.05
+
+    out = subprocess.run(  # an entry that compresses like CPU kernels: few objects, each unpacking to much more
+        [sys.executable, "scripts/bench_restore.py", "--mb", "40", "--rounds", "1", "--json", "--compressible"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["compressible"] is True and res["unpacked_bytes"] > 10 * res["entry_bytes"]
+    assert res["segments"] == 1  # 40 MB of files in 2 MB of objects: one segment (by its stored size)
 
 
 def _resident_pages(path: Path) -> int:
