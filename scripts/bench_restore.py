@@ -4,7 +4,7 @@
     scripts/bench_restore.py [--mb 48] [--rounds 9]          # starts a SeaweedFS server on 127.0.0.1 itself
     scripts/bench_restore.py --url s3://bucket/prefix        # or uses yours (AWS_* env for endpoint/credentials)
     scripts/bench_restore.py --dest /dev/shm                 # restore into another filesystem (default: $TMPDIR)
-    scripts/bench_restore.py --compressible --mb 400         # files that compress like CPU kernels (~20x)
+    scripts/bench_restore.py --compressible --mb 400         # .so files that compress like CPU kernels (~24x)
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
@@ -15,7 +15,7 @@ place) into an empty dir. Prints the median throughputs and the ratios (the issu
 
 The raw GETs only read bytes (into memory, or into a few files); a restore also hashes them, decompresses them and
 creates every file and directory of the entry. The ratios compare times to fetch the same objects; with
---compressible a restore writes some 20 times the bytes it downloads, so they are far lower there, and
+--compressible a restore writes about 30 times the bytes it downloads, so they are far lower there, and
 `restore_unpacked_mb_s` (files written per second) says more.
 
 Both sides write into memory in the same state. The raw GET reads into heap memory the process reused from the
@@ -60,7 +60,7 @@ def make_entry(base: Path, mb: int, compressible: bool = False) -> Path:
     directories. By default the .so files, two thirds of the bytes, are random: incompressible, so a restore writes
     about what it downloads. With ``compressible``, each .so is 8 KB of random bytes and then zeros, which zstd
     level 3 shrinks about as much as the CPU kernels' .so files of this machine's Inductor cache (48 of them, 2.86
-    MB, took 120 KB, 24x, in a one-off check): a restore then writes some 20 times what it downloads."""
+    MB, took 120 KB, 24x, in a one-off check): a restore then writes about 30 times what it downloads."""
     src = base / "cache"
     i = 0
     total = 0
@@ -121,7 +121,7 @@ def main() -> int:
     ap.add_argument(
         "--compressible",
         action="store_true",
-        help="make the .so files compress like CPU kernels (about 20x) instead of random bytes (see make_entry)",
+        help="make the .so files compress like CPU kernels (about 24x) instead of random bytes (see make_entry)",
     )
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--dest", type=Path, help="directory to restore into (default: the system temp dir)")
