@@ -101,7 +101,7 @@ def pack(
     with open(dest, "wb") as raw, cctx.stream_writer(raw) as zw, tarfile.open(fileobj=zw, mode="w|") as tar:
         for name, src in files.items():
             if max_packed is not None and entries and raw.tell() >= max_packed:
-                break  # (what the compressor still holds, up to a block, is not counted: about is enough)
+                break  # (what the compressor still holds, a block or two, is not counted yet: about is enough)
             try:
                 f = open(src, "rb")
             except FileNotFoundError:

@@ -506,7 +506,7 @@ class Uploader:
         raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
 
     def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
-        """Pack the first of ``files`` into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
+        """Pack ``files``, from the first, into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
         segment (None if none of the files exists any more), the bytes sent, and the files left for the next."""
         with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
             from .snapshot import sha256_file
