@@ -350,38 +350,28 @@ class Uploader:
             if self._dropping:  # every file is in another segment: only the damaged ones go
                 self._write_dropped()
             return
-        for batch in _batches(new):
-            while batch:
-                if self._out_of_time(deadline):
-                    r.complete = False
-                    log.warning(
-                        "upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files
-                    )
-                    return
-                seg, nbytes, batch = self._put_segment(batch)
-                if seg is None:
-                    break
-                self._published(r, seg, nbytes)
+        for seg, nbytes in self._put_segments(new, stop=lambda: self._out_of_time(deadline)):
+            if seg is None:
+                r.complete = False
+                log.warning("upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files)
+                return
+            r.bytes_uploaded += nbytes
+            self.total.bytes_uploaded += nbytes
+            self._publish(seg)
+            r.files += len(seg.files)
+            r.segments += 1
+            # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
+            # upload still reports what that upload has published.
+            self.total.files += len(seg.files)
+            self.total.segments += 1
+            self.known |= {f.path for f in seg.files}
+            if self.on_progress:
+                self.on_progress(r)
         if deadline is None and self.deadline is None and self.manifest and len(self.manifest.segments) > MAX_SEGMENTS:
             try:
                 self.compact()
             except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
                 log.warning("compaction of %s skipped: %s", self.key, e)
-
-    def _published(self, r: UploadResult, seg: Segment, nbytes: int) -> None:
-        """Publish ``seg`` (put already, ``nbytes`` sent) and count it."""
-        r.bytes_uploaded += nbytes
-        self.total.bytes_uploaded += nbytes
-        self._publish(seg)
-        r.files += len(seg.files)
-        r.segments += 1
-        # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
-        # upload still reports what that upload has published.
-        self.total.files += len(seg.files)
-        self.total.segments += 1
-        self.known |= {f.path for f in seg.files}
-        if self.on_progress:
-            self.on_progress(r)
 
     def compact(self) -> bool:
         """Repack the manifest's many segments into few, so restores need few requests. Crash-safe: the new
@@ -408,13 +398,7 @@ class Uploader:
             if staged:
                 staged.commit()
             files = {p: base / "files" / p for p in m.files()}
-            new_segments = []
-            for batch in _batches(files):
-                while batch:
-                    seg, _, batch = self._put_segment(batch)
-                    if seg is None:
-                        break
-                    new_segments.append(seg)
+            new_segments = [seg for seg, _ in self._put_segments(files) if seg is not None]
         for _ in range(_CAS_ATTEMPTS):
             cur = self.manifest
             assert cur is not None
@@ -504,6 +488,21 @@ class Uploader:
             except PreconditionFailed:
                 self.manifest, self.token = self._read_or_reset()
         raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
+
+    def _put_segments(
+        self, files: Mapping[str, Path], stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[Segment | None, int]]:
+        """Pack and put ``files`` as segments, kernels first (see _batches): (segment, bytes sent) each. ``stop`` is
+        asked before each one is packed; if it says so, (None, 0) ends the sequence."""
+        for batch in _batches(files):
+            while batch:
+                if stop():
+                    yield None, 0
+                    return
+                seg, nbytes, batch = self._put_segment(batch)
+                if seg is None:
+                    break
+                yield seg, nbytes
 
     def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
         """Pack ``files``, from the first, into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the

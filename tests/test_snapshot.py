@@ -381,3 +381,23 @@ def test_segments_are_sized_by_what_they_weigh_in_the_store(tmp_path: Path, monk
     monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 2_000_000)  # the cap on files cuts compressible ones
     r = Uploader(store, "k2", {"inductor": make_cache(tmp_path / "c2", padded)}, "v1", FACTORS).upload()
     assert r is not None and r.segments == 5  # 30 files of 285 KB, 7 to a batch
+
+
+def test_a_deadline_stops_the_upload_between_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline is checked before each segment is packed: past it, what is published stays and the rest waits
+    for a later upload; an upload that beats it is complete, even when the deadline passes right after."""
+    import time
+
+    store, _, cold, _ = _four_segments(tmp_path, monkeypatch)  # published; three more files come now
+    make_cache(cold, {f"more/{i}.so": os.urandom(4000) for i in range(3)})
+    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS)
+    up.on_progress = lambda r: setattr(up, "deadline", time.monotonic() - 1)  # out of time after the first
+    r = up.upload(deadline=time.monotonic() + 3600)
+    assert r is not None and not r.complete and r.segments == 1 and r.files == 1
+    assert len(up.pending()) == 2  # left for a later upload
+
+    up.deadline = None
+    up.on_progress = lambda r: setattr(up, "deadline", time.monotonic() - 1)  # passes after the last one too
+    monkeypatch.setattr("compile_cache.sync.SEGMENT_MAX_UNPACKED_BYTES", 10**6)
+    r = up.upload()
+    assert r is not None and r.complete and r.segments == 1 and r.files == 2 and up.pending() == {}
