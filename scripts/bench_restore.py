@@ -5,6 +5,7 @@
     scripts/bench_restore.py --url s3://bucket/prefix        # or uses yours (AWS_* env for endpoint/credentials)
     scripts/bench_restore.py --dest /dev/shm                 # restore into another filesystem (default: $TMPDIR)
     scripts/bench_restore.py --compressible --mb 400         # .so files that compress like CPU kernels (~24x)
+    scripts/bench_restore.py --link 2gbit                    # a network link to the server (Linux, as root)
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
@@ -30,6 +31,13 @@ The files themselves stay until the run ends: journal-less ext4 scans past inode
 (recently_deleted() in fs/ext4/ialloc.c), so deleting them between rounds would slow the next round's file
 creation; a run right after another one, or after a test suite, on the same journal-less ext4 directory still pays
 for their deletions. --dest on a tmpfs measures the restore pipeline without the filesystem.
+
+Over loopback, the server and the client share this machine's CPU, and nothing else limits either side: the ratios
+then compare how much CPU each side needs (a restore also hashes, decompresses and creates files). A container
+reaches its store over a network. --link RATE puts one between them: the server's S3 responses (its port only) go
+through an HTB class limited to RATE (tc's syntax: 500mbit, 2gbit) on the loopback device, for the whole run; it
+needs Linux, root and tc, refuses a loopback device that already has a queueing discipline of someone else's, and
+removes its own when the bench ends. `link_bytes` is what went through the limited class, as tc counted it.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +102,62 @@ def _fs_type(path: Path) -> str:
     return f"{best[1]} at {best[0] or '?'}"
 
 
+_LINK_HANDLE = "cc:"  # the root qdisc --link adds to the loopback device (a leftover of a killed run is replaced)
+
+
+def _tc(*args: str) -> str:
+    try:
+        p = subprocess.run(["tc", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SystemExit("--link needs tc (iproute2)") from None
+    if p.returncode != 0:
+        raise SystemExit(f"--link: tc {' '.join(args)} failed: {p.stderr.strip()} (it needs root and the htb and u32 "
+                         "kernel modules)")
+    return p.stdout
+
+
+def _link_check() -> None:
+    """Refuse --link before anything starts unless the loopback device is ours to shape; drop a leftover qdisc of
+    a bench that was killed."""
+    if sys.platform != "linux":
+        raise SystemExit("--link is Linux only (tc)")
+    root = _tc("qdisc", "show", "dev", "lo").splitlines()[0].split()  # e.g. qdisc noqueue 0: root refcnt 2
+    if root[1:3] == ["htb", _LINK_HANDLE]:
+        _tc("qdisc", "del", "dev", "lo", "root")
+    elif root[1] != "noqueue":
+        raise SystemExit(f"--link: the loopback device already has a queueing discipline ({' '.join(root[:3])}); "
+                         "not touching it")
+
+
+def _link_up(port: int, rate: str) -> None:
+    """Limit what leaves 127.0.0.1:``port`` (the server's responses) to ``rate``; everything else on the loopback
+    device goes through an unlimited class."""
+    _tc("qdisc", "add", "dev", "lo", "root", "handle", _LINK_HANDLE, "htb", "default", "1")
+    try:
+        _tc("class", "add", "dev", "lo", "parent", _LINK_HANDLE, "classid", f"{_LINK_HANDLE}1", "htb",
+            "rate", "100gbit", "quantum", "200000")
+        _tc("class", "add", "dev", "lo", "parent", _LINK_HANDLE, "classid", f"{_LINK_HANDLE}2", "htb",
+            "rate", rate, "ceil", rate, "quantum", "200000")
+        _tc("filter", "add", "dev", "lo", "parent", _LINK_HANDLE, "protocol", "ip", "prio", "1", "u32",
+            "match", "ip", "sport", str(port), "0xffff", "flowid", f"{_LINK_HANDLE}2")
+    except BaseException:
+        _link_down()
+        raise
+
+
+def _link_bytes() -> int:
+    """Bytes sent through the limited class so far, as tc counts them."""
+    out = _tc("-s", "class", "show", "dev", "lo", "classid", f"{_LINK_HANDLE}2")
+    m = re.search(r"Sent (\d+) bytes", out)
+    if m is None:
+        raise SystemExit(f"--link: no byte count in tc's statistics: {out!r}")
+    return int(m.group(1))
+
+
+def _link_down() -> None:
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root", "handle", _LINK_HANDLE], capture_output=True)
+
+
 def _release(written: Path, keep: bool, tmpfs: bool) -> None:
     """Write back what a timed step wrote, then (unless ``keep``) give its page cache back to the kernel, as the
     raw GET's buffers go back to the heap: the next step writes into pages just freed, not into pages the host took
@@ -132,9 +198,22 @@ def main() -> int:
         help="keep every round's files in the page cache (see the docstring: on a VM whose host takes back free "
         "guest memory, each round then writes into pages the host must fault in again)",
     )
+    ap.add_argument(
+        "--link",
+        metavar="RATE",
+        help="limit the server's responses to RATE (tc syntax: 500mbit, 2gbit), a network link between client and "
+        "server instead of loopback with nothing in the way (Linux, root, tc; see the docstring)",
+    )
     args = ap.parse_args()
+    if args.link and args.url:
+        ap.error("--link limits the server this bench starts; it cannot shape the way to --url")
+    if args.link and not re.fullmatch(r"\d+(\.\d+)?[kmg]?(bit|bps)", args.link):
+        ap.error(f"--link {args.link!r}: give a rate as tc spells it, e.g. 500mbit or 2gbit")
+    if args.link:
+        _link_check()
 
     server = None
+    linked = False
     work = Path(tempfile.mkdtemp(prefix="bench-restore-"))
     cleanup = [work]
     try:
@@ -145,6 +224,9 @@ def main() -> int:
 
             server = _start(work / "seaweed")
             _wait_ready(server)
+            if args.link:
+                _link_up(server.ports["s3"], args.link)
+                linked = True
             bucket = server.make_bucket(f"bench-{uuid.uuid4().hex[:8]}")
             os.environ.update(
                 AWS_ACCESS_KEY_ID=server.access_key,
@@ -201,6 +283,7 @@ def main() -> int:
             assert res.status == "hit", res.reason
             ours_s.append(res.seconds)
             _release(out_dir / f"restore-{i}", args.keep_pages, tmpfs)
+        link_bytes = _link_bytes() if linked else None
         raw_mb_s = nbytes / 1e6 / statistics.median(raw_s)
         ours_mb_s = nbytes / 1e6 / statistics.median(ours_s)
         file_mb_s = nbytes / 1e6 / statistics.median(file_s)
@@ -219,6 +302,8 @@ def main() -> int:
             "compressible": args.compressible,
             "dest_fs": dest_fs,
             "pages_released": not args.keep_pages and (tmpfs or hasattr(os, "posix_fadvise")),
+            "link": args.link,
+            "link_bytes": link_bytes,
         }
         if args.json:
             print(json.dumps(out))
@@ -232,10 +317,14 @@ def main() -> int:
                 f" {out['restore_unpacked_mb_s']:.1f} MB/s of files written)\n"
                 f"ratio           {out['ratio']:.2f}x  (restored into {out['dest_fs']}; "
                 f"{out['ratio_to_file']:.2f}x of the GET to file; page cache "
-                f"{'dropped' if out['pages_released'] else 'kept'} between steps)"
+                f"{'dropped' if out['pages_released'] else 'kept'} between steps"
+                + (f"; server's responses limited to {args.link}, {link_bytes / 1e6:.0f} MB through it)" if linked
+                   else "; loopback, no link)")
             )
         return 0
     finally:
+        if linked:
+            _link_down()
         if server is not None:
             _stop(server)
         for d in cleanup:

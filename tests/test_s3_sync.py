@@ -163,6 +163,65 @@ def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
     assert res["segments"] == 1  # 40 MB of files in 2 MB of objects: one segment (by its stored size)
 
 
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "scripts/bench_restore.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _loopback_root_qdisc() -> str:
+    return subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True, check=True).stdout
+
+
+def _why_no_link() -> str | None:
+    """Why `--link` cannot run on this machine, or None."""
+    if sys.platform != "linux":
+        return "it uses Linux's tc"
+    if os.geteuid() != 0:
+        return "it needs root"
+    import shutil
+
+    if shutil.which("tc") is None:
+        return "tc (iproute2) is not installed"
+    if not _loopback_root_qdisc().startswith("qdisc noqueue"):
+        return "the loopback device has a queueing discipline already"
+    return None
+
+
+def test_restore_benchmark_link_rejects_what_it_cannot_shape() -> None:
+    """`--link` shapes only the server the bench starts, with a rate tc understands; both refused before anything
+    starts."""
+    out = _bench("--link", "2gbit", "--url", "s3://bucket/prefix")
+    assert out.returncode == 2 and "cannot shape the way to --url" in out.stderr, out.stderr
+    out = _bench("--link", "fast")
+    assert out.returncode == 2 and "give a rate as tc spells it" in out.stderr, out.stderr
+
+
+def test_restore_benchmark_over_a_limited_link(tmp_path: Path) -> None:
+    """`--link RATE`: every timed step's bytes go through the limited class (tc's own byte count), the limit holds
+    (unlimited, this machine's raw GET runs at 500+ MB/s), and the qdisc is gone when the bench ends. A loopback
+    device shaped by someone else is left alone."""
+    why = _why_no_link()
+    if why:
+        pytest.skip(f"--link cannot run here: {why}")
+    out = _bench("--mb", "8", "--rounds", "2", "--json", "--dest", str(tmp_path), "--link", "400mbit")
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["link"] == "400mbit"
+    assert res["link_bytes"] >= 2 * 3 * res["entry_bytes"]  # 2 rounds of raw GET, GET to file and restore
+    assert res["raw_get_mb_s"] < 3 * 50 and res["restore_mb_s"] < 3 * 50  # 400 Mbit/s is 50 MB/s
+    assert _loopback_root_qdisc().startswith("qdisc noqueue")
+
+    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "handle", "5:", "htb"], check=True)
+    try:
+        out = _bench("--mb", "1", "--rounds", "1", "--link", "1gbit")
+        assert out.returncode == 1 and "already has a queueing discipline (qdisc htb 5:)" in out.stderr, out.stderr
+        assert "qdisc htb 5:" in _loopback_root_qdisc()
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=True)
+
+
 def _resident_pages(path: Path) -> int:
     """How many of ``path``'s pages are in the page cache: mincore(2) on a private mapping (which faults none in)."""
     import ctypes
