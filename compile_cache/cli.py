@@ -392,11 +392,11 @@ _FORWARDED = {"bench": "bench", "profile": "profile"}  # commands whose argument
 def cmd_forward(args: argparse.Namespace, ctx: _Context) -> int:
     name = _FORWARDED[args.command]
     try:
-        mod = importlib.import_module(f"{__package__}.{name}")
+        mod = importlib.import_module(f"{__package__}.tools.{name}")
     except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.{name}":
+        if e.name not in (f"{__package__}.tools", f"{__package__}.tools.{name}"):
             raise
-        raise _Failure(f"{name} is not available: compile_cache.{name} is missing from this installation") from e
+        raise _Failure(f"{name} is not available: compile_cache.tools.{name} is missing from this installation") from e
     # No --store here: the benchmark always measures against a fresh store of its own, the profiler uses none.
     return int(mod.main(list(args.rest)) or 0)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compile_cache.cli import DEFAULT_PREDICTOR, load_predictor  # noqa: E402
 from compile_cache.compiler import CompiledModel, compile_model  # noqa: E402
 from compile_cache.config import CompileConfig, Settings  # noqa: E402
-from compile_cache.profile import pick_example  # noqa: E402
+from compile_cache.tools.profile import pick_example  # noqa: E402
 
 
 def entry_point(model: Any, name: str) -> Any:

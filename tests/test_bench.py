@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from compile_cache.bench import REQUIRED_KEYS, break_even, overhead_removed, percentiles
+from compile_cache.tools.bench import REQUIRED_KEYS, break_even, overhead_removed, percentiles
 
 ROOT = Path(__file__).resolve().parent.parent
 

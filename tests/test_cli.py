@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from compile_cache.cogrun import CogServer
 from compile_cache.key import CacheKey
 from compile_cache.manifest import Manifest, manifest_name
 from compile_cache.stores import LocalStore, Store
 from compile_cache.sync import Uploader, read_manifest, restore
+from compile_cache.tools.cogrun import CogServer
 from tests.conftest import ROOT
 from tests.s3server import apply_s3_env
 
@@ -299,9 +299,9 @@ def test_bench_without_its_module_is_a_clear_error(
 ) -> None:
     from compile_cache.cli import main
 
-    monkeypatch.setitem(sys.modules, "compile_cache.bench", None)  # import fails as if the file were missing
+    monkeypatch.setitem(sys.modules, "compile_cache.tools.bench", None)  # import fails as if the file were missing
     assert main(["bench", "--out", "x"]) == 1
-    assert "compile_cache.bench is missing" in capsys.readouterr().err
+    assert "compile_cache.tools.bench is missing" in capsys.readouterr().err
 
 
 def test_warm_usage_errors(tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ def test_committed_schema_is_current() -> None:
 def tiny_runtime(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The tiny predictor in the real runtime, in a directory holding a schema generated for it (the runtime reads
     .cog/openapi_schema.json from its cwd). Compile off: this is about inputs, and the boot takes seconds."""
-    from compile_cache.cogrun import CogServer
+    from compile_cache.tools.cogrun import CogServer
 
     d = tmp_path_factory.mktemp("schema")
     shutil.copy(ROOT / "tests" / "tiny_predictor.py", d / "tiny_predictor.py")

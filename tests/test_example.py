@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from compile_cache.cogrun import CogServer
 from compile_cache.manifest import Manifest
+from compile_cache.tools.cogrun import CogServer
 from tests.conftest import ROOT
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from compile_cache.cogrun import CogServer
+from compile_cache.tools.cogrun import CogServer
 from tests.conftest import ROOT, boot
 from tests.tiny_predictor import EXPORT_MAX_BATCH, close, eager
 

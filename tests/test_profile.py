@@ -1,4 +1,4 @@
-"""``compile_cache.profile`` on the tiny predictor: both tables printed, both Chrome traces written and valid."""
+"""``compile_cache.tools.profile`` on the tiny predictor: both tables printed, both Chrome traces written and valid."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compile_cache.compiler import Example
-from compile_cache.profile import main, pick_example, side_by_side
+from compile_cache.tools.profile import main, pick_example, side_by_side
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_profile_prints_both_tables_and_writes_traces(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from compile_cache.profile import main; sys.exit(main(sys.argv[1:]))",
+            "import sys; from compile_cache.tools.profile import main; sys.exit(main(sys.argv[1:]))",
             "--predictor",
             "tests/tiny_predictor.py:Predictor",
             "--batch",

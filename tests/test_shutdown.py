@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import torch
 
-from compile_cache.cogrun import CogServer
 from compile_cache.manifest import FileEntry, Manifest
 from compile_cache.snapshot import scan, sha256_file
+from compile_cache.tools.cogrun import CogServer
 from tests.tiny_predictor import BATCHES, TinyMLP, inputs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -103,7 +103,7 @@ def _profile_mode(model: Any, ex: Any, iters: int, trace: Path, device: bool) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import DEFAULT_PREDICTOR
+    from ..cli import DEFAULT_PREDICTOR
 
     p = argparse.ArgumentParser(
         prog="python -m compile_cache profile",
@@ -134,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rows < 1 or args.iters < 1:
         print("error: --rows and --iters must be >= 1", file=sys.stderr)
         return 2
-    from .cli import load_predictor
-    from .config import CompileConfig, Settings
-    from .errors import ConfigError
+    from ..cli import load_predictor
+    from ..config import CompileConfig, Settings
+    from ..errors import ConfigError
 
     try:
         p = load_predictor(args.predictor)
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import torch._inductor.config as inductor_config
 
-    from .compiler import CompiledModel, compile_model
+    from ..compiler import CompiledModel, compile_model
 
     model = p.load(None)
     try:

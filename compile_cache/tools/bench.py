@@ -1,6 +1,6 @@
 """``python -m compile_cache bench``: eager, cold and warm boots side by side, then latency and break-even.
 
-Every boot runs in a fresh process (:mod:`compile_cache.benchboot`) so Dynamo/Inductor state never leaks:
+Every boot runs in a fresh process (:mod:`compile_cache.tools.benchboot`) so Dynamo/Inductor state never leaks:
 
     eager  COMPILE_CACHE_COMPILE=0, store off
     cold   compiled, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, empty TORCHINDUCTOR_CACHE_DIR, store off   (FACTS §3)
@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .metrics import write_json_atomic
+from ..metrics import write_json_atomic
 
 __all__ = ["main", "REQUIRED_KEYS", "break_even", "overhead_removed", "percentiles"]
 
@@ -122,7 +122,7 @@ def _base_env(strategy: str, threads: int | None) -> tuple[dict[str, str], dict[
     if threads is not None:  # torch reads it at start-up: intra-op threads of eager and compiled code alike
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["COMPILE_CACHE_PROGRESS"] = "0"
-    root = str(Path(__file__).resolve().parent.parent)  # so `-m compile_cache.benchboot` imports this package
+    root = str(Path(__file__).resolve().parents[2])  # so `-m compile_cache.tools.benchboot` imports this package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     passed = {
         k: ("***" if "KEY" in k or "SECRET" in k else v)
@@ -167,7 +167,7 @@ def _run_boot(name: str, env: dict[str, str], work: Path, logs: Path, args: argp
         "COMPILE_CACHE_LOG_FILE": str(d / "log.txt"),
     }
     log = logs / f"{name}.log"
-    cmd = [sys.executable, "-m", "compile_cache.benchboot", "--predictor", args.predictor]
+    cmd = [sys.executable, "-m", "compile_cache.tools.benchboot", "--predictor", args.predictor]
     cmd += ["--batches", ",".join(map(str, BATCHES))]
     if name in _REQUESTS_IN:
         cmd += ["--requests", str(args.requests)]
@@ -440,7 +440,7 @@ def _chart(path: Path, r: dict[str, Any]) -> None:
 
 # -- main ------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import DEFAULT_PREDICTOR
+    from ..cli import DEFAULT_PREDICTOR
 
     ap = argparse.ArgumentParser(
         prog="python -m compile_cache bench",

@@ -1,10 +1,10 @@
 """One boot of the benchmark in this (fresh) process: setup, request path, latency; prints one JSON line.
 
-    python -m compile_cache.benchboot --predictor FILE.py:CLASS --spawned-at T [--requests N] [--latency-iters N]
+    python -m compile_cache.tools.benchboot --predictor FILE.py:CLASS --spawned-at T [--requests N] [--latency-iters N]
 
-Run by :mod:`compile_cache.bench` once per mode, so Dynamo/Inductor state never leaks between modes; the environment
-(``COMPILE_CACHE_*``, ``TORCHINDUCTOR_*``) chooses the mode. The last stdout line starting with ``BENCH-BOOT `` is
-the result.
+Run by :mod:`compile_cache.tools.bench` once per mode, so Dynamo/Inductor state never leaks between modes; the
+environment (``COMPILE_CACHE_*``, ``TORCHINDUCTOR_*``) chooses the mode. The last stdout line starting with
+``BENCH-BOOT `` is the result.
 
 Requests and latency call ``predictor.model(*example.args, **example.kwargs)`` on fresh copies of the predictor's own
 ``warmup_examples()``: the exact callable ``predict()`` uses, on the declared shapes, for any CompiledPredictor (no
@@ -73,7 +73,7 @@ def _sync() -> None:
 def _request_path(p: Any, examples: Sequence[Any], n: int) -> dict[str, Any]:
     """``n`` requests round-robin over the declared shapes; compiles counted by the framework's own counter
     (``metrics.request_path_compiles``, fed by CompiledModel) and, as a cross-check, Dynamo's ``unique_graphs``."""
-    from .compiler import counts
+    from ..compiler import counts
 
     fw0, dyn0 = p.metrics.request_path_compiles, counts().compiles
     t = time.monotonic()
@@ -94,7 +94,7 @@ def _latency(p: Any, ex: Any, iters: int) -> dict[str, list[float]]:
     order alternating), so both see the same machine load. On a shared machine, eager measured in its own process
     minutes earlier or later drifted by more than the difference being measured. One uncounted warm-up call each
     (compile time is reported apart, as gpt-fast does)."""
-    from .compiler import CompiledModel
+    from ..compiler import CompiledModel
 
     compiled = p.model
     # The same wrapper as the served model (inference mode, attention kernel, memory format), without compiling.
@@ -115,7 +115,7 @@ def _latency(p: Any, ex: Any, iters: int) -> dict[str, list[float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m compile_cache.benchboot")
+    ap = argparse.ArgumentParser(prog="python -m compile_cache.tools.benchboot")
     ap.add_argument("--predictor", required=True)
     ap.add_argument("--spawned-at", type=float, required=True, help="the parent's time.monotonic() at spawn")
     ap.add_argument("--requests", type=int, default=0, help="request-path run after setup (0: none)")
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--upload-timeout", type=float, default=600.0)
     args = ap.parse_args(argv)
 
-    from .cli import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
+    from ..cli import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
 
     p = load_predictor(args.predictor)
     weights = os.environ.get("COG_WEIGHTS")
