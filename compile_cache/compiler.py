@@ -68,7 +68,7 @@ class Counts:
 
 
 def counts() -> Counts:
-    """Dynamo / Inductor / AOTAutograd counters of this process (FACTS §3 names them)."""
+    """Dynamo / Inductor / AOTAutograd counters of this process (``torch._dynamo.utils.counters``)."""
     from torch._dynamo.utils import counters
 
     return Counts(

@@ -2,7 +2,7 @@
 
 The fingerprint is a hash of a named, sorted list of factors (vLLM's habit), so ``inspect`` can show a person why
 two keys differ. Everything that changes generated code or its ABI is a factor: torch build, Python, device kind,
-CPU ISA (Inductor builds C++ for the host ISA: a foreign one can SIGILL, FACTS §3), GPU arch, CUDA and Triton
+CPU ISA (Inductor builds C++ for the host ISA: on a CPU without it the code can die of SIGILL), GPU arch, CUDA and Triton
 versions, the compile config. Nothing else is (host name, paths, time), so equal environments share entries.
 """
 

@@ -156,7 +156,7 @@ class CompiledPredictor(BasePredictor):
         else:
             m.strategy = "jit"
             fn, why_eager = compile_model(eager, cfg)
-            # -- jit_restore="precompile" (issue #6, docs/restore-strategies.md): per-shape precompiled functions in
+            # -- jit_restore="precompile" (docs/restore-strategies.md): per-shape precompiled functions in
             # the cache dir serve the calls they accept; any other call still goes through `fn` (the dir snapshot).
             if cfg.jit_restore == "precompile" and not why_eager:
                 from .precompile import Precompiled
@@ -320,7 +320,7 @@ class CompiledPredictor(BasePredictor):
             while interval_s > 0 and not self._stop.wait(interval_s):
                 self._upload()
 
-        # A daemon thread started now keeps working during interpreter shutdown (FACTS §1), and never delays READY.
+        # A daemon thread started now keeps working during interpreter shutdown (docs/cog-runtime.md); never delays READY.
         self._bg = threading.Thread(target=loop, name="compile-cache-upload", daemon=True)
         self._bg.start()
 
@@ -337,7 +337,7 @@ class CompiledPredictor(BasePredictor):
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # Flush and *return*: exiting or raising here wedges the runtime's teardown until its SIGKILL (FACTS §1).
+        # Flush and *return*: exiting or raising here wedges the runtime's teardown until its SIGKILL (docs/cog-runtime.md).
         self._flush(signal.Signals(signum).name)
 
     def _flush(self, why: str) -> None:

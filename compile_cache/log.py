@@ -1,5 +1,5 @@
 """One library logger, ``compile_cache``. The lifecycle attaches two handlers: stderr (Cog shows it in setup.logs)
-and a file, because the runtime drops a worker's output once it has asked the worker to stop (FACTS §1)."""
+and a file, because the runtime drops a worker's output once it has asked the worker to stop (docs/cog-runtime.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Boot metrics: one JSON object (the metrics file) and one readable block (the setup log).
 
-The key names are an interface (issue #2, #6): scripts read them. Add keys; never rename one.
+The key names are an interface: scripts read them. Add keys; never rename one.
 """
 
 from __future__ import annotations

@@ -423,7 +423,7 @@ class Uploader:
     def _read_or_reset(self) -> tuple[Manifest | None, str | None]:
         """The store's manifest and version if we may merge into it; (None, version) if ours replaces it (CAS on
         that version); EntryRejected if it must be left alone. Merging re-signs the whole manifest, so we only
-        merge into what we would load ourselves (issue #5: never launder a tampered or unsigned entry)."""
+        merge into what we would load ourselves (never launder a tampered or unsigned entry)."""
         try:
             m, token = read_manifest(self.store, self.key)
         except IntegrityError as e:

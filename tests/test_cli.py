@@ -316,7 +316,7 @@ def test_warm_usage_errors(tmp_path: Path) -> None:
 def test_warm_preseeds_so_a_fresh_boot_hits(
     s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Issue #7's done-when: `warm` against the real S3 store, then a new container boots with cache == "hit"."""
+    """`warm` against the real S3 store, then a new container boots with cache == "hit"."""
     apply_s3_env(monkeypatch, s3_env)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # warm must make its own fresh dir
     monkeypatch.setenv("TMPDIR", str(tmp_path))

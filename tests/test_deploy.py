@@ -1,4 +1,4 @@
-"""Deployment (issue #7): cog.yaml against cog's schema, the Dockerfile against the runtime facts (no container engine
+"""Deployment: cog.yaml against cog's schema, the Dockerfile against the runtime facts (no container engine
 here: the image itself is never built), the input schema in the real Cog runtime, and the model-version lifecycle."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_cog_yaml_matches_schema() -> None:
     cfg = cog_yaml()
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(cfg)]
     assert not errors, errors
-    # The schema is strict where it matters: a custom top-level key would be rejected by the cog CLI (FACTS §2).
+    # The schema is strict where it matters: a custom top-level key would be rejected by the cog CLI (top level: additionalProperties false).
     assert not validator.is_valid({**cfg, "compile_cache": {"url": "s3://b"}})
 
     build = cfg["build"]
@@ -60,7 +60,7 @@ def test_cog_yaml_environment_is_what_the_runtime_reads() -> None:
     aliases = {f.alias for f in Settings.model_fields.values()}
     assert set(ours) <= aliases, f"not settings: {set(ours) - aliases}"  # a typo would be silently ignored
     s = Settings.from_env(ours)  # and every value passes the settings' own validation
-    assert s.flush_budget_s < 10  # Cog SIGKILLs the worker 10 s into shutdown (FACTS §1)
+    assert s.flush_budget_s < 10  # Cog SIGKILLs the worker 10 s into shutdown (docs/cog-runtime.md)
     assert not {"COMPILE_CACHE_SIGNING_KEY", "AWS_SECRET_ACCESS_KEY"} & set(env)  # baked into the image: no secrets
 
 
@@ -112,7 +112,7 @@ def test_dockerfile_runs_the_cog_runtime_under_tini() -> None:
     assert base == f"python:{cog_yaml()['build']['python_version']}-slim"
     entry = json.loads(next(a for i, a in ins if i == "ENTRYPOINT"))
     assert entry[0] == "tini" and entry[-1] == "--"
-    # No -g: SIGTERM reaches only the server, which shuts its worker down itself (FACTS §1; see the Dockerfile).
+    # No -g: SIGTERM reaches only the server, which shuts its worker down itself (docs/cog-runtime.md).
     assert "-g" not in entry
     assert any(i == "RUN" and "apt-get install" in a and " tini " in a for i, a in ins)
     cmd = json.loads(next(a for i, a in ins if i == "CMD"))
@@ -120,7 +120,7 @@ def test_dockerfile_runs_the_cog_runtime_under_tini() -> None:
     assert importlib.util.find_spec(cmd[2]) is not None  # the module the image runs exists in the pinned cog
     env = dockerfile_env()
     assert env["PORT"] == "5000" and ("EXPOSE", "5000") in ins
-    # The worker is spawned as `python` found on PATH: the venv with coglet must come first (FACTS §1).
+    # The worker is spawned as `python` found on PATH: the venv with coglet must come first (docs/cog-runtime.md).
     assert env["PATH"].startswith("/opt/venv/bin:")
 
 
@@ -145,7 +145,7 @@ def test_dockerfile_layers_requirements_before_code_and_weights_at_build_time() 
     install = index_of(lambda i, a: i == "RUN" and "pip install" in a and "-r requirements.txt" in a)
     copy_code = index_of(lambda i, a: i == "COPY" and ("predict.py" in a or "compile_cache" in a))
     assert copy_reqs < install < copy_code
-    # torch from the build arg's index, at the version requirements.txt pins (exactly: FACTS §3)
+    # torch from the build arg's index, at the version requirements.txt pins (exactly: any other spec pulls GBs of CUDA wheels)
     assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in ins
     torch_run = ins[install][1]
     assert '--index-url "$TORCH_INDEX_URL"' in torch_run and "grep -E '^torch==' requirements.txt" in torch_run

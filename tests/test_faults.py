@@ -1,4 +1,4 @@
-"""The fault matrix of issue #5: a bad cache costs a cold compile, never a failed boot or foreign code.
+"""The fault matrix: a bad cache costs a cold compile, never a failed boot or foreign code.
 
 One good entry comes from the session's single cold boot of the tiny predictor (``tiny_seeded_store``), re-signed
 here with a test key; every test copies it into a fresh store and breaks the copy. Two levels:
@@ -614,7 +614,7 @@ def local_entry(good: Good, tmp_path: Path) -> Entry:
 
 
 def test_done_when_every_object_has_a_flipped_byte(good: Good, tmp_path: Path, expected: dict) -> None:
-    """The issue's "done when": after a good cold boot, one flipped byte in every object of the store."""
+    """After a good cold boot, one flipped byte in every object of the store."""
     e = local_entry(good, tmp_path)
     names = [o.name for o in e.store.list("")]
     assert len(names) >= 2 and e.mname in names

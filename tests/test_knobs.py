@@ -1,4 +1,4 @@
-"""Compile knobs (issue #8): memory_format, sdpa_backend, mode reduce-overhead and max-autotune, on CPU.
+"""Compile knobs: memory_format, sdpa_backend, mode reduce-overhead and max-autotune, on CPU.
 
 Each knob: validated (a wrong value names the accepted ones), overridable from the environment, part of the cache
 key, applied by compiler.py. The compiling tests use tiny modules; max-autotune runs in fresh processes with fresh
@@ -269,7 +269,7 @@ def test_reduce_overhead_degrades_to_default_on_cpu(warnings_log: list[str]) -> 
 # One process = one container boot. Freezing makes the weights constants, which is what lets Inductor's CPU GEMM
 # template compete with ATen/MKL under max-autotune (torch 2.13: use_cpp_gemm_template needs a constant weight);
 # it is set on torch's config because options={"freezing": True} did not take effect (measured). Freezing
-# bypasses the FX-graph cache (FACTS §3), so the second boot recompiles: what it must not redo is the benchmarking.
+# bypasses the FX-graph cache (measured: this test shows it), so the second boot recompiles: what it must not redo is the benchmarking.
 _AUTOTUNE_BOOT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])

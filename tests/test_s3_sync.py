@@ -134,7 +134,7 @@ def test_16_concurrent_restores_of_one_key(s3_env: dict[str, str], tmp_path: Pat
 
 
 def test_restore_benchmark_command_runs_side_by_side(tmp_path: Path) -> None:
-    """`scripts/bench_restore.py` (the issue's benchmark) on a small entry: it starts its own SeaweedFS server,
+    """`scripts/bench_restore.py` (the restore benchmark) on a small entry: it starts its own SeaweedFS server,
     restores (asserting a hit each round) and prints the ratio to a raw GET of the same bytes, both measured."""
     out = subprocess.run(
         [sys.executable, "scripts/bench_restore.py", "--mb", "4", "--rounds", "2", "--json", "--dest", str(tmp_path)],

@@ -1,4 +1,4 @@
-"""Issue #4: the compile cache survives every way a Cog container stops — against the real runtime (coglet).
+"""The compile cache survives every way a Cog container stops — against the real runtime (coglet).
 
 Each test is two "containers" sharing one local store. Container A starts with compiled artifacts the store lacks
 (a copy of ONE cold-compiled Inductor dir shared by the module) and is stopped one way or another; container B, with

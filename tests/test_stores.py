@@ -303,7 +303,7 @@ def test_s3_multipart_put_immutable(s3_env: dict[str, str], monkeypatch: pytest.
 def test_s3_download_without_thread_pool(
     s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """At interpreter shutdown executors refuse work (FACTS.md §1): the download falls back to the calling thread."""
+    """At interpreter shutdown executors refuse work (docs/cog-runtime.md): the download falls back to the calling thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     from compile_cache.stores import s3

@@ -7,7 +7,8 @@ from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default us-east-1). Retries are bo
 retry loop here.
 
 Uploads use only plain ``put_object`` / multipart calls on the calling thread: they also run inside an ``atexit``
-handler, where ``concurrent.futures`` refuses new work (FACTS.md §1), so boto3's managed transfer cannot be used.
+handler, where ``concurrent.futures`` refuses new work ("cannot schedule new futures after interpreter shutdown"),
+so boto3's managed transfer cannot be used.
 Downloads of large objects use parallel ranged GETs written straight into the file at their offsets.
 """
 

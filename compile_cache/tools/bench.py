@@ -3,7 +3,7 @@
 Every boot runs in a fresh process (:mod:`compile_cache.tools.benchboot`) so Dynamo/Inductor state never leaks:
 
     eager  COMPILE_CACHE_COMPILE=0, store off
-    cold   compiled, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, empty TORCHINDUCTOR_CACHE_DIR, store off   (FACTS §3)
+    cold   compiled, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, empty TORCHINDUCTOR_CACHE_DIR, store off
     seed   compiled, empty TORCHINDUCTOR_CACHE_DIR, a fresh local store that this boot fills
     warm   compiled, empty TORCHINDUCTOR_CACHE_DIR, the seeded store: a new container (restore counted in setup)
 
@@ -38,7 +38,7 @@ from ..metrics import write_json_atomic
 
 __all__ = ["main", "REQUIRED_KEYS", "break_even", "overhead_removed", "percentiles"]
 
-# bench.json keys scripts rely on (issue #6): add keys, never rename one.
+# bench.json keys scripts rely on: add keys, never rename one.
 REQUIRED_KEYS = (
     "eager_setup_s",
     "cold_setup_s",

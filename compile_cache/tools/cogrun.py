@@ -1,8 +1,8 @@
 """Run a predictor in the real Cog runtime (coglet) without Docker or the cog CLI — our Docker-less ``cog predict``.
 
-FACTS §1: ``python -m cog.server.http`` reads the predictor from ``COG_PREDICT_TYPE_STUB``; it spawns the worker as
-``python -c ...`` found on PATH, so the interpreter's bin dir goes first on PATH. Used by ``scripts/predict``, the
-CLI and the integration tests. No torch, no boto3 here.
+``python -m cog.server.http`` reads the predictor from ``COG_PREDICT_TYPE_STUB`` (cog.yaml is not read at run time)
+and spawns the worker as ``python -c ...`` found on PATH, so the interpreter's bin dir goes first on PATH
+(docs/cog-runtime.md). Used by ``scripts/predict``, the CLI and the integration tests. No torch, no boto3 here.
 """
 
 from __future__ import annotations
