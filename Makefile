@@ -1,4 +1,5 @@
-# make predict  — fresh machine to one prediction in the real Cog runtime (run it twice: the second boot is warm)
+# make predict  — fresh machine to one prediction in the real Cog runtime (run it twice: the second boot is warm);
+#                 JSON=1 prints the raw output as one JSON line
 # make test     — the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -7,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WEIGHTS := weights/all-MiniLM-L6-v2/model.safetensors
 TEXT ?=
+JSON ?=
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
@@ -15,6 +17,7 @@ BENCH_ARGS ?=
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
+	@echo "make predict JSON=1                           the same, the raw output as one JSON line on stdout"
 	@echo "make test                                     the whole test suite"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 (small Llama, cold vs warm, ~20 min)"
@@ -39,7 +42,7 @@ $(WEIGHTS): $(STAMP) scripts/fetch_weights.py
 weights: $(WEIGHTS)
 
 predict: $(STAMP) $(WEIGHTS)
-	$(BIN)/python scripts/predict $(if $(TEXT),-i text="$(TEXT)")
+	$(BIN)/python scripts/predict $(if $(JSON),--json) $(if $(TEXT),-i text="$(TEXT)")
 
 test: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -108,6 +108,14 @@ class CogServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return {}
 
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI schema the runtime serves (read from .cog/openapi_schema.json in its cwd); {} if none."""
+        try:
+            code, body = self._request("GET", "/openapi.json", timeout=10)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return {}
+        return body if code == 200 and isinstance(body, dict) else {}
+
     def wait_ready(self, timeout: float = 600, on_status: Any = None) -> dict[str, Any]:
         """Poll until READY; raise RuntimeFailure on SETUP_FAILED, a dead server or the timeout."""
         end = time.monotonic() + timeout
