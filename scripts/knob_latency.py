@@ -1,4 +1,4 @@
-"""Steady-state latency of the example: eager vs compiled vs compiled with math SDPA (docs/performance.md).
+"""Steady-state latency of the example: eager vs compiled vs compiled with math SDPA (docs/benchmarks.md).
 
     python scripts/knob_latency.py [--predictor predict.py:Predictor] [--batch 1] [--seq 64] [--rounds 10] [--calls 20]
         [--threads N]

@@ -81,9 +81,17 @@ def test_env_table_lists_every_variable_once() -> None:
 
 
 def test_readme_env_table_matches_the_settings_model() -> None:
-    """The README's table is generated from the settings model (`python -m compile_cache env`); keep it in sync."""
+    """The README's table is exactly what `python -m compile_cache env` prints from the settings model. To update it,
+    paste that command's output between the env-table markers."""
+    import subprocess
+    import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- env-table: python -m compile_cache env -->\n", 1)[1].split("<!-- /env-table -->", 1)[0]
+    cp = subprocess.run([sys.executable, "-m", "compile_cache", "env"], cwd=root, capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    assert block == cp.stdout
     for name, _default, _meaning in env_table():
-        assert f"| `{name}` |" in readme, f"{name} is missing from README's environment table"
+        assert f"| `{name}` |" in block, f"{name} is missing from README's environment table"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -96,3 +97,13 @@ def test_every_subpackage_is_packaged() -> None:
     }
     assert "compile_cache.tools" in on_disk
     assert declared == on_disk
+
+
+def test_the_module_map_names_every_module() -> None:
+    doc = (ROOT / "docs" / "how-it-works.md").read_text()
+    section = doc.split("## Module map", 1)[1]
+    missing = [
+        str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
+        if "__pycache__" not in p.parts and p.name != "__init__.py" and not re.search(rf"[`/]{re.escape(p.name)}`", section)
+    ]
+    assert not missing, f"docs/how-it-works.md's module map lacks {missing}"
