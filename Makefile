@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 
-.PHONY: predict test install weights bench table1 restore-strategies clean help
+.PHONY: predict test install weights bench table1 restore-strategies gpu-wheels clean help
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 (small Llama, cold vs warm, ~20 min)"
 	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
+	@echo "make gpu-wheels                               wheels the GPU machine lacks, into .whl/ (for scripts/gpu_check)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,10 @@ table1: $(STAMP)
 
 restore-strategies: $(STAMP) $(WEIGHTS)
 	$(BIN)/python scripts/restore_strategies.py --out $(BENCH_OUT)/restore-strategies
+
+# The cp312 wheels the GPU machine lacks, at the versions installed here (scripts/gpu_wheels.py).
+gpu-wheels: $(STAMP)
+	$(BIN)/python scripts/gpu_wheels.py --dest .whl
 
 clean:
 	rm -rf .cache $(BENCH_OUT)
