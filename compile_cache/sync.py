@@ -2,10 +2,10 @@
 
 Store-agnostic and torch-free. The protocol (see the module docs of stores.base and manifest):
 
-- restore: read the manifest (size-capped), check it (key, fingerprint, signature: trust.TrustPolicy), stream every
-  segment through its sha256
-  check and the decompressor into staging (one pass, several segments at a time), then move into place. Any
-  failure leaves the cache dir as it was and returns a status the lifecycle turns into a cold boot.
+- restore: read the manifest (size-capped), check it (key, fingerprint, signature: trust.TrustPolicy), stream
+  every segment through its sha256 check and the decompressor into staging (one pass, several segments at a time),
+  then move into place. Any failure leaves the cache dir as it was and returns a status the lifecycle turns into a
+  cold boot.
 - upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
   (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
 """
@@ -476,7 +476,7 @@ class Uploader:
         except IntegrityError as e:
             # A malformed manifest helps nobody: replace it (CAS on its current version) with ours.
             log.warning("replacing a malformed manifest for %s: %s", self.key, e)
-            _, token = self.store.read_versioned(manifest_name(self.key))
+            _, token = self.store.read_versioned(manifest_name(self.key), max_bytes=MAX_MANIFEST_BYTES)
             return None, token
         if m is None:
             return None, None
