@@ -197,13 +197,17 @@ def cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
 
 # -- inspect ---------------------------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
+    from .trust import TrustPolicy
+
     m = Manifest.from_bytes(ctx.store.read(manifest_name(_resolve_key(ctx.store, args.key))))
+    verdict = TrustPolicy.from_settings(ctx.settings).judge(m)  # as a boot with this environment would judge it
     diff: list[str] | None = None
     if args.diff_env:
         diff = _diff_env(m)
     if args.json:
         body = m.model_dump(mode="json")
         body["signed"] = m.signature is not None
+        body["trust"] = {"loads": verdict.loads, "signer": verdict.signer, "reason": verdict.reason}
         body.pop("signature", None)  # a MAC is not a secret, but nobody needs it printed
         if diff is not None:
             body["diff_env"] = diff
@@ -215,6 +219,8 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     _say(f"environment    {CacheKey(m.model_version, m.factors).summary}")
     _say(f"fingerprint    {m.fingerprint} (from {len(m.factors)} factors)")
     _say(f"signed         {'yes (HMAC-SHA256)' if m.signature else 'no'}")
+    loads = "yes" if verdict.loads else "NO, a restore refuses it"
+    _say(f"loads here     {loads}{f': {verdict.reason}' if verdict.reason else ' (signed with COMPILE_CACHE_SIGNING_KEY)'}")
     _say(f"created        {_when(m.created_at)}")
     _say(f"updated        {_when(m.updated_at)}")
     _say(
@@ -286,6 +292,7 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
     import dataclasses
 
     from .progress import bars_enabled, progress_bar
+    from .trust import TrustPolicy
 
     try:
         from .verify import verify_entry
@@ -294,12 +301,16 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
             raise
         raise _Failure("verify is not available: compile_cache.verify is missing from this installation") from e
     s = ctx.settings
+    trust = TrustPolicy.from_settings(s)  # the runtime's rules: signing key, earlier keys, signed-only
+    if args.require_signed is not None:
+        trust = dataclasses.replace(
+            trust, require_signed=args.require_signed, allow_unsigned=trust.allow_unsigned and not args.require_signed
+        )
     with progress_bar(None, "verify", enabled=bars_enabled(s.progress)) as bar:
         report = verify_entry(
             ctx.store,
             _resolve_key(ctx.store, args.key),
-            signing_key=s.signing_key_bytes,
-            require_signed=s.require_signed if args.require_signed is None else args.require_signed,
+            trust=trust,
             max_bytes=s.max_restore_bytes,
             max_files=s.max_restore_files,
             progress=bar,
@@ -457,8 +468,10 @@ _COMMANDS: list[tuple[str, str, str, Callable[[argparse.Namespace, _Context], in
     (
         "verify",
         "check an entry: signature, fingerprint, object hashes, unpack safety",
-        "Download and check every object of one entry without unpacking it anywhere. The signing key comes from\n"
-        "COMPILE_CACHE_SIGNING_KEY only (never a command-line argument). Exit status 1 if anything is wrong.\n\n"
+        "Download and check every object of one entry without unpacking it anywhere. The signature is judged as a\n"
+        "boot with this environment would: keys from COMPILE_CACHE_SIGNING_KEY and COMPILE_CACHE_VERIFY_KEYS only\n"
+        "(never a command-line argument); with a key, an unsigned entry fails unless COMPILE_CACHE_ALLOW_UNSIGNED is\n"
+        "on. Exit status 1 if anything is wrong (a restore would refuse the entry).\n\n"
         "example:\n  COMPILE_CACHE_SIGNING_KEY=... python -m compile_cache verify v3a1f --require-signed",
         cmd_verify,
     ),
@@ -549,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--require-signed",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fail an unsigned entry (default: COMPILE_CACHE_REQUIRE_SIGNED)",
+        help="fail an unsigned entry even without a signing key, or with COMPILE_CACHE_ALLOW_UNSIGNED on "
+        "(default: COMPILE_CACHE_REQUIRE_SIGNED)",
     )
     p.add_argument("--json", action="store_true", help="the report as JSON")
     return top

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -77,10 +77,27 @@ class Settings(BaseModel):
         description="after the first upload, look for new artifacts every N seconds; 0 = only at exit",
     )
     signing_key: SecretStr | None = Field(
-        None, alias="COMPILE_CACHE_SIGNING_KEY", description="HMAC-SHA256 key: sign manifests, verify on restore"
+        None,
+        alias="COMPILE_CACHE_SIGNING_KEY",
+        description="HMAC-SHA256 key: uploads sign manifests with it; restores load only entries it (or "
+        "COMPILE_CACHE_VERIFY_KEYS) verifies",
+    )
+    verify_keys: SecretStr | None = Field(
+        None,
+        alias="COMPILE_CACHE_VERIFY_KEYS",
+        description="earlier signing keys, comma-separated, that still verify while a key rotation rolls out; the "
+        "next upload re-signs what they verified with COMPILE_CACHE_SIGNING_KEY (needs it set)",
+    )
+    allow_unsigned: bool = Field(
+        False,
+        alias="COMPILE_CACHE_ALLOW_UNSIGNED",
+        description="1/true: with a signing key, still load unsigned entries (migrating from an unsigned store); "
+        "entries signed with another key stay refused",
     )
     require_signed: bool = Field(
-        False, alias="COMPILE_CACHE_REQUIRE_SIGNED", description="1/true refuses entries without a valid signature"
+        False,
+        alias="COMPILE_CACHE_REQUIRE_SIGNED",
+        description="1/true refuses unsigned entries, and without a signing key every entry",
     )
     max_restore_bytes: int = Field(
         8 * 2**30, gt=0, alias="COMPILE_CACHE_MAX_RESTORE_BYTES", description="cap on unpacked bytes per restore"
@@ -153,6 +170,17 @@ class Settings(BaseModel):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _check_trust(self) -> Settings:
+        if self.verify_keys is not None and self.signing_key is None:
+            raise ValueError(
+                "COMPILE_CACHE_VERIFY_KEYS is set without COMPILE_CACHE_SIGNING_KEY: it adds earlier keys to the "
+                "signing key during a rotation; set COMPILE_CACHE_SIGNING_KEY to the current key"
+            )
+        if self.allow_unsigned and self.require_signed:
+            raise ValueError("COMPILE_CACHE_ALLOW_UNSIGNED and COMPILE_CACHE_REQUIRE_SIGNED contradict each other")
+        return self
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from ``environ`` (default ``os.environ``, read now, not at import).
@@ -166,16 +194,26 @@ class Settings(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            alias = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule between settings (_check_trust): its message names them
+                raise ConfigError(str(err["msg"]).removeprefix("Value error, ")) from e
+            alias = str(err["loc"][0])
             field = cls.model_fields.get(names.get(alias, ""), None)
             accepted = field.description if field is not None and field.description else "see README"
-            shown = "***" if alias == "COMPILE_CACHE_SIGNING_KEY" else data.get(alias)
+            secret = alias in ("COMPILE_CACHE_SIGNING_KEY", "COMPILE_CACHE_VERIFY_KEYS")
+            shown = "***" if secret else data.get(alias)
             raise _invalid(alias, shown, accepted, err["msg"]) from e
 
     # -- derived values ---------------------------------------------------------------------------------------------
     @property
     def signing_key_bytes(self) -> bytes | None:
         return self.signing_key.get_secret_value().encode() if self.signing_key else None
+
+    @property
+    def verify_keys_bytes(self) -> tuple[bytes, ...]:
+        """COMPILE_CACHE_VERIFY_KEYS split at commas, blanks around each key dropped (a key has no comma)."""
+        if self.verify_keys is None:
+            return ()
+        return tuple(k.strip().encode() for k in self.verify_keys.get_secret_value().split(",") if k.strip())
 
 
 def env_table() -> list[tuple[str, str, str]]:

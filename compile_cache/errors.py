@@ -9,6 +9,7 @@ __all__ = [
     "ObjectNotFound",
     "PreconditionFailed",
     "IntegrityError",
+    "ObjectTooLarge",
     "UnsafeArchive",
     "EntryRejected",
 ]
@@ -36,6 +37,10 @@ class PreconditionFailed(StoreError):
 
 class IntegrityError(CacheError, ValueError):
     """Downloaded bytes do not match their recorded sha256, or an archive is malformed."""
+
+
+class ObjectTooLarge(IntegrityError):
+    """An object is larger than the reader's cap: refused after reading at most the cap (usually nothing)."""
 
 
 class UnsafeArchive(IntegrityError):

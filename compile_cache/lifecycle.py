@@ -31,6 +31,7 @@ from .metrics import BootMetrics
 from .stores import open_store
 from .stores.base import Store
 from .sync import Uploader, restore
+from .trust import trust_policy
 
 __all__ = ["CompiledPredictor", "Example"]
 
@@ -111,13 +112,13 @@ class CompiledPredictor(BasePredictor):
         store = self._open_store(settings)
         if store is not None:
             m.store = store.url
+            trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
             r = restore(
                 store,
                 key.name,
                 roots,
                 factors=key.factors,
-                signing_key=settings.signing_key_bytes,
-                require_signed=settings.require_signed,
+                trust=trust,
                 timeout_s=settings.restore_timeout_s,
                 max_bytes=settings.max_restore_bytes,
                 max_files=settings.max_restore_files,
@@ -133,7 +134,7 @@ class CompiledPredictor(BasePredictor):
                 roots,
                 version,
                 key.factors,
-                signing_key=settings.signing_key_bytes,
+                trust=trust,
                 known=known,
                 manifest=r.manifest,
                 token=r.token,

@@ -2,9 +2,10 @@
 
 Store-agnostic and torch-free. The protocol (see the module docs of stores.base and manifest):
 
-- restore: read the manifest, check it (key, fingerprint, signature), stream every segment through its sha256
-  check and the decompressor into staging (one pass, several segments at a time), then move into place. Any
-  failure leaves the cache dir as it was and returns a status the lifecycle turns into a cold boot.
+- restore: read the manifest (size-capped), check it (key, fingerprint, signature: trust.TrustPolicy), stream
+  every segment through its sha256 check and the decompressor into staging (one pass, several segments at a time),
+  then move into place. Any failure leaves the cache dir as it was and returns a status the lifecycle turns into a
+  cold boot.
 - upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
   (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
 """
@@ -22,10 +23,19 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CacheError, EntryRejected, IntegrityError, ObjectNotFound, PreconditionFailed, StoreError
-from .manifest import Manifest, Segment, manifest_name
+from .errors import (
+    CacheError,
+    EntryRejected,
+    IntegrityError,
+    ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    StoreError,
+)
+from .manifest import MAX_MANIFEST_BYTES, Manifest, Segment, manifest_name
 from .snapshot import Staged, check_object, pack, scan, unpack_into_staging
 from .stores.base import Store
+from .trust import Signer, TrustPolicy
 
 __all__ = ["RestoreResult", "UploadResult", "restore", "Uploader", "read_manifest"]
 
@@ -74,6 +84,7 @@ class RestoreResult:
     # this process leaves them out of the manifest (Uploader.drop), so a damaged object does not keep every
     # replica cold until someone prunes it.
     bad_segments: frozenset[str] = frozenset()
+    signer: Signer | None = None  # who signed the manifest, as trust.TrustPolicy saw it (None: not read)
 
     @property
     def throughput_mb_s(self) -> float:
@@ -90,10 +101,13 @@ class UploadResult:
     error: str = ""
 
 
-def read_manifest(store: Store, key: str) -> tuple[Manifest | None, str | None]:
-    """(manifest, version token) or (None, None) when the key has no entry. Malformed → IntegrityError."""
+def read_manifest(
+    store: Store, key: str, max_bytes: int = MAX_MANIFEST_BYTES
+) -> tuple[Manifest | None, str | None]:
+    """(manifest, version token) or (None, None) when the key has no entry. Malformed → IntegrityError; larger
+    than ``max_bytes`` → ObjectTooLarge (an IntegrityError), with nothing of it read."""
     try:
-        data, token = store.read_versioned(manifest_name(key))
+        data, token = store.read_versioned(manifest_name(key), max_bytes=max_bytes)
     except ObjectNotFound:
         return None, None
     return Manifest.from_bytes(data), token
@@ -109,17 +123,22 @@ def restore(
     roots: Mapping[str, Path],
     *,
     factors: Mapping[str, str],
+    trust: TrustPolicy | None = None,
     signing_key: bytes | None = None,
     require_signed: bool = False,
     timeout_s: float = 60.0,
     max_bytes: int = 8 * 2**30,
     max_files: int = 200_000,
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES,
 ) -> RestoreResult:
     """Restore the entry ``key`` into ``roots``. Never raises for a cache problem: the status says what happened.
 
-    Runs on a helper thread so the deadline holds even if the store hangs; past it, the helper is told to stop and
-    must not move anything into place (the cache dir stays as it was).
+    ``trust`` decides which manifests may be loaded (``signing_key``/``require_signed`` are a shorthand for a
+    policy with only those). Runs on a helper thread so the deadline holds even if the store hangs; past it, the
+    helper is told to stop and must not move anything into place (the cache dir stays as it was).
     """
+    if trust is None:
+        trust = TrustPolicy(signing_key=signing_key, require_signed=require_signed)
     t0 = time.monotonic()
     cancel = threading.Event()
     commit_lock = threading.Lock()
@@ -129,8 +148,7 @@ def restore(
     def work() -> None:
         try:
             box["r"] = _restore(
-                store, key, roots, factors, signing_key, require_signed, max_bytes, max_files, cancel, commit_lock,
-                bad,
+                store, key, roots, factors, trust, max_bytes, max_files, max_manifest_bytes, cancel, commit_lock, bad
             )
         except _Cancelled:
             pass
@@ -168,18 +186,26 @@ def _restore(
     key: str,
     roots: Mapping[str, Path],
     factors: Mapping[str, str],
-    signing_key: bytes | None,
-    require_signed: bool,
+    trust: TrustPolicy,
     max_bytes: int,
     max_files: int,
+    max_manifest_bytes: int,
     cancel: threading.Event,
     commit_lock: threading.Lock,
     bad: set[str],
 ) -> RestoreResult:
-    manifest, token = read_manifest(store, key)
+    try:
+        manifest, token = read_manifest(store, key, max_manifest_bytes)
+    except ObjectTooLarge as e:
+        raise EntryRejected(f"manifest too large: {e}") from e
     if manifest is None:
         return RestoreResult("miss", "no entry for this key")
-    manifest.check(key=key, factors=factors, signing_key=signing_key, require_signed=require_signed)
+    manifest.check(key=key, factors=factors)
+    verdict = trust.check(manifest)
+    if verdict.signer == "previous":
+        log.info("the entry %s %s", key, verdict.reason)
+    elif verdict.signer == "unsigned" and trust.signing_key is not None:
+        log.warning("loading the UNSIGNED entry %s: COMPILE_CACHE_ALLOW_UNSIGNED is on", key)
     # The caps are on unpacked bytes: compare what the manifest declares unpacked (not the compressed objects'
     # size, which a bomb keeps small) before downloading anything. Unpacking enforces them again per member.
     files = manifest.files()
@@ -210,7 +236,7 @@ def _restore(
                 st.discard()
             raise
     log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
-    return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token)
+    return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token, signer=verdict.signer)
 
 
 def _fetch_and_stage(
@@ -288,7 +314,9 @@ class Uploader:
     """Publishes what is new in ``roots`` to the entry ``key``. One per process; uploads are serialised.
 
     ``known`` is what the store is believed to hold already (from the restore or the last upload): if the local
-    dirs hold nothing beyond it, an upload costs no request at all.
+    dirs hold nothing beyond it, an upload costs no request at all. ``trust`` (default: a policy with only
+    ``signing_key``) says which manifests it may merge into, hence sign: only those a restore would load, never
+    an unsigned one (replaced instead) nor one signed with a key it does not hold (left alone).
     """
 
     store: Store
@@ -297,6 +325,7 @@ class Uploader:
     model_version: str
     factors: Mapping[str, str]
     signing_key: bytes | None = None
+    trust: TrustPolicy | None = None
     known: set[str] = field(default_factory=set)
     manifest: Manifest | None = None
     token: str | None = None
@@ -307,9 +336,20 @@ class Uploader:
     drop: set[str] = field(default_factory=set)  # damaged segments to leave out (RestoreResult.bad_segments)
     _dropping: bool = False  # the manifest in hand left some out and is not written yet
     _scrubbed: bool = False  # the other segments' objects were checked once (see _scrub)
+    # Files restored from an entry nothing verified (unsigned, loaded under COMPILE_CACHE_ALLOW_UNSIGNED): this
+    # process never publishes them under its signature.
+    unverified: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.trust is None:
+            self.trust = TrustPolicy(signing_key=self.signing_key)
+        self.signing_key = self.trust.signing_key
+        if self.manifest is not None and self.signing_key is not None and self.manifest.signature is None:
+            self.unverified |= set(self.manifest.files())
 
     def pending(self) -> dict[str, Path]:
-        return {n: p for n, p in scan(self.roots).items() if n not in self.known}
+        skip = self.known | self.unverified
+        return {n: p for n, p in scan(self.roots).items() if n not in skip}
 
     def upload(self, deadline: float | None = None, lock_timeout: float = -1) -> UploadResult | None:
         """Upload what is new. Raises nothing for store trouble: the result's ``error`` says it.
@@ -340,6 +380,7 @@ class Uploader:
 
     def _upload(self, r: UploadResult, deadline: float | None) -> None:
         if not self.pending():
+            self._resign()  # nothing new; an entry an earlier key verified is still re-signed now
             return
         # Refresh our view of the store: another replica may have published these files already. Only what the
         # current, trusted manifest lists is known: a missing or replaced entry vouches for nothing.
@@ -349,6 +390,7 @@ class Uploader:
         if not new:
             if self._dropping:  # every file is in another segment: only the damaged ones go
                 self._write_dropped()
+            self._resign()
             return
         for seg, nbytes in self._put_segments(new, stop=lambda: self._out_of_time(deadline)):
             if seg is None:
@@ -423,22 +465,27 @@ class Uploader:
     def _read_or_reset(self) -> tuple[Manifest | None, str | None]:
         """The store's manifest and version if we may merge into it; (None, version) if ours replaces it (CAS on
         that version); EntryRejected if it must be left alone. Merging re-signs the whole manifest, so we only
-        merge into what we would load ourselves (never launder a tampered or unsigned entry)."""
+        merge into what our trust policy verified: never launder a tampered or unsigned entry."""
+        assert self.trust is not None
         try:
             m, token = read_manifest(self.store, self.key)
+        except ObjectTooLarge as e:
+            # Reading it would cost what the cap is there to avoid, and a huge one may be a legitimate entry of
+            # more files than the cap allows: an operator's call (`verify`, then delete).
+            raise EntryRejected(f"the manifest of {self.key} is over the size cap: leaving it as it is ({e})") from e
         except IntegrityError as e:
             # A malformed manifest helps nobody: replace it (CAS on its current version) with ours.
             log.warning("replacing a malformed manifest for %s: %s", self.key, e)
-            _, token = self.store.read_versioned(manifest_name(self.key))
+            _, token = self.store.read_versioned(manifest_name(self.key), max_bytes=MAX_MANIFEST_BYTES)
             return None, token
         if m is None:
             return None, None
-        if m.signature is not None and (self.signing_key is None or not m.signed_with(self.signing_key)):
+        if m.signature is not None and self.trust.judge(m).signer not in ("current", "previous"):
             # Another key's entry (a misconfigured replica must not flip-flop the fleet's entry) or a tampered one
             # (an operator's call: `verify`, then delete). Either way, not ours to overwrite.
             raise EntryRejected(
                 f"the entry {self.key} is signed and its signature does not verify with this process's "
-                "COMPILE_CACHE_SIGNING_KEY (or none is set): leaving it as it is"
+                "COMPILE_CACHE_SIGNING_KEY or COMPILE_CACHE_VERIFY_KEYS (or none is set): leaving it as it is"
             )
         if m.signature is None and self.signing_key is not None:
             log.warning("replacing the unsigned manifest of %s by a signed one of this process's files", self.key)
@@ -473,6 +520,23 @@ class Uploader:
                     check_object(f, seg.sha256, seg.size, seg.files, self.roots.keys())
             except (IntegrityError, ObjectNotFound):
                 self.drop.add(seg.sha256)
+
+    def _resign(self) -> None:
+        """Key rotation: the manifest in hand verified only with an earlier key (COMPILE_CACHE_VERIFY_KEYS). Write
+        it again, content unchanged, signed with the current key, so the fleet can drop the earlier one."""
+        assert self.trust is not None
+        for _ in range(_CAS_ATTEMPTS):
+            if self.manifest is None or not self.trust.needs_resign(self.manifest):
+                return
+            data = self.manifest.to_bytes(self.signing_key)
+            try:
+                self.token = self.store.put_conditional(manifest_name(self.key), data, self.token)
+                self.manifest = Manifest.from_bytes(data)
+                log.info("re-signed the entry %s with the current COMPILE_CACHE_SIGNING_KEY", self.key)
+                return
+            except PreconditionFailed:  # someone wrote first (perhaps re-signed it): judge theirs
+                self.manifest, self.token = self._read_or_reset()
+        raise StoreError(f"could not re-sign the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
 
     def _write_dropped(self) -> None:
         """Compare-and-swap the manifest in hand (damaged segments left out) when no new segment carries it."""

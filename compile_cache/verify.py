@@ -1,8 +1,9 @@
 """Check one entry in a store without loading any of it: the engine of ``python -m compile_cache verify KEY``.
 
 It checks what a restore checks, and reports every problem instead of stopping at the first: the manifest parses
-and was written for this key; its fingerprint matches the key (and the given factors); its signature verifies
-(with a key); every object exists with its recorded size and sha256; every archive's members are safe (relative
+(within the size cap) and was written for this key; its fingerprint matches the key (and the given factors); a
+restore under the same trust policy would load it (trust.TrustPolicy: signing key, earlier keys, signed-only);
+every object exists with its recorded size and sha256; every archive's members are safe (relative
 names, regular files only, caps) and match the manifest. Archives are checked by the restore's own code in dry-run
 mode (:func:`snapshot.check_archive`): nothing is written outside a temporary download directory.
 
@@ -20,9 +21,10 @@ from pathlib import Path
 from .config import Settings
 from .errors import CacheError, IntegrityError, ObjectNotFound
 from .key import diff_factors, fingerprint_of
-from .manifest import Manifest, manifest_name
+from .manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_SEGMENTS, Manifest, manifest_name
 from .snapshot import check_archive, sha256_file
 from .stores.base import Progress, Store
+from .trust import TrustPolicy
 
 __all__ = ["VerifyReport", "verify_entry"]
 
@@ -67,6 +69,7 @@ def verify_entry(
     *,
     signing_key: bytes | None = None,
     require_signed: bool = False,
+    trust: TrustPolicy | None = None,
     factors: Mapping[str, str] | None = None,
     max_bytes: int | None = None,
     max_files: int | None = None,
@@ -75,7 +78,7 @@ def verify_entry(
 ) -> VerifyReport:
     """Check the entry ``key`` in ``store``; never raises for what it finds (store trouble is a problem too).
 
-    ``signing_key``/``require_signed`` as in restore (COMPILE_CACHE_SIGNING_KEY / _REQUIRE_SIGNED); ``factors``:
+    ``trust`` as in restore (``signing_key``/``require_signed``: a policy with only those); ``factors``:
     an environment's fingerprint factors to compare with (without them, the manifest's fingerprint is compared
     with the one the key name ends with). The caps default to the settings' defaults. ``progress`` gets the bytes
     downloaded.
@@ -84,9 +87,11 @@ def verify_entry(
         max_bytes = Settings.model_fields["max_restore_bytes"].default
     if max_files is None:
         max_files = Settings.model_fields["max_restore_files"].default
+    if trust is None:
+        trust = TrustPolicy(signing_key=signing_key, require_signed=require_signed)
     rep = VerifyReport(key, store.url)
     try:
-        data = store.read(manifest_name(key))
+        data = store.read(manifest_name(key), max_bytes=MAX_MANIFEST_BYTES)
     except ObjectNotFound:
         rep.problems.append(f"no entry: {manifest_name(key)} does not exist")
         return rep
@@ -103,7 +108,13 @@ def verify_entry(
     rep.bytes_stored, rep.bytes_unpacked = m.total_bytes, sum(f.size for f in files.values())
 
     _check_identity(m, key, factors, rep)
-    _check_signature(m, signing_key, require_signed, rep)
+    verdict = trust.judge(m)
+    if not verdict.loads:
+        rep.problems.append(verdict.reason)
+    elif verdict.reason:
+        rep.notes.append(verdict.reason)
+    if len(m.segments) > MAX_MANIFEST_SEGMENTS:
+        rep.problems.append(f"manifest lists {len(m.segments)} segments, more than {MAX_MANIFEST_SEGMENTS}")
     # As restore counts: every segment is unpacked, files listed twice (overlapping segments) included.
     nbytes = sum(s.unpacked_bytes for s in m.segments)
     nfiles = sum(len(s.files) for s in m.segments)
@@ -127,23 +138,6 @@ def _check_identity(m: Manifest, key: str, factors: Mapping[str, str] | None, re
     elif fingerprint_of(factors) != m.fingerprint:
         diff = "; ".join(diff_factors(m.factors, factors)[:4])
         rep.problems.append(f"manifest fingerprint is foreign to the given environment ({diff})")
-
-
-def _check_signature(m: Manifest, signing_key: bytes | None, require_signed: bool, rep: VerifyReport) -> None:
-    if m.signature is None:
-        if require_signed:
-            rep.problems.append("manifest is unsigned and signatures are required")
-        elif signing_key is not None:
-            rep.notes.append("manifest is unsigned (loaded only while COMPILE_CACHE_REQUIRE_SIGNED is off)")
-        return
-    if signing_key is None:
-        if require_signed:
-            rep.problems.append("signatures are required but no signing key is set: cannot verify the signature")
-        else:
-            rep.notes.append("manifest is signed; signature not checked (no signing key given)")
-        return
-    if not m.signed_with(signing_key):
-        rep.problems.append("manifest signature does not verify (tampered, or signed with another key)")
 
 
 def _check_objects(

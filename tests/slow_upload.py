@@ -40,8 +40,8 @@ class ThrottledStore(Store):
         if self.plan.get("hold_until_exit"):
             self.exit_started.wait()
 
-    def read_versioned(self, name: str) -> tuple[bytes, str]:
-        return self.inner.read_versioned(name)
+    def read_versioned(self, name: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        return self.inner.read_versioned(name, max_bytes=max_bytes)
 
     def download(self, name: str, dest: Path, *, progress: Progress | None = None) -> int:
         return self.inner.download(name, dest, progress=progress)

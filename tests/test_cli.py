@@ -347,3 +347,30 @@ def test_warm_preseeds_so_a_fresh_boot_hits(
     assert m["key"] == key
     assert m["cache"] == "hit" and m["fxgraph_misses"] == 0 and m["fxgraph_hits"] > 0, m
     assert m["bytes_uploaded"] == 0
+
+
+def test_verify_and_inspect_judge_signatures_as_a_restore_does(store: Store, tmp_path: Path) -> None:
+    """Keys only from the environment, the runtime's rules: with a key, signed-only; earlier keys verify; the
+    opt-out for unsigned entries; --require-signed."""
+    pytest.importorskip("compile_cache.verify")
+    old = seed(store, "old", fake_cache(tmp_path, {"a/b": b"x"}), signing_key=b"old-key")
+    unsigned = seed(store, "unsigned", fake_cache(tmp_path, {"a/c": b"y"}))
+    new = {"COMPILE_CACHE_SIGNING_KEY": "new-key"}
+    rotating = {**new, "COMPILE_CACHE_VERIFY_KEYS": "older-key, old-key"}
+    cases = [
+        (old, new, 1, "does not verify"),
+        (old, rotating, 0, "earlier key"),
+        (unsigned, new, 1, "unsigned"),
+        (unsigned, {**new, "COMPILE_CACHE_ALLOW_UNSIGNED": "1"}, 0, "COMPILE_CACHE_ALLOW_UNSIGNED is on"),
+        (unsigned, {}, 0, "no COMPILE_CACHE_SIGNING_KEY"),
+    ]
+    for key, env, rc, text in cases:
+        cp = cli(store, "verify", key, env=env)
+        assert cp.returncode == rc and text in cp.stdout, (key, env, cp.stdout, cp.stderr)
+        body = json.loads(cli(store, "inspect", key, "--json", env=env).stdout)
+        assert body["trust"]["loads"] is (rc == 0) and text in body["trust"]["reason"], body["trust"]
+    cp = cli(store, "verify", unsigned, "--require-signed", env={**new, "COMPILE_CACHE_ALLOW_UNSIGNED": "1"})
+    assert cp.returncode == 1 and "unsigned" in cp.stdout
+    cp = cli(store, "inspect", old, env=new)
+    assert "loads here     NO, a restore refuses it: manifest signature does not verify" in cp.stdout
+    assert "old-key" not in cp.stdout + cp.stderr

@@ -785,9 +785,9 @@ class SlowStore(Store):
     def __init__(self, inner: Store, delay: float) -> None:
         self.inner, self.delay, self.url = inner, delay, inner.url
 
-    def read_versioned(self, name: str) -> tuple[bytes, str]:
+    def read_versioned(self, name: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         time.sleep(self.delay)
-        return self.inner.read_versioned(name)
+        return self.inner.read_versioned(name, max_bytes=max_bytes)
 
     def download(self, name: str, dest: Path, *, progress: Any = None) -> int:
         time.sleep(self.delay)
@@ -807,10 +807,13 @@ class SlowStore(Store):
 
 
 class SlowProxy:
-    """A TCP proxy on 127.0.0.1 that forwards each chunk a client sends ``delay`` seconds late."""
+    """A TCP proxy on 127.0.0.1 that forwards each chunk a client sends ``delay`` seconds late; ``to_client``
+    counts the bytes it passed from the server to the client."""
 
     def __init__(self, upstream: tuple[str | None, int | None], delay: float) -> None:
         self.upstream, self.delay = (upstream[0] or "127.0.0.1", upstream[1] or 80), delay
+        self.to_client = 0
+        self._count = threading.Lock()
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True, name="slow-proxy").start()
@@ -827,14 +830,16 @@ class SlowProxy:
                 client.close()
                 continue
             threading.Thread(target=self._pump, args=(client, server, self.delay), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, 0.0, True), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, delay: float, count: bool = False) -> None:
         try:
             while data := src.recv(1 << 16):
                 time.sleep(delay)
                 dst.sendall(data)
+                if count:
+                    with self._count:
+                        self.to_client += len(data)
         except OSError:
             pass
         finally:

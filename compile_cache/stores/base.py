@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import StoreError
+from ..errors import ObjectTooLarge, StoreError
 
-__all__ = ["Store", "ObjectInfo", "Progress", "check_name"]
+__all__ = ["Store", "ObjectInfo", "Progress", "check_name", "too_large"]
 
 # Called with the number of bytes just transferred.
 Progress = Callable[[int], None]
@@ -36,6 +36,12 @@ def check_name(name: str) -> str:
     if not _NAME.match(name) or ".." in name.split("/"):
         raise StoreError(f"invalid object name {name!r}")
     return name
+
+
+def too_large(where: str, size: int | None, cap: int) -> ObjectTooLarge:
+    """The error of a capped read: ``size`` is the object's full size where the backend knows it."""
+    what = f"{size} bytes" if size is not None else "larger"
+    return ObjectTooLarge(f"{where}: {what}, over the cap of {cap} bytes: refused without reading it whole")
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,12 @@ class Store(ABC):
 
     # -- primitives every backend implements -----------------------------------------------------------------------
     @abstractmethod
-    def read_versioned(self, name: str) -> tuple[bytes, str]:
-        """Return (content, version token). Raises ObjectNotFound."""
+    def read_versioned(self, name: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """Return (content, version token). Raises ObjectNotFound.
+
+        With ``max_bytes``, an object larger than that raises ObjectTooLarge having read at most ``max_bytes`` + 1
+        bytes of it: the backend asks for the size first (a stat, an S3 ranged GET's Content-Range), so a huge
+        object costs nothing. For what must be checked before it is trusted (the manifest)."""
 
     @abstractmethod
     def download(self, name: str, dest: Path, *, progress: Progress | None = None) -> int:
@@ -79,8 +89,8 @@ class Store(ABC):
         """Remove ``name``; absent is fine."""
 
     # -- conveniences built on the primitives ----------------------------------------------------------------------
-    def read(self, name: str) -> bytes:
-        return self.read_versioned(name)[0]
+    def read(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        return self.read_versioned(name, max_bytes=max_bytes)[0]
 
     def open_read(self, name: str) -> AbstractContextManager[BinaryIO]:
         """Object ``name`` as a stream to ``read(n)`` from, for a restore that unpacks while it downloads. Raises
@@ -89,6 +99,12 @@ class Store(ABC):
 
     def exists(self, name: str) -> bool:
         return any(o.name == name for o in self.list(name))
+
+    def outside_writers(self) -> str:
+        """What makes this store writable from outside this container, in a few words ("an S3 bucket"), or ""
+        when only this container's own filesystem holds it. The boot warns when such a store is trusted blindly
+        (no signing key): whoever can write to it can run code in every container that restores from it."""
+        return ""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has none."""

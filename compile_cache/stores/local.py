@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import BinaryIO
 from filelock import FileLock
 
 from ..errors import ObjectNotFound, PreconditionFailed, StoreError
-from .base import ObjectInfo, Progress, Store, check_name
+from .base import ObjectInfo, Progress, Store, check_name, too_large
 
 __all__ = ["LocalStore"]
 
@@ -37,10 +38,15 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f"{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
 
-    def read_versioned(self, name: str) -> tuple[bytes, str]:
+    def read_versioned(self, name: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         path = self._path(name)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                if max_bytes is not None and (size := os.fstat(f.fileno()).st_size) > max_bytes:
+                    raise too_large(f"{self.url}/{name}", size, max_bytes)
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)  # +1: it may grow meanwhile
+            if max_bytes is not None and len(data) > max_bytes:
+                raise too_large(f"{self.url}/{name}", None, max_bytes)
         except FileNotFoundError as e:
             raise ObjectNotFound(f"{self.url}/{name}: not found") from e
         except OSError as e:
@@ -133,3 +139,46 @@ class LocalStore(Store):
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def outside_writers(self) -> str:
+        """A network filesystem, or any other mount than the project directory's (a volume, a host directory): a
+        directory on the container's own filesystem (the default, .cache/compile-store) or a tmpfs is private."""
+        store, own = _mount_of(self.root), _mount_of(Path.cwd())
+        if store is None or own is None:  # no /proc/self/mountinfo: cannot tell, stay quiet
+            return ""
+        point, fstype = store
+        if fstype in _NETWORK_FS or fstype.startswith("fuse."):
+            return f"a {fstype} network filesystem at {point}"
+        if point != own[0] and fstype not in ("tmpfs", "ramfs"):
+            return f"a {fstype} filesystem mounted at {point}, not the project's"
+        return ""
+
+
+# Filesystems other machines can write to (fuse.* too: s3fs, gcsfuse, sshfs, juicefs ...).
+_NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs", "afs", "9p", "virtiofs"}
+)
+
+
+def _mount_of(path: Path) -> tuple[str, str] | None:
+    """(mount point, filesystem type) of the mount holding ``path`` (or its nearest existing parent)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    target = os.path.realpath(p)
+    best: tuple[str, str] | None = None
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw": point is field 5, type after "-"
+        fields = line.split()
+        if "-" not in fields or len(fields) < 5:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
+        fstype = fields[fields.index("-") + 1]
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):  # the last of stacked mounts wins
+            best = (point, fstype)
+    return best

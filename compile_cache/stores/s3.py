@@ -37,7 +37,7 @@ from botocore.exceptions import (
 
 from ..config import Settings
 from ..errors import ObjectNotFound, PreconditionFailed, StoreError
-from .base import ObjectInfo, Progress, Store, check_name
+from .base import ObjectInfo, Progress, Store, check_name, too_large
 
 __all__ = ["S3Store"]
 
@@ -141,14 +141,36 @@ class S3Store(Store):
             self._fail(op, key, e)
 
     # -- primitives --------------------------------------------------------------------------------------------------
-    def read_versioned(self, name: str) -> tuple[bytes, str]:
+    def read_versioned(self, name: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         key = self._key(name)
-        resp = self._call("GetObject", key)
+        if max_bytes is None:
+            resp = self._call("GetObject", key)
+        else:
+            resp = self._get_capped(key, max_bytes)
         try:
-            data = resp["Body"].read()
+            data = resp["Body"].read() if max_bytes is None else _read_at_most(resp["Body"], max_bytes + 1)
         except BotoCoreError as e:
             self._fail("GetObject", key, e)
+        if max_bytes is not None and len(data) > max_bytes:  # a server that ignored the Range and the length
+            resp["Body"].close()
+            raise too_large(f"s3://{self.bucket}/{key}", None, max_bytes)
         return data, resp["ETag"]
+
+    def _get_capped(self, key: str, max_bytes: int) -> dict[str, Any]:
+        """A GET of at most ``max_bytes`` + 1 bytes (a Range), refused on its headers when the object's full size
+        (Content-Range's total) is over the cap: the body is closed unread, so a huge object costs one request."""
+        try:
+            resp = self._call("GetObject", key, Range=f"bytes=0-{max_bytes}")
+        except StoreError as e:
+            if _code(e) != "InvalidRange":  # 416: the object is empty
+                raise
+            resp = self._call("GetObject", key)
+        m = _CONTENT_RANGE.match(resp.get("ContentRange") or "")
+        total = int(m.group(3)) if m else int(resp.get("ContentLength") or 0)
+        if total > max_bytes:
+            resp["Body"].close()
+            raise too_large(f"s3://{self.bucket}/{key}", total, max_bytes)
+        return resp
 
     def put_conditional(self, name: str, data: bytes, if_match: str | None) -> str:
         key = self._key(name)
@@ -252,6 +274,9 @@ class S3Store(Store):
 
     def delete(self, name: str) -> None:
         self._call("DeleteObject", self._key(name))
+
+    def outside_writers(self) -> str:
+        return "an S3 bucket"
 
     def close(self) -> None:
         self._client.close()
@@ -377,6 +402,15 @@ def _make_client(*, connect_timeout: float, read_timeout: float, max_attempts: i
         client.close()
         client = session.client("s3", config=cfg.merge(Config(s3={"addressing_style": "path"})))
     return client
+
+
+def _read_at_most(body: Any, limit: int) -> bytes:
+    """Read ``body`` to its end or until ``limit`` bytes, whichever comes first."""
+    chunks, n = [], 0
+    while n < limit and (chunk := body.read(min(_READ_CHUNK, limit - n))):
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
 
 
 def _code(e: BaseException) -> str | None:
