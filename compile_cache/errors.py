@@ -11,6 +11,7 @@ __all__ = [
     "IntegrityError",
     "UnsafeArchive",
     "EntryRejected",
+    "NewShapeError",
 ]
 
 
@@ -44,3 +45,7 @@ class UnsafeArchive(IntegrityError):
 
 class EntryRejected(CacheError, PermissionError):
     """An entry exists but must not be loaded: foreign fingerprint, bad or missing signature."""
+
+
+class NewShapeError(CacheError, RuntimeError):
+    """A call's input shape was declared nowhere and the part's ``on_new_shape`` is ``"error"``."""

@@ -1,4 +1,4 @@
-"""Issue #4: the compile cache survives every way a Cog container stops — against the real runtime (coglet).
+"""The compile cache survives every way a Cog container stops — against the real runtime (coglet).
 
 Each test is two "containers" sharing one local store. Container A starts with compiled artifacts the store lacks
 (a copy of ONE cold-compiled Inductor dir shared by the module) and is stopped one way or another; container B, with
@@ -57,6 +57,7 @@ class Container:
             "COMPILE_CACHE_URL": f"file://{self.store}",
             "COMPILE_CACHE_METRICS_FILE": str(self.metrics_file),
             "TINY_SLOW_STORE": json.dumps(plan or {}),
+            "COMPILE_CACHE_ON_NEW_SHAPE": "compile",  # the undeclared batch compiles on the request path
             "PYTHONPATH": str(ROOT),
             **env,
         }
