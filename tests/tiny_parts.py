@@ -1,7 +1,7 @@
 """Tiny runners with several compiled parts, for the parts API's integration tests.
 
 ``TwoParts``: an ``encoder`` (the tiny MLP, strategy ``export``: one package for batch 1..32) feeding a ``head``
-(strategy ``jit``, warm-up batches 1 and 4). ``BrokenHead``: the same, with a head whose compile fails.
+(strategy ``jit``, warm-up batches 1 and 4). ``BrokenEncoder``: both parts jit, and the encoder's compile fails.
 ``ConcurrentRunner``: one jit part behind an ``async run()`` that hands each call to a thread, for
 ``COG_MAX_CONCURRENCY`` > 1.
 """
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import torch
 from cog import Input
@@ -43,22 +42,23 @@ class TwoParts(CompiledRunner):
     compile_config = CompileConfig(dynamic=False)  # defaults for every part
     model_version = "tiny-parts-1"
     weights_dir = None
-    head_backend = "inductor"
+    encoder_config: dict = {"strategy": "export"}
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
         return {
-            "encoder": Part(TinyMLP().eval(), export_spec=ExportSpec(
-                (inputs(3),), {0: {0: Dim("batch", 1, EXPORT_MAX_BATCH)}}), strategy="export"),
-            "head": Part(Head().eval(), examples=[Example((head_inputs(b),)) for b in BATCHES], strategy="jit",
-                         backend=self.head_backend),
+            "encoder": Part(TinyMLP().eval(), examples=[Example((inputs(b),)) for b in BATCHES],
+                            export_spec=ExportSpec((inputs(3),), {0: {0: Dim("batch", 1, EXPORT_MAX_BATCH)}}),
+                            **self.encoder_config),
+            "head": Part(Head().eval(), examples=[Example((head_inputs(b),)) for b in BATCHES], strategy="jit"),
         }
 
     def run(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
         return self.parts["head"](self.parts.encoder(inputs(batch))).tolist()
 
 
-class BrokenHead(TwoParts):
-    head_backend = "tiny_broken"  # registered by tests/tiny_predictor.py: the first compiled call raises
+class BrokenEncoder(TwoParts):
+    # tiny_broken (registered by tests/tiny_predictor.py): torch.compile succeeds, the first compiled call raises
+    encoder_config = {"strategy": "jit", "backend": "tiny_broken"}
 
 
 class ConcurrentRunner(CompiledRunner):
@@ -72,8 +72,12 @@ class ConcurrentRunner(CompiledRunner):
     def warmup_examples(self):  # type: ignore[no-untyped-def]
         return [Example((inputs(b),)) for b in BATCHES]
 
-    async def run(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
-        # A thread per call: with COG_MAX_CONCURRENCY > 1 the compiled model really is called concurrently.
-        out = await asyncio.to_thread(self.model, inputs(batch))
-        await asyncio.sleep(float(os.environ.get("TINY_RUN_SLEEP_S", "0")))
-        return out.tolist()
+    async def run(self, batch: int = Input(default=1, ge=1, le=64), calls: int = Input(default=1, ge=1)
+                  ) -> list[list[float]]:
+        # A thread per prediction: with COG_MAX_CONCURRENCY > 1 the compiled model really is called concurrently.
+        def many() -> torch.Tensor:
+            for _ in range(calls - 1):
+                self.model(inputs(batch))
+            return self.model(inputs(batch))
+
+        return (await asyncio.to_thread(many)).tolist()
