@@ -175,15 +175,20 @@ def test_undeclared_shape_under_error_fails_the_prediction_and_the_worker_serves
 def test_concurrent_predictions_are_correct_and_each_counts_its_own_compiles(tiny_inductor: Path,
                                                                               tmp_path: Path) -> None:
     """Four slots. One prediction brings an undeclared batch (compiled on the request path: on_new_shape=compile)
-    while three others call the model on declared batches in a loop in their own threads; each prediction's
-    request_path_compiles is what its own calls compiled, and the metrics file's is their sum."""
+    while others call the model on declared batches in a loop, each in its own thread. Each prediction's
+    request_path_compiles must equal the recompiles Dynamo itself logged in that prediction's logs
+    (TORCH_LOGS=recompiles; coglet routes a thread's output to its prediction), and the metrics file's the sum.
+
+    Measured here on torch 2.13: a declared batch can recompile too while another thread compiles (Dynamo logs
+    "runtime guards failed even though they passed during recompilation-reason analysis"); such a compile is
+    charged to the prediction whose call made it, and to no other."""
     shutil.copytree(tiny_inductor, tmp_path / "inductor")
     results: dict[str, Any] = {}
     with server(f"{PARTS}:ConcurrentRunner", tmp_path, COMPILE_CACHE_URL=str(tmp_path / "store"),
-                COMPILE_CACHE_ON_NEW_SHAPE="compile", COG_MAX_CONCURRENCY="4") as srv:
+                COMPILE_CACHE_ON_NEW_SHAPE="compile", COG_MAX_CONCURRENCY="4", TORCH_LOGS="recompiles") as srv:
         srv.wait_ready(READY_S)
         jobs = {"new-7": {"batch": 7, "calls": 1}, "declared-1": {"batch": 1, "calls": 5000},
-                "declared-4": {"batch": 4, "calls": 5000}, "declared-1b": {"batch": 1, "calls": 5000}}
+                "declared-4": {"batch": 4, "calls": 5000}, "new-9": {"batch": 9, "calls": 1}}
 
         def go(name: str, inputs: dict[str, Any]) -> None:
             results[name] = srv.predict(inputs, timeout=300)
@@ -194,12 +199,13 @@ def test_concurrent_predictions_are_correct_and_each_counts_its_own_compiles(tin
         for t in threads:
             t.join(300)
         assert srv.shutdown("post") == 0
+    counted = {}
     for name, inputs in jobs.items():
         code, resp = results[name]
         assert code == 200 and resp["status"] == "succeeded", (name, resp)
         assert close(resp["output"], mlp_eager(inputs["batch"])), name
-    per_prediction = {n: results[n][1]["metrics"].get("request_path_compiles", 0) for n in jobs}
-    assert per_prediction["new-7"] >= 1
-    assert all(per_prediction[n] == 0 for n in jobs if n.startswith("declared")), per_prediction
+        counted[name] = resp["metrics"].get("request_path_compiles", 0)
+        assert counted[name] == resp["logs"].count("Recompiling function"), (name, counted, resp["logs"])
+    assert counted["new-7"] >= 1 and counted["new-9"] >= 1, counted
     m = metrics(tmp_path)
-    assert m["request_path_compiles"] == per_prediction["new-7"] and m["request_path_eager_calls"] == 0
+    assert m["request_path_compiles"] == sum(counted.values()) and m["request_path_eager_calls"] == 0
