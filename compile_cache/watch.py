@@ -34,7 +34,7 @@ log = logging.getLogger("compile_cache")
 
 _tls = threading.local()
 _install_lock = threading.Lock()
-_installed = {"compiles": False, "misses": False}
+_installed = {"compiles": False, "misses": False, "misses_checked": False, "warned": False}
 
 
 @dataclass
@@ -73,18 +73,24 @@ def _on_compile_end(args: Any) -> None:
 
 
 def install() -> None:
-    """Install the process-wide hooks (idempotent)."""
+    """Install the process-wide hooks (idempotent). The compile callbacks are checked on every call:
+    ``torch._dynamo.reset()`` clears them."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        callback_handler = None
+    if _installed["misses_checked"] and callback_handler is not None and _on_compile_end in callback_handler.end_callbacks:
+        return
     with _install_lock:
-        if not _installed["compiles"]:
-            try:
-                from torch._dynamo.callback import callback_handler
-
-                callback_handler.register_start_callback(_on_compile_start)
-                callback_handler.register_end_callback(_on_compile_end)
-                _installed["compiles"] = True
-            except (ImportError, AttributeError) as e:
-                log.warning("this torch has no Dynamo compile callbacks (%s): request-path compiles are counted "
-                            "process-wide", e)
+        if callback_handler is None:
+            if not _installed["warned"]:
+                log.warning("this torch has no Dynamo compile callbacks: request-path compiles are counted "
+                            "process-wide")
+                _installed["warned"] = True
+        elif _on_compile_end not in callback_handler.end_callbacks:
+            callback_handler.register_start_callback(_on_compile_start)
+            callback_handler.register_end_callback(_on_compile_end)
+            _installed["compiles"] = True
         if not _installed["misses"] and can_see_guard_misses():
             from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
@@ -99,6 +105,7 @@ def install() -> None:
 
             prev = set_guard_complete_hook(hook)
             _installed["misses"] = True
+        _installed["misses_checked"] = True
 
 
 def can_see_guard_misses() -> bool:
