@@ -110,7 +110,7 @@ class CompiledRunner(BaseRunner):
         # 1. load: the parts, each with its own config
         t = time.monotonic()
         loaded = self.load(weights)
-        plans = self._plan(loaded, settings)
+        plans = self._resolve_parts(loaded, settings)
         m.load_s = time.monotonic() - t
 
         # 2. key: one for every part (name, config, export spec)
@@ -148,7 +148,7 @@ class CompiledRunner(BaseRunner):
         self._hand_setup_logs_to_the_runtime()
 
     # -- pieces of setup -------------------------------------------------------------------------------------------
-    def _plan(self, loaded: Any, settings: Settings) -> list[Plan]:
+    def _resolve_parts(self, loaded: Any, settings: Settings) -> list[Plan]:
         """The parts ``load()`` declared, each with its effective config: the runner's, the part's overrides, then
         the environment's. An export part without a usable spec falls back to jit here, before the key."""
         self._single = not isinstance(loaded, Mapping)
