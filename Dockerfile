@@ -57,7 +57,7 @@ RUN groupadd --system --gid 10001 cog \
     && mkdir -p /var/cache/torchinductor /var/cache/compile-store \
     && chown cog:cog /var/cache/torchinductor /var/cache/compile-store
 
-ENV COG_PREDICT_TYPE_STUB=predict.py:Predictor \
+ENV COG_PREDICT_TYPE_STUB=predict.py:Runner \
     PORT=5000 \
     TORCHINDUCTOR_CACHE_DIR=/var/cache/torchinductor \
     COMPILE_CACHE_URL=file:///var/cache/compile-store \

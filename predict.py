@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 from cog import Input
 
-from compile_cache import CompileConfig, CompiledPredictor
-from compile_cache.compiler import Example
-from compile_cache.export import Dim, ExportSpec
+from compile_cache import CompileConfig, CompiledRunner, Dim, Example, ExportSpec
 
 WEIGHTS_DIR = Path(os.environ.get("MODEL_WEIGHTS_DIR", "weights/all-MiniLM-L6-v2"))
 MAX_BATCH = 64  # export: the package's batch dim is 1..MAX_BATCH
@@ -46,7 +44,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-class Predictor(CompiledPredictor):
+class Runner(CompiledRunner):
     # export measured best on this model (docs/benchmarks.md); jit stays one env var away.
     compile_config = CompileConfig(strategy="export", dynamic=False)
     weights_dir = str(WEIGHTS_DIR)
@@ -102,9 +100,7 @@ class Predictor(CompiledPredictor):
             out += self.model(*self._batch(chunk, *shape))[: len(chunk)].tolist()
         return out
 
-    def predict(
-        self, text: str = Input(description="One sentence per line", default=DEFAULT_TEXT)
-    ) -> list[list[float]]:
+    def run(self, text: str = Input(description="One sentence per line", default=DEFAULT_TEXT)) -> list[list[float]]:
         sentences = [s.strip() for s in text.splitlines() if s.strip()]
         if not sentences:
             raise ValueError("text is empty: give at least one non-blank line")

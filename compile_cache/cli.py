@@ -35,7 +35,7 @@ _URL_ENV = _URL.alias or "COMPILE_CACHE_URL"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 DEFAULT_GRACE = "1h"
-DEFAULT_PREDICTOR = "predict.py:Predictor"
+DEFAULT_PREDICTOR = "predict.py:Runner"
 
 
 class _Failure(Exception):
@@ -362,10 +362,10 @@ def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp  # a fresh, empty cache dir: what a new container has
     try:
         p = load_predictor(args.predictor)
-        from .lifecycle import CompiledPredictor  # torch (the predictor's module has imported it already)
+        from .lifecycle import CompiledRunner  # torch (the predictor's module has imported it already)
 
-        if not isinstance(p, CompiledPredictor):
-            raise ConfigError(f"--predictor {args.predictor!r} is not a CompiledPredictor: nothing to pre-seed")
+        if not isinstance(p, CompiledRunner):
+            raise ConfigError(f"--predictor {args.predictor!r} is not a CompiledRunner: nothing to pre-seed")
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         weights = os.environ.get("COG_WEIGHTS")  # what Cog would pass to setup()
         if weights:
@@ -461,7 +461,7 @@ _COMMANDS: list[tuple[str, str, str, Callable[[argparse.Namespace, _Context], in
         "variable is set), wait for the upload to finish and print the key and bytes uploaded. Run it right after\n"
         "`cog push` with the production store and environment, so the first production boot is warm.\n"
         "Exit status 1 if the upload failed or the model could not be compiled.\n\n"
-        "example:\n  python -m compile_cache --store s3://my-bucket/cache warm --predictor predict.py:Predictor\n"
+        "example:\n  python -m compile_cache --store s3://my-bucket/cache warm --predictor predict.py:Runner\n"
         "  COMPILE_CACHE_URL=s3://my-bucket/cache python -m compile_cache warm",
         cmd_warm,
     ),
@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictor",
         default=DEFAULT_PREDICTOR,
         metavar="FILE.py:CLASS",
-        help=f"the predictor, as in cog.yaml's `predict:` (default {DEFAULT_PREDICTOR})",
+        help=f"the predictor, as in cog.yaml's `run:` (default {DEFAULT_PREDICTOR})",
     )
     p = parsers["verify"]
     p.add_argument("key", metavar="KEY", help="a cache key (as `ls` shows it), or a unique prefix of one")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import CompileConfig
+from .errors import NewShapeError
 
 __all__ = [
     "Example",
@@ -68,7 +69,7 @@ class Counts:
 
 
 def counts() -> Counts:
-    """Dynamo / Inductor / AOTAutograd counters of this process (``torch._dynamo.utils.counters``)."""
+    """Dynamo / Inductor / AOTAutograd counters of this process (names as in ``torch._dynamo.utils.counters``)."""
     from torch._dynamo.utils import counters
 
     return Counts(
@@ -163,19 +164,52 @@ def compile_model(model: Callable[..., Any], cfg: CompileConfig) -> tuple[Callab
 
 
 class CompiledModel:
-    """What ``predict()`` calls: the compiled (or eager) callable, run under inference mode, with a watch on
-    compiles. A call that compiles (a shape outside the warm-up plan) logs a warning naming the shape and records a
-    metric on the prediction, so a gap in the plan is visible in production."""
+    """What ``run()`` calls for one part: the compiled (or eager) callable, run under inference mode, with a watch on
+    the request path. Once setup is done (:meth:`serve`), a call whose shape nobody declared gets the part's
+    ``on_new_shape``: ``"compile"`` compiles it (a warning naming the shape, counted as a request-path compile),
+    ``"eager"`` serves it uncompiled (logged once per shape, counted as a request-path eager call), ``"error"`` fails
+    the call with :class:`NewShapeError`. ``kind`` is what serves: ``"jit"`` (a ``torch.compile`` result),
+    ``"export"`` (an AOTInductor package: a shape outside its dims is the new shape) or ``"precompile"``."""
 
-    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any], cfg: CompileConfig) -> None:
+    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any], cfg: CompileConfig, *, name: str = "model",
+                 kind: str = "jit") -> None:
         self.fn = fn
         self.eager = eager
         self.cfg = cfg
+        self.name = name
+        self.kind = kind
+        self.policy = "compile"  # during warm-up every call may compile; serve() applies cfg.on_new_shape
         self.request_path_compiles = 0
+        self.request_path_eager_calls = 0
         self._lock = threading.Lock()
-        self.on_request_compile: Callable[[str, int], None] | None = None
+        self._eager_shapes: set[str] = set()
+        # (event, shape, n): event "compile" or "eager"; the lifecycle records it in the metrics and on the prediction
+        self.on_request: Callable[[str, str, int], None] | None = None
         self._sdpa = sdpa_backend(cfg)
         self._fmt = _memory_format(cfg)
+
+    def serve(self) -> None:
+        """Setup is done: from now on calls are requests, and a new shape gets ``cfg.on_new_shape``."""
+        policy = self.cfg.on_new_shape
+        if not self.is_compiled or policy == "compile":
+            self.policy = policy
+            return
+        if self.kind == "precompile":
+            self.fn.serve(policy)  # type: ignore[attr-defined]
+        elif self.kind == "jit":
+            from .watch import can_see_guard_misses, run_only
+
+            ro = run_only(self.fn)
+            if ro is None:
+                log.warning("part %r: on_new_shape=%r needs torch._dynamo.run, which this torch lacks: a new shape "
+                            "compiles on the request path", self.name, policy)
+                self.policy = "compile"
+                return
+            if not can_see_guard_misses():
+                log.warning("part %r: this torch reports no guard outcomes: new shapes run eager but are not "
+                            "counted, and on_new_shape='error' cannot fail them", self.name)
+            self.fn = ro
+        self.policy = policy
 
     @property
     def is_compiled(self) -> bool:
@@ -200,35 +234,72 @@ class CompiledModel:
         return stack
 
     def _convert(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """4-D tensors to the configured memory format, so every call matches the strides warm-up compiled for
-        (Dynamo guards on strides: a mismatch would recompile on the request path). Called outside inference mode:
-        a copy made inside it is an inference tensor, and Dynamo guards on that too (a caller's tensor already in
-        the format is passed as it is, so the two would differ and recompile)."""
+        """Inputs in the form warm-up compiled for, so that a request never fails Dynamo's guards over form alone.
+        Called outside inference mode, for two reasons Dynamo guards on:
+
+        - 4-D tensors to the configured memory format (Dynamo guards on strides). A copy made inside inference mode
+          would be an inference tensor (a caller's tensor already in the format is passed as it is: the two would
+          differ).
+        - Inference tensors (another part's output: parts run under inference mode) to ordinary ones, by a copy:
+          warm-up examples are ordinary tensors, and Dynamo guards on the difference (measured on torch 2.13: one
+          recompile). An export package has no guards: its inputs are left as they are.
+        """
         fmt = self._fmt
-        if fmt is None:
+        copy_inference = self.kind != "export"
+        if fmt is None and not copy_inference:
             return tuple(args), kwargs
 
         def one(x: Any) -> Any:
-            return x.contiguous(memory_format=fmt) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+            if not isinstance(x, torch.Tensor):
+                return x
+            if copy_inference and x.is_inference():
+                x = x.clone()
+            return x.contiguous(memory_format=fmt) if fmt is not None and x.dim() == 4 else x
 
         return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        before = counts().compiles
+        from .export import ShapeOutOfRange
+        from .watch import watching
+
         cargs, ckwargs = self._convert(args, kwargs)
-        with self._ctx():
-            out = self.fn(*cargs, **ckwargs)
-        new = counts().compiles - before
-        if new > 0 and self.is_compiled:
-            with self._lock:
-                self.request_path_compiles += new
+        with watching() as rec, self._ctx():
+            try:
+                out = self.fn(*cargs, **ckwargs)
+            except ShapeOutOfRange:  # export: outside the package's dims (a package cannot compile more)
+                if self.policy != "eager":
+                    raise
+                rec.new_shape = True
+                out = self.eager(*cargs, **ckwargs)
+        if not self.is_compiled:
+            return out
+        if rec.compiles > 0:
             shape = describe_args(args, kwargs)
-            log.warning(
-                "a request compiled %d new graph(s) for input %s: add this shape to the warm-up plan", new, shape
-            )
-            if self.on_request_compile:
-                self.on_request_compile(shape, new)
+            with self._lock:
+                self.request_path_compiles += rec.compiles
+            log.warning("part %r: a request compiled %d new graph(s) for input %s: add this shape to the warm-up "
+                        "plan", self.name, rec.compiles, shape)
+            if self.on_request:
+                self.on_request("compile", shape, rec.compiles)
+        elif rec.new_shape and self.policy != "compile":
+            self._served_eager(describe_args(args, kwargs))
         return out
+
+    def _served_eager(self, shape: str) -> None:
+        with self._lock:
+            self.request_path_eager_calls += 1
+            first = shape not in self._eager_shapes
+            self._eager_shapes.add(shape)
+        if first:
+            log.warning("part %r: input %s was declared nowhere: served %s (on_new_shape=%r); add it to the warm-up "
+                        "plan to serve it compiled", self.name, shape,
+                        "uncompiled" if self.policy == "eager" else "uncompiled, then failed", self.policy)
+        if self.on_request:
+            self.on_request("eager", shape, 1)
+        if self.policy == "error":
+            raise NewShapeError(f"part {self.name!r}: input {shape} is a shape no warm-up example or export dim "
+                                "declared, and on_new_shape='error'. Declare it, or set COMPILE_CACHE_ON_NEW_SHAPE="
+                                "eager to serve it uncompiled")
 
     def warm_up(self, examples: Sequence[Example]) -> tuple[list[dict[str, Any]], str]:
         """Run every example once. If the first compiled call raises, switch to eager and return the reason."""

@@ -24,6 +24,8 @@ _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 _MEMORY_FORMATS = ("contiguous", "channels_last")
 # Names of torch.nn.attention.SDPBackend members; None (env: "default") lets torch choose per call.
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
+# What a call with a shape nobody declared gets once setup is done (docs/runner.md says why "eager" is the default).
+_ON_NEW_SHAPE = ("eager", "compile", "error")
 
 
 def _invalid(name: str, value: object, accepted: str, reason: str = "") -> ConfigError:
@@ -141,6 +143,12 @@ class Settings(BaseModel):
         alias="COMPILE_CACHE_JIT_RESTORE",
         description="dir | precompile (jit strategy: also keep AOT-precompiled functions per shape; experimental)",
     )
+    on_new_shape: Literal[_ON_NEW_SHAPE] | None = Field(  # type: ignore[valid-type]
+        None,
+        alias="COMPILE_CACHE_ON_NEW_SHAPE",
+        description="eager | compile | error: what a call with an undeclared shape gets after setup "
+        "(default eager: served uncompiled, logged once per shape, counted)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -165,7 +173,7 @@ class Settings(BaseModel):
             raise ValueError("not a JSON object")
         return v
 
-    @field_validator("dynamic", "memory_format", "sdpa_backend", "jit_restore", mode="before")
+    @field_validator("dynamic", "memory_format", "sdpa_backend", "jit_restore", "on_new_shape", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -250,8 +258,13 @@ class CompileConfig(BaseModel):
     # "precompile": also AOT-precompiled functions per shape, no tracing — 2.2x faster warm boot on the example,
     # experimental (compile_cache/precompile.py, docs/restore-strategies.md).
     jit_restore: Literal["dir", "precompile"] = "dir"
+    # After setup, a call whose shape no warm-up example (jit) or export dim (export) declared: "eager" serves it
+    # uncompiled (logged once per shape, counted as request_path_eager_calls), "compile" compiles it on the request
+    # path (seconds to minutes on a real model), "error" fails that prediction. Not a cache factor: it changes no
+    # generated code.
+    on_new_shape: Literal[_ON_NEW_SHAPE] = "eager"  # type: ignore[valid-type]
 
-    @field_validator("mode", "memory_format", "sdpa_backend", mode="before")
+    @field_validator("mode", "memory_format", "sdpa_backend", "on_new_shape", mode="before")
     @classmethod
     def _one_of(cls, v: Any, info: Any) -> Any:
         """A wrong value names the accepted ones (``None`` only where the field allows it)."""
@@ -259,6 +272,7 @@ class CompileConfig(BaseModel):
             "mode": (_COMPILE_MODES, True),
             "memory_format": (_MEMORY_FORMATS, False),
             "sdpa_backend": (_SDPA_BACKENDS, True),
+            "on_new_shape": (_ON_NEW_SHAPE, False),
         }[info.field_name]
         if (v is None and none_ok) or v in accepted:
             return v
@@ -297,6 +311,8 @@ class CompileConfig(BaseModel):
             upd["sdpa_backend"] = None if s.sdpa_backend == "default" else s.sdpa_backend
         if s.jit_restore is not None:
             upd["jit_restore"] = s.jit_restore
+        if s.on_new_shape is not None:
+            upd["on_new_shape"] = s.on_new_shape
         return self.model_copy(update=upd) if upd else self
 
     def cache_factors(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ __all__ = [
     "ObjectTooLarge",
     "UnsafeArchive",
     "EntryRejected",
+    "NewShapeError",
 ]
 
 
@@ -49,3 +50,7 @@ class UnsafeArchive(IntegrityError):
 
 class EntryRejected(CacheError, PermissionError):
     """An entry exists but must not be loaded: foreign fingerprint, bad or missing signature."""
+
+
+class NewShapeError(CacheError, RuntimeError):
+    """A call's input shape was declared nowhere and the part's ``on_new_shape`` is ``"error"``."""

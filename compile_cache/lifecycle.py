@@ -1,48 +1,61 @@
-"""The setup/shutdown lifecycle of a compiled Cog predictor. Reads top to bottom:
+"""The setup/shutdown lifecycle of a compiled Cog runner. Reads top to bottom:
 
-    setup():  settings → key → restore → load → compile + warm-up → background upload → exit flush registered
-    exit:     atexit (and, where they would kill the worker, SIGTERM/SIGINT) → one bounded flush → metrics file
+    setup():  settings -> load() (the parts) -> key -> restore -> each part: its strategy prepares it
+              -> background upload -> exit flush registered
+    exit:     atexit (and, where they would kill the worker, SIGTERM/SIGINT) -> one bounded flush -> metrics file
 
 A cache problem (store down, corrupt, foreign, tampered) never fails a boot: it is logged and costs a cold compile.
+A part that fails to compile falls back alone (export -> jit -> eager); the others stay compiled.
 A bad setting does fail the boot, at once, with a message naming the variable: it would not fix itself.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import json
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from cog import BasePredictor
+from cog import BasePredictor, BaseRunner
 
 from . import log as logmod
-from .compiler import CompiledModel, Example, cache_roots, compile_model, counts, describe_args
+from .compiler import Example, cache_roots, counts
 from .config import CompileConfig, Settings
 from .export import ExportSpec
 from .key import CacheKey, environment_factors, hash_paths
 from .metrics import BootMetrics
+from .parts import SINGLE_PART, Part, Parts, check_name
 from .stores import open_store
 from .stores.base import Store
+from .strategies import Plan, prepare
 from .sync import Uploader, restore
 from .trust import trust_policy
 
-__all__ = ["CompiledPredictor", "Example"]
+__all__ = ["CompiledRunner", "CompiledPredictor", "Example", "Part"]
 
 log = logmod.log
 
+# coglet 0.23.1 can close a worker's setup.logs before the last lines setup() wrote have reached it: they then show
+# in the server's own log only, after "Setup complete, now accepting requests" (scripts/repro_setup_logs.py, a plain
+# BaseRunner without torch: the last line missing in 4-7 boots of 10 without a pause, in none of 20 with 0.1 s).
+# The setup timeline is written last, so setup() pauses this long before returning, inside the Cog worker only.
+SETUP_LOG_GRACE_S = 0.1
 
-class CompiledPredictor(BasePredictor):
-    """Subclass it; write ``load()``, ``warmup_examples()`` and ``predict()``; call ``self.model(...)`` in predict.
 
-    Class attributes declare the rest: ``compile_config`` (what to compile and how), ``model_version`` (explicit
-    version; default: a content hash of ``version_files()``).
+class CompiledRunner(BaseRunner):
+    """Subclass it; write ``load()`` and ``run()``; call ``self.model(...)`` (one part) or ``self.parts[name](...)``.
+
+    ``load()`` returns the module to compile (one part, named ``"model"``: ``warmup_examples()`` and
+    ``export_spec()`` describe it) or ``{name: Part(module, examples=..., export_spec=..., **config)}``.
+    Class attributes declare the rest: ``compile_config`` (what to compile and how; each part may override any
+    field), ``model_version`` (explicit version; default: a content hash of ``version_files()``).
     """
 
     compile_config: ClassVar[CompileConfig] = CompileConfig()
@@ -51,23 +64,24 @@ class CompiledPredictor(BasePredictor):
     requirements_files: ClassVar[tuple[str, ...]] = ("requirements.txt", "cog.yaml")
 
     # -- the user's hooks -------------------------------------------------------------------------------------------
-    def load(self, weights: Any = None) -> Callable[..., Any]:
-        """Return the model (an nn.Module or any callable) to compile. ``weights`` is Cog's COG_WEIGHTS or None."""
+    def load(self, weights: Any = None) -> Callable[..., Any] | Mapping[str, Part]:
+        """Return the model (an nn.Module or any callable) to compile, or ``{name: Part}``. ``weights`` is Cog's
+        COG_WEIGHTS or None."""
         raise NotImplementedError(f"{type(self).__name__} must implement load()")
 
     def warmup_examples(self) -> Sequence[Example]:
-        """Example inputs covering every input shape requests will have: warm-up compiles them all at boot."""
+        """One part: example inputs covering every input shape requests will have; warm-up compiles them all."""
         raise NotImplementedError(f"{type(self).__name__} must implement warmup_examples()")
 
     def export_spec(self) -> ExportSpec:
-        """For ``strategy="export"``: example inputs and the dynamic dims (min/max) one package serves. Called
-        before ``load()`` (the spec is part of the cache key), so build it from shapes, not from the model."""
+        """One part, ``strategy="export"``: example inputs and the dynamic dims (min/max) one package serves. Called
+        after ``load()``; the spec is part of the cache key."""
         raise NotImplementedError(f"{type(self).__name__} must implement export_spec() for strategy='export'")
 
     def version_files(self) -> list[Path]:
-        """Files whose content defines the model version: predictor code, weights, pinned requirements.
+        """Files whose content defines the model version: runner code, weights, pinned requirements.
 
-        Relative paths are resolved against the predictor file's directory (the project dir), not the current
+        Relative paths are resolved against the runner file's directory (the project dir), not the current
         directory, so ``python -m compile_cache warm`` run from elsewhere derives the same version as production."""
         code = Path(inspect.getfile(type(self))).resolve()
         files = [code]
@@ -88,147 +102,158 @@ class CompiledPredictor(BasePredictor):
     def setup(self, weights: Any = None) -> None:  # noqa: D102 - documented in the module docstring
         t_start = time.monotonic()
         settings = Settings.from_env()  # a bad value raises here: fail fast
-        cfg = self.compile_config.with_overrides(settings)
+        self.settings, self.cfg = settings, self.compile_config.with_overrides(settings)
         roots = cache_roots()
         logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
-        self.settings, self.cfg = settings, cfg
-        m = self.metrics = BootMetrics(strategy=cfg.strategy)
-        version = self.resolve_model_version(settings)
-        factors = cfg.cache_factors()
-        self._spec: ExportSpec | None = None
-        if cfg.enable and cfg.strategy == "export":
-            try:
-                self._spec = self.export_spec()
-                factors["export.spec"] = json.dumps(self._spec.describe(), sort_keys=True)
-            except Exception as e:  # no spec, or a bad one: the JIT strategy still serves
-                log.warning("export strategy unavailable (%s: %s): falling back to jit", type(e).__name__, e)
-                cfg = self.cfg = cfg.model_copy(update={"strategy": "jit"})
-                factors = cfg.cache_factors()
-                m.strategy = "jit"
-        self.key = key = CacheKey(version, environment_factors(factors))
-        m.key = key.name
+        m = self.metrics = BootMetrics()
+        self._metrics_lock = threading.Lock()
 
-        # 1. restore
-        store = self._open_store(settings)
-        if store is not None:
-            m.store = store.url
-            trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
-            r = restore(
-                store,
-                key.name,
-                roots,
-                factors=key.factors,
-                trust=trust,
-                timeout_s=settings.restore_timeout_s,
-                max_bytes=settings.max_restore_bytes,
-                max_files=settings.max_restore_files,
-            )
-            m.cache, m.cache_reason, m.restore_s = r.status, r.reason, r.seconds
-            m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
-            if r.status in ("error", "rejected"):
-                log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
-            known = set(r.manifest.files()) if r.manifest else set()
-            self.uploader: Uploader | None = Uploader(
-                store,
-                key.name,
-                roots,
-                version,
-                key.factors,
-                trust=trust,
-                known=known,
-                manifest=r.manifest,
-                token=r.token,
-                drop=set(r.bad_segments),
-            )
-        else:
-            m.store, self.uploader = "(disabled)", None
-
-        # 2. load
+        # 1. load: the parts, each with its own config
         t = time.monotonic()
-        eager = self.load(weights)
+        loaded = self.load(weights)
+        plans = self._resolve_parts(loaded, settings)
         m.load_s = time.monotonic() - t
 
-        # 3. compile + warm-up
-        t = time.monotonic()
-        before = counts()
-        exported = self._export_strategy(eager, roots["inductor"], key) if self._spec is not None else None
-        if exported is not None:  # export: a package, no Dynamo; one artifact for every shape inside the dims
-            self.model, why_eager = exported, ""
-        else:
-            m.strategy = "jit"
-            fn, why_eager = compile_model(eager, cfg)
-            # -- jit_restore="precompile" (docs/restore-strategies.md): per-shape precompiled functions in
-            # the cache dir serve the calls they accept; any other call still goes through `fn` (the dir snapshot).
-            if cfg.jit_restore == "precompile" and not why_eager:
-                from .precompile import Precompiled
+        # 2. key: one for every part (name, config, export spec)
+        self.key = key = CacheKey(self.resolve_model_version(settings), environment_factors(self._factors(plans)))
+        m.key = key.name
+        for plan in plans:
+            plan.stem = key.name if self._single else f"{key.name}-{plan.name}"
 
-                fn = Precompiled(eager, fn, cfg, roots["inductor"] / "precompile" / key.name)
-            # -- end jit_restore
-            self.model = CompiledModel(fn, eager, cfg)
-            if cfg.enable:  # eager by choice has nothing to warm: its boot is load + serve
-                m.warmup, why_first_call = self.model.warm_up(self.warmup_examples())
-                why_eager = why_eager or why_first_call
-        if why_eager and cfg.enable:
-            log.warning("serving EAGER (predictions stay correct, only slower): %s", why_eager)
-        m.eager_fallback = why_eager if cfg.enable else ""
+        # 3. restore
+        self.uploader = self._restore(settings, key, roots)
+
+        # 4. compile: each part by its own strategy, falling back alone
+        t, before = time.monotonic(), counts()
+        served = {plan.name: self._prepare(plan, roots["inductor"]) for plan in plans}
         m.compile_s = time.monotonic() - t
         self._record_counts(before)
-        self.model.on_request_compile = self._on_request_compile
+        strategies = {p["strategy"] for p in m.parts.values()}
+        m.strategy = strategies.pop() if len(strategies) == 1 else "mixed"
+        self.parts = Parts(served)
+        if self._single:
+            self.model = served[SINGLE_PART]
+        for name, model in served.items():
+            model.on_request = functools.partial(self._on_request, name)
+            model.serve()  # from now on a new shape gets the part's on_new_shape
 
-        # 4. upload what is new, in the background; flush the rest at exit
+        # 5. upload what is new, in the background; flush the rest at exit
         m.total_s = time.monotonic() - t_start
         if self.uploader is not None:
             m.upload_state = "running"
         log.info("\n%s", m.timeline())
         m.write(settings.metrics_file)  # before the upload thread starts: from then on, only _write_metrics writes
-        # The runtime reads the worker's output on its own thread and closes setup.logs when setup() returns; the
-        # timeline, written last, was missing from them once in three full test runs here, with the upload
-        # thread below competing for the CPU. Flush, and give the reader a moment before that thread starts.
-        for h in log.handlers:
-            h.flush()
-        time.sleep(0.1)
         if self.uploader is not None:
             self._start_background_upload(settings.upload_interval_s)
             self._register_exit_flush()
+        self._hand_setup_logs_to_the_runtime()
 
     # -- pieces of setup -------------------------------------------------------------------------------------------
-    def _export_strategy(self, eager: Any, cache_dir: Path, key: CacheKey) -> CompiledModel | None:
-        """Load the AOTInductor package (restored from the store) or build it; None means "use jit".
-
-        Fallbacks, each logged once: export fails → jit; a restored package fails to load or raises on its first
-        call → rebuild once; a fresh build raises too → jit (whose own failure falls back to eager)."""
-        from .export import ExportedModel, ExportError, build_package
-
-        assert self._spec is not None
-        spec, m = self._spec, self.metrics
-        pkg = cache_dir / "aoti" / f"{key.name}.pt2"
-        for attempt in ("restored", "built"):
-            if attempt == "built":
+    def _resolve_parts(self, loaded: Any, settings: Settings) -> list[Plan]:
+        """The parts ``load()`` declared, each with its effective config: the runner's, the part's overrides, then
+        the environment's. An export part without a usable spec falls back to jit here, before the key."""
+        self._single = not isinstance(loaded, Mapping)
+        if self._single:
+            parts: dict[str, Part] = {SINGLE_PART: Part(loaded)}
+        else:
+            if not loaded:
+                raise ValueError(f"{type(self).__name__}.load() returned no parts")
+            parts = {}
+            for name, part in loaded.items():
+                if not isinstance(part, Part):
+                    raise TypeError(f"{type(self).__name__}.load(): part {name!r} is a {type(part).__name__}, "
+                                    "not a Part(module, examples=..., ...)")
+                parts[check_name(name)] = part
+        plans = []
+        for name, part in parts.items():
+            cfg = part.config(self.compile_config, name).with_overrides(settings)
+            plan = Plan(name, part.module, cfg,
+                        examples=self.warmup_examples if self._single else functools.partial(list, part.examples))
+            if cfg.enable and cfg.strategy == "export":
                 try:
-                    info = build_package(eager, spec, pkg, keep_weights_out=True)
-                    log.info("export: built %s (%.1f MB) in %.1fs", pkg.name, info["package_bytes"] / 1e6,
-                             info["export_s"] + info["compile_s"])
-                except ExportError as e:
-                    log.warning("export FAILED (%s): falling back to the jit strategy", str(e).splitlines()[0])
-                    return None
-            elif not pkg.exists():
-                continue
-            t = time.monotonic()
-            try:
-                model = ExportedModel.load(spec, pkg, eager, keep_weights_out=True)
-                with torch.inference_mode():
-                    model(*spec.example_args)
-            except Exception as e:
-                what = "falling back to the jit strategy" if attempt == "built" else "rebuilding it once"
-                log.warning("the %s export package raised (%s: %s): %s", attempt, type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "", what)
-                pkg.unlink(missing_ok=True)
-                continue
-            m.warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
-                         "s": round(time.monotonic() - t, 3)}]
-            m.strategy = "export"
-            return CompiledModel(model, eager, self.cfg)
-        return None
+                    plan.spec = self.export_spec() if self._single else part.export_spec
+                    if not isinstance(plan.spec, ExportSpec):
+                        raise TypeError(f"expected an ExportSpec, got {type(plan.spec).__name__}")
+                except Exception as e:  # no spec, or a bad one: the jit strategy still serves
+                    log.warning("part %r: export strategy unavailable (%s: %s): falling back to jit", name,
+                                type(e).__name__, e)
+                    plan.cfg, plan.spec = cfg.model_copy(update={"strategy": "jit"}), None
+            plans.append(plan)
+        return plans
+
+    def _factors(self, plans: list[Plan]) -> dict[str, str]:
+        """What the key covers besides the environment. One part declared as a module keeps the factor names a
+        single-model runner always had (its entries stay valid); named parts prefix theirs with ``part.<name>.``."""
+        factors: dict[str, str] = {}
+        for plan in plans:
+            f = plan.cfg.cache_factors()
+            if plan.spec is not None:
+                f["export.spec"] = json.dumps(plan.spec.describe(), sort_keys=True)
+            factors.update(f if self._single else {f"part.{plan.name}.{k}": v for k, v in f.items()})
+        if not self._single:  # the key's readable summary names the strategies
+            factors["compile.strategy"] = "+".join(sorted({p.cfg.strategy for p in plans}))
+        return factors
+
+    def _restore(self, settings: Settings, key: CacheKey, roots: dict[str, Path]) -> Uploader | None:
+        """One restore for every part; returns the uploader of this entry, or None when there is no store."""
+        m = self.metrics
+        store = self._open_store(settings)
+        if store is None:
+            m.store = "(disabled)"
+            return None
+        m.store = store.url
+        trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
+        r = restore(
+            store,
+            key.name,
+            roots,
+            factors=key.factors,
+            trust=trust,
+            timeout_s=settings.restore_timeout_s,
+            max_bytes=settings.max_restore_bytes,
+            max_files=settings.max_restore_files,
+        )
+        m.cache, m.cache_reason, m.restore_s = r.status, r.reason, r.seconds
+        m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
+        if r.status in ("error", "rejected"):
+            log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
+        known = set(r.manifest.files()) if r.manifest else set()
+        return Uploader(
+            store,
+            key.name,
+            roots,
+            key.model_version,
+            key.factors,
+            trust=trust,
+            known=known,
+            manifest=r.manifest,
+            token=r.token,
+            drop=set(r.bad_segments),
+        )
+
+    def _prepare(self, plan: Plan, cache_dir: Path) -> Any:
+        """One part through its strategies; its own metrics (counts are this part's: parts compile one by one)."""
+        t, before = time.monotonic(), counts()
+        p = prepare(plan, cache_dir)
+        c = counts() - before
+        why_eager = p.why_eager if plan.cfg.enable else ""
+        if why_eager:
+            log.warning("part %r: serving EAGER (predictions stay correct, only slower): %s", plan.name, why_eager)
+        m = self.metrics
+        m.parts[plan.name] = {
+            "strategy": p.strategy,
+            "compile_s": round(time.monotonic() - t, 4),
+            "fxgraph_hits": c.fxgraph_hits,
+            "fxgraph_misses": c.fxgraph_misses,
+            "request_path_compiles": 0,
+            "request_path_eager_calls": 0,
+            "eager_fallback": why_eager,
+        }
+        m.warmup += [{"part": plan.name, **w} for w in p.warmup]
+        if why_eager:
+            m.eager_fallback = "; ".join(x for x in (m.eager_fallback, why_eager if self._single
+                                                     else f"{plan.name}: {why_eager}") if x)
+        return p.model
 
     def _open_store(self, settings: Settings) -> Store | None:
         if settings.disable:
@@ -248,16 +273,37 @@ class CompiledPredictor(BasePredictor):
         m.aotautograd_hits, m.aotautograd_misses = c.aotautograd_hits, c.aotautograd_misses
         m.compiles, m.graph_breaks = c.compiles, c.graph_breaks
 
-    def _on_request_compile(self, shape: str, n: int) -> None:
-        self.metrics.request_path_compiles += n
+    def _on_request(self, part: str, event: str, shape: str, n: int) -> None:
+        """A part compiled (``event="compile"``) or served uncompiled (``"eager"``) a shape nobody declared: count it
+        in the metrics (the part's and the sums) and on the prediction."""
+        key = "request_path_compiles" if event == "compile" else "request_path_eager_calls"
+        with self._metrics_lock:
+            m = self.metrics
+            m.parts[part][key] += n
+            setattr(m, key, getattr(m, key) + n)
         try:
             from cog import current_scope
 
             scope: Any = current_scope()
-            scope.record_metric("request_path_compiles", n, mode="incr")
-            scope.record_metric("request_compile_shape", shape)
+            scope.record_metric(key, n, mode="incr")
+            scope.record_metric("request_compile_shape" if event == "compile" else "request_eager_shape", shape)
         except Exception:  # outside the Cog runtime (tests, CLI) there is no scope worth failing for
-            log.debug("could not record the request-compile metric", exc_info=True)
+            log.debug("could not record the request-path metric", exc_info=True)
+
+    def _hand_setup_logs_to_the_runtime(self) -> None:
+        """Flush our log handlers and, inside the Cog worker, pause ``SETUP_LOG_GRACE_S`` so the runtime collects
+        the timeline before it closes setup.logs (see SETUP_LOG_GRACE_S: the runtime's race, not ours)."""
+        for h in log.handlers:
+            h.flush()
+        sys.stderr.flush()
+        try:
+            import coglet
+
+            in_worker = bool(coglet.server.active)
+        except Exception:  # no coglet (a CLI run, an older cog): nobody collects setup logs
+            in_worker = False
+        if in_worker:
+            time.sleep(SETUP_LOG_GRACE_S)
 
     # -- uploads ---------------------------------------------------------------------------------------------------
     def _upload(self, deadline: float | None = None, lock_timeout: float = -1) -> None:
@@ -310,7 +356,6 @@ class CompiledPredictor(BasePredictor):
 
     def _start_background_upload(self, interval_s: float) -> None:
         self._stop = threading.Event()
-        self._metrics_lock = threading.Lock()
         self._first_upload = threading.Event()
 
         def loop() -> None:
@@ -321,7 +366,8 @@ class CompiledPredictor(BasePredictor):
             while interval_s > 0 and not self._stop.wait(interval_s):
                 self._upload()
 
-        # A daemon thread started now keeps working during interpreter shutdown (docs/cog-runtime.md); never delays READY.
+        # A daemon thread keeps running while the interpreter shuts down (the exit flush then stops it at its
+        # deadline), and it never delays READY.
         self._bg = threading.Thread(target=loop, name="compile-cache-upload", daemon=True)
         self._bg.start()
 
@@ -338,7 +384,7 @@ class CompiledPredictor(BasePredictor):
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # Flush and *return*: exiting or raising here wedges the runtime's teardown until its SIGKILL (docs/cog-runtime.md).
+        # Flush and *return*: exiting or raising here wedges coglet's teardown until it SIGKILLs the worker (10 s).
         self._flush(signal.Signals(signum).name)
 
     def _flush(self, why: str) -> None:
@@ -368,3 +414,9 @@ class CompiledPredictor(BasePredictor):
                 log.error("exit flush failed: %s: %s", type(e).__name__, e)
             except Exception:
                 pass
+
+
+class CompiledPredictor(CompiledRunner, BasePredictor):
+    """The older spelling: a ``predict()`` subclass of this keeps working (Cog runs ``predict()`` through
+    ``run()``, and logs its own deprecation warnings for ``BasePredictor`` and ``predict()``). New code: subclass
+    :class:`CompiledRunner` and write ``run()``."""

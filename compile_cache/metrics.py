@@ -1,6 +1,7 @@
 """Boot metrics: one JSON object (the metrics file) and one readable block (the setup log).
 
-The key names are an interface: scripts read them. Add keys; never rename one.
+The key names are an interface: scripts and dashboards read them. Add keys; never rename one. With several compiled
+parts, every top-level count is the sum over the parts, and ``parts`` holds each part's own (:data:`PART_KEYS`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BootMetrics", "write_json_atomic"]
+__all__ = ["BootMetrics", "PART_KEYS", "write_json_atomic"]
+
+# The keys of each entry of ``parts``.
+PART_KEYS = ("strategy", "compile_s", "fxgraph_hits", "fxgraph_misses", "request_path_compiles",
+             "request_path_eager_calls", "eager_fallback")
 
 
 @dataclass
 class BootMetrics:
     key: str = ""
     store: str = ""
-    strategy: str = "jit"
+    strategy: str = "jit"  # the parts' strategy; "mixed" when they differ (each part's is in ``parts``)
     cache: str = "disabled"  # "hit" | "miss" | "disabled" | "error" | "rejected"
     cache_reason: str = ""
     restore_s: float = 0.0
@@ -34,6 +39,7 @@ class BootMetrics:
     compiles: int = 0  # Dynamo graphs compiled in this process
     graph_breaks: int = 0
     request_path_compiles: int = 0
+    request_path_eager_calls: int = 0  # calls with an undeclared shape served uncompiled (on_new_shape="eager")
     bytes_downloaded: int = 0
     restore_mb_s: float = 0.0
     files_restored: int = 0
@@ -42,8 +48,9 @@ class BootMetrics:
     upload_s: float = 0.0
     upload_state: str = "none"  # "none" | "running" | "done" | "error" | "partial"
     upload_error: str = ""
-    eager_fallback: str = ""  # why we serve eager, empty when compiled
-    warmup: list[dict[str, Any]] = field(default_factory=list)  # per declared shape: {"shape": ..., "s": ...}
+    eager_fallback: str = ""  # why a part serves eager ("part: reason; ..."), empty when every part is compiled
+    warmup: list[dict[str, Any]] = field(default_factory=list)  # per declared shape: {"part", "shape", "s"}
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {PART_KEYS}
     flushed_at_exit: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -60,7 +67,14 @@ class BootMetrics:
 
     def timeline(self) -> str:
         """The readable block that lands in Cog's setup.logs."""
-        w = "\n".join(f"    warm-up {x['shape']}: {x['s']:.2f}s" for x in self.warmup)
+        per_part = []
+        for name, p in self.parts.items():
+            per_part.append(
+                f"    part {name}: {p['strategy']}  {p['compile_s']:.2f}s  fx graph hits {p['fxgraph_hits']}"
+                f"  misses {p['fxgraph_misses']}" + (f"  EAGER ({p['eager_fallback']})" if p["eager_fallback"] else "")
+            )
+            per_part += [f"      warm-up {x['shape']}: {x['s']:.2f}s" for x in self.warmup if x.get("part") == name]
+        w = "\n".join(per_part)
         lines = [
             "compile_cache setup timeline",
             f"  key        {self.key}",

@@ -60,6 +60,7 @@ class Precompiled:
             log.warning("precompile: %s; serving through the jit function", self.broken)
         self.fns: list[Any] = []
         self.loaded = self.built = 0
+        self.policy = "compile"  # warm-up precompiles what it meets; serve() applies on_new_shape
         for path in sorted(directory.glob("*.bin")) if directory.is_dir() else []:
             try:
                 with open(path, "rb") as f:
@@ -69,12 +70,32 @@ class Precompiled:
                 log.warning("precompile: cannot load %s (%s: %s); it will be rebuilt", path.name, type(e).__name__, e)
         log.info("precompile: %d function(s) loaded from %s", self.loaded, directory)
 
+    def serve(self, policy: str) -> None:
+        """Setup is done. Under "eager" or "error" a call no precompiled function accepts runs uncompiled instead of
+        being precompiled, and the jit fallback (a model precompiling failed for) runs in Dynamo's run-only mode."""
+        from .watch import run_only
+
+        self.policy = policy
+        if policy != "compile":
+            self.fallback = run_only(self.fallback) or self.fallback
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .watch import current, mark_new_shape
+
         with torch.inference_mode(False), torch.no_grad():
             for fn in self.fns:
                 if fn.guard_check(*self._prefix, *args, **kwargs):
                     return fn(*self._prefix, *args, **kwargs)
-            fn = None if self.broken else self._build(args, kwargs)
+            if self.broken:
+                return self.fallback(*args, **kwargs)
+            if self.policy != "compile":
+                mark_new_shape()
+                return self.module(*args, **kwargs)
+            rec = current()
+            seen = rec.compiles if rec is not None else 0
+            fn = self._build(args, kwargs)
+            if fn is not None and rec is not None and rec.compiles == seen:
+                rec.compiles += 1  # aot_compile may bypass Dynamo's compile callbacks; fullgraph: one graph
             return self.fallback(*args, **kwargs) if fn is None else fn(*self._prefix, *args, **kwargs)
 
     def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -3,7 +3,7 @@
 
     scripts/gen_schema.py [REF] [--out PATH] [--check]
 
-REF is what ``COG_PREDICT_TYPE_STUB`` takes (default ``predict.py:Predictor``). The Cog runtime (coglet 0.23.1)
+REF is what ``COG_PREDICT_TYPE_STUB`` takes (default ``predict.py:Runner``). The Cog runtime (coglet 0.23.1)
 validates request inputs against ``components.schemas.Input`` of ``.cog/openapi_schema.json``, read relative to its
 working directory; with no file it logs a warning and accepts any input. Only the cog CLI writes that file
 (its Go generator); cog 0.23.1's Python package has an inspector but no schema writer, so this script builds the
@@ -218,7 +218,7 @@ def render(ref: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ref", nargs="?", default="predict.py:Predictor", help="FILE.py:CLASS, as COG_PREDICT_TYPE_STUB")
+    ap.add_argument("ref", nargs="?", default="predict.py:Runner", help="FILE.py:CLASS, as COG_PREDICT_TYPE_STUB")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT} (relative to the cwd)")
     ap.add_argument("--check", action="store_true", help="exit 1 if --out is missing or stale; write nothing")
     args = ap.parse_args(argv)

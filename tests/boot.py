@@ -1,9 +1,10 @@
-"""Boot a predictor in this (fresh) process as a container would, run predictions, print one JSON line.
+"""Boot a runner in this (fresh) process as a container would, run predictions, print one JSON line.
 
-    python tests/boot.py MODULE:CLASS [--predict JSON-kwargs ...] [--no-exit-flush]
+    python tests/boot.py MODULE:CLASS [--predict JSON-kwargs ...] [--wait-upload]
 
-The JSON line has the metrics, the outputs and the compiles counted on the request path. Used by the integration
-tests to get a truly fresh Dynamo/Inductor state per simulated container.
+The JSON line has the metrics, the outputs (an error message for a prediction that raised) and the compiles counted
+on the request path. Used by the integration tests to get a truly fresh Dynamo/Inductor state per simulated
+container. Predictions go through ``run()``, as the runtime calls them (a ``predict()`` class is reached through it).
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ def main() -> None:
     ref = mod if mod.endswith(".py") else str(ROOT / (mod.replace(".", "/") + ".py"))
     p = load_predictor_from_ref(f"{ref}:{cls}")
     p.setup()
-    outputs = [p.predict(**json.loads(k)) for k in args.predict]
+    outputs = []
+    for k in args.predict:
+        try:
+            outputs.append(p.run(**json.loads(k)))
+        except Exception as e:  # a failed prediction: the next one still runs, as in the runtime
+            outputs.append({"error": f"{type(e).__name__}: {e}"})
     if args.wait_upload:
         p.wait_for_upload()
-    out = {"metrics": p.metrics.to_dict(), "outputs": outputs, "request_path_compiles": p.model.request_path_compiles}
+    out = {"metrics": p.metrics.to_dict(), "outputs": outputs,
+           "request_path_compiles": p.metrics.request_path_compiles}
     print("BOOT-RESULT " + json.dumps(out), flush=True)
 
 

@@ -64,15 +64,18 @@ def test_cog_yaml_environment_is_what_the_runtime_reads() -> None:
     assert not {"COMPILE_CACHE_SIGNING_KEY", "AWS_SECRET_ACCESS_KEY"} & set(env)  # baked into the image: no secrets
 
 
-def test_predictor_refs_point_at_real_classes() -> None:
-    refs = {cog_yaml()["predict"], dockerfile_env()["COG_PREDICT_TYPE_STUB"], "predict.py:Predictor"}
+def test_runner_refs_point_at_real_classes() -> None:
+    cfg = cog_yaml()
+    assert "predict" not in cfg  # the deprecated spelling of `run:`
+    refs = {cfg["run"], dockerfile_env()["COG_PREDICT_TYPE_STUB"], "predict.py:Runner"}
     assert len(refs) == 1, refs
     path, _, name = refs.pop().partition(":")
     tree = ast.parse((ROOT / path).read_text())  # no import: that would import torch
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     assert name in classes
+    assert [b.id for b in classes[name].bases if isinstance(b, ast.Name)] == ["CompiledRunner"]
     methods = {n.name for n in classes[name].body if isinstance(n, ast.FunctionDef)}
-    assert "predict" in methods or "run" in methods
+    assert "run" in methods and "predict" not in methods  # Cog's current API: no deprecation warning at boot
 
 
 # -- Dockerfile --------------------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def gen_schema(ref: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess[
 
 
 def test_committed_schema_is_current() -> None:
-    r = gen_schema("predict.py:Predictor", ROOT, "--check")
+    r = gen_schema("predict.py:Runner", ROOT, "--check")
     assert r.returncode == 0, r.stderr
     doc = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
     assert doc["info"]["x-predictor"] == dockerfile_env()["COG_PREDICT_TYPE_STUB"]

@@ -26,7 +26,7 @@ def boot_once(store: Path, inductor: Path, metrics: Path, text: str) -> tuple[di
         "COMPILE_CACHE_URL": f"file://{store}",
         "COMPILE_CACHE_METRICS_FILE": str(metrics),
     }
-    with CogServer("predict.py:Predictor", cwd=ROOT, env=env, log_path=metrics.with_suffix(".log")) as srv:
+    with CogServer("predict.py:Runner", cwd=ROOT, env=env, log_path=metrics.with_suffix(".log")) as srv:
         health = srv.wait_ready(900)
         code, resp = srv.predict({"text": text})
         assert code == 200, resp
@@ -50,8 +50,11 @@ def cold_then_warm(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_cold_boot_predicts_sensible_embeddings(cold_then_warm: dict) -> None:
     health, out, metrics = cold_then_warm["first"]
     assert health["status"] == "READY"
-    assert "compile_cache setup timeline" in health["setup"]["logs"]
+    logs = health["setup"]["logs"]
+    assert "compile_cache setup timeline" in logs and "part model: export" in logs
+    assert "DeprecationWarning" not in logs, logs  # Cog's current API: a Runner with run()
     assert metrics["cache"] == "miss" and metrics["strategy"] == "export"  # the example's default strategy
+    assert metrics["parts"]["model"]["strategy"] == "export" and metrics["parts"]["model"]["eager_fallback"] == ""
     assert metrics["bytes_uploaded"] > 0
     assert len(out) == 3 and all(len(v) == 384 for v in out)
     assert all(math.isclose(math.sqrt(cos(v, v)), 1.0, abs_tol=1e-4) for v in out)

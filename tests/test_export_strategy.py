@@ -57,7 +57,7 @@ def test_input_outside_the_dims_is_rejected_cleanly(export_store: Path, tmp_path
     store = tmp_path / "store"
     shutil.copytree(export_store, store)
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_URL": str(store),
-           "COMPILE_CACHE_STRATEGY": "export", "PYTHONPATH": str(ROOT),
+           "COMPILE_CACHE_STRATEGY": "export", "PYTHONPATH": str(ROOT), "COMPILE_CACHE_ON_NEW_SHAPE": "error",
            "COMPILE_CACHE_METRICS_FILE": str(tmp_path / "m.json")}
     # A cwd without .cog/openapi_schema.json: the tiny predictor's inputs are not the example's.
     with CogServer(f"{ROOT}/tests/tiny_predictor.py:Predictor", cwd=tmp_path, env=env,

@@ -45,7 +45,8 @@ def test_undeclared_shape_is_counted_on_the_request_path(tiny_seeded_store: Path
     shutil.copytree(tiny_seeded_store, store)
     b = boot(
         TARGET,
-        {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_URL": str(store)},
+        {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_URL": str(store),
+         "COMPILE_CACHE_ON_NEW_SHAPE": "compile"},
         {"batch": 1},
         {"batch": 7},  # not in the warm-up plan
     )

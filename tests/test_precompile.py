@@ -14,7 +14,8 @@ from tests.conftest import boot
 from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
-ENV = {"COMPILE_CACHE_JIT_RESTORE": "precompile"}
+# "compile": the undeclared shape below is precompiled on the request path (the default would serve it eager)
+ENV = {"COMPILE_CACHE_JIT_RESTORE": "precompile", "COMPILE_CACHE_ON_NEW_SHAPE": "compile"}
 
 
 def test_setting_overrides_the_config_and_keys_its_own_entry() -> None:

@@ -57,6 +57,7 @@ class Container:
             "COMPILE_CACHE_URL": f"file://{self.store}",
             "COMPILE_CACHE_METRICS_FILE": str(self.metrics_file),
             "TINY_SLOW_STORE": json.dumps(plan or {}),
+            "COMPILE_CACHE_ON_NEW_SHAPE": "compile",  # the undeclared batch compiles on the request path
             "PYTHONPATH": str(ROOT),
             **env,
         }

@@ -1,4 +1,7 @@
-"""A tiny predictor for fast integration tests: a 2-layer MLP, two declared batch shapes."""
+"""A tiny model for fast integration tests: a 2-layer MLP, two declared batch shapes.
+
+``Runner`` is the current API (``CompiledRunner``, ``run()``); ``Predictor`` is the older one (``CompiledPredictor``,
+``predict()``), kept to show that code written against it still boots."""
 
 from __future__ import annotations
 
@@ -7,9 +10,7 @@ import os
 import torch
 from cog import Input
 
-from compile_cache import CompileConfig, CompiledPredictor
-from compile_cache.compiler import Example
-from compile_cache.export import Dim, ExportSpec
+from compile_cache import CompileConfig, CompiledPredictor, CompiledRunner, Dim, Example, ExportSpec
 
 FEATURES = 16
 BATCHES = (1, 4)
@@ -49,7 +50,7 @@ def close(a: list, b: list) -> bool:
     return torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
-class Predictor(CompiledPredictor):
+class _Tiny:
     # TINY_BREAK_FORWARD=1: the first compiled call fails (same as COMPILE_CACHE_BACKEND=tiny_broken).
     compile_config = CompileConfig(
         dynamic=False, backend="tiny_broken" if os.environ.get("TINY_BREAK_FORWARD") == "1" else "inductor"
@@ -66,6 +67,13 @@ class Predictor(CompiledPredictor):
     def export_spec(self) -> ExportSpec:
         return ExportSpec((inputs(3),), {0: {0: Dim("batch", 1, EXPORT_MAX_BATCH)}})
 
+
+class Runner(_Tiny, CompiledRunner):
+    def run(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
+        return self.model(inputs(batch)).tolist()
+
+
+class Predictor(_Tiny, CompiledPredictor):
     def predict(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
         return self.model(inputs(batch)).tolist()
 
