@@ -11,7 +11,7 @@ import pytest
 
 from compile_cache.cogrun import CogServer
 from tests.conftest import ROOT, boot
-from tests.tiny_predictor import EXPORT_MAX_BATCH, close, eager
+from tests.tiny_predictor import EXPORT_MAX_BATCH, close, cnn_eager, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
 
@@ -50,6 +50,18 @@ def test_export_failure_falls_back_to_jit(tmp_path: Path) -> None:
     assert "export FAILED" in b.stderr and "falling back to the jit strategy" in b.stderr
     assert b.metrics["strategy"] == "jit" and b.metrics["compiles"] >= 1
     assert close(b.outputs[0], eager(4))
+
+
+def test_batchnorm_cnn_keeps_the_export_strategy(tmp_path: Path) -> None:
+    """BatchNorm's unread num_batches_tracked no longer gets a weights-out package refused (and the boot onto jit)."""
+    b = boot("tests.tiny_predictor:BatchNormPredictor",
+             {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_URL": str(tmp_path / "store")},
+             {"batch": 2}, {"batch": 9})
+    assert b.metrics["strategy"] == "export" and b.metrics["eager_fallback"] == ""
+    assert "baked into" not in b.stderr and "falling back" not in b.stderr
+    assert b.metrics["compiles"] == 0 and b.request_path_compiles == 0  # no Dynamo: the package serves
+    assert len(list((tmp_path / "ind" / "aoti").glob("*.pt2"))) == 1
+    assert close(b.outputs[0], cnn_eager(2)) and close(b.outputs[1], cnn_eager(9))
 
 
 def test_input_outside_the_dims_is_rejected_cleanly(export_store: Path, tmp_path: Path) -> None:
