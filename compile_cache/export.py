@@ -54,6 +54,7 @@ __all__ = [
     "AOTIRunner",
     "ExportedModel",
     "build_package",
+    "build_attempts",
     "load_package",
     "check_shapes",
     "package_metadata",
@@ -268,6 +269,15 @@ def _split_constants(ep: Any) -> tuple[list[str], list[str]]:
     return sorted(read), sorted(unread - read)  # a tensor lifted twice under one name counts as read if either is
 
 
+_builds = 0  # build_package calls in this process: an export attempt, however it ends
+
+
+def build_attempts() -> int:
+    """How many exports (``build_package`` calls) this process has started: the number tests and benches check
+    to see that a boot did not export (a restored package, or a failure remembered for the key)."""
+    return _builds
+
+
 def build_package(
     model: torch.nn.Module,
     spec: ExportSpec,
@@ -289,6 +299,8 @@ def build_package(
     exports dropout); the build writes into TORCHINDUCTOR_CACHE_DIR and Inductor's
     precompiled headers go to ``/tmp/torchinductor_$USER`` whatever the env says.
     """
+    global _builds
+    _builds += 1
     package_path = os.fspath(package_path)
     if model.training:
         logger.warning("build_package: model is in training mode; dropout etc. will be exported as-is")

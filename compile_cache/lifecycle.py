@@ -197,10 +197,14 @@ class CompiledPredictor(BasePredictor):
         Fallbacks, each logged once: export fails → jit; a restored package fails to load or raises on its first
         call → rebuild once; a fresh build raises too → jit (whose own failure falls back to eager)."""
         from .export import ExportedModel, ExportError, build_package
+        from .failed_export import read_failure, record_failure
 
         assert self._spec is not None
         spec, m = self._spec, self.metrics
         pkg = cache_dir / "aoti" / f"{key.name}.pt2"
+        if not pkg.exists() and (failed := read_failure(pkg)) is not None:  # failed before: do not pay it again
+            log.warning("export skipped: it failed for this key before (%s): using the jit strategy", failed.reason)
+            return None
         for attempt in ("restored", "built"):
             if attempt == "built":
                 try:
@@ -209,6 +213,7 @@ class CompiledPredictor(BasePredictor):
                              info["export_s"] + info["compile_s"])
                 except ExportError as e:
                     log.warning("export FAILED (%s): falling back to the jit strategy", str(e).splitlines()[0])
+                    record_failure(pkg, e, stage="export")
                     return None
             elif not pkg.exists():
                 continue
@@ -222,6 +227,8 @@ class CompiledPredictor(BasePredictor):
                 log.warning("the %s export package raised (%s: %s): %s", attempt, type(e).__name__,
                             str(e).splitlines()[0] if str(e) else "", what)
                 pkg.unlink(missing_ok=True)
+                if attempt == "built":
+                    record_failure(pkg, e, stage="package")
                 continue
             m.warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
                          "s": round(time.monotonic() - t, 3)}]

@@ -36,7 +36,10 @@ def main() -> None:
     outputs = [p.predict(**json.loads(k)) for k in args.predict]
     if args.wait_upload:
         p.wait_for_upload()
-    out = {"metrics": p.metrics.to_dict(), "outputs": outputs, "request_path_compiles": p.model.request_path_compiles}
+    from compile_cache.export import build_attempts
+
+    out = {"metrics": p.metrics.to_dict(), "outputs": outputs, "request_path_compiles": p.model.request_path_compiles,
+           "export_attempts": build_attempts()}
     print("BOOT-RESULT " + json.dumps(out), flush=True)
 
 
