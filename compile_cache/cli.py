@@ -204,11 +204,13 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     diff: list[str] | None = None
     if args.diff_env:
         diff = _diff_env(m)
+    failures = _export_failures(ctx.store, m)
     if args.json:
         body = m.model_dump(mode="json")
         body["signed"] = m.signature is not None
         body["trust"] = {"loads": verdict.loads, "signer": verdict.signer, "reason": verdict.reason}
         body.pop("signature", None)  # a MAC is not a secret, but nobody needs it printed
+        body["export_failures"] = failures
         if diff is not None:
             body["diff_env"] = diff
         _say(json.dumps(body, indent=1, sort_keys=True))
@@ -231,6 +233,11 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     width = max((len(k) for k in m.factors), default=0)
     for k in sorted(m.factors):
         _say(f"  {k.ljust(width)}  {m.factors[k]}")
+    for f in failures:
+        what = f"{f['stage']} failed: {f['error']}: {f['reason']}" if "reason" in f else f"unreadable: {f['unreadable']}"
+        _say(f"export FAILED  {what}")
+        _say(f"               recorded {_when(f.get('at', 0))} under torch {f.get('torch', '?')} in {f['path']};"
+             " boots of this key skip the export (a new key tries again)")
     _say("segments (objects)")
     for s in m.segments:
         who = f"written by {s.written_by or '?'} at {_when(s.written_at)}"
@@ -243,6 +250,26 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
         for line in diff or ["same environment: this machine computes the same environment factors"]:
             _say(f"  {line}")
     return 0
+
+
+def _export_failures(store: Store, m: Manifest) -> list[dict[str, Any]]:
+    """The export failures recorded in the entry (see failed_export.py), each read from its segment: the record is
+    a few hundred bytes, and the segment is read only up to it."""
+    from .failed_export import ExportFailure, describe, is_failure_record
+    from .snapshot import read_member
+
+    out: list[dict[str, Any]] = []
+    for seg in m.segments:
+        for f in seg.files:
+            if not is_failure_record(f.path) or any(o["path"] == f.path for o in out):
+                continue
+            try:
+                with store.open_read(seg.object) as stream:
+                    rec = ExportFailure.from_bytes(read_member(stream, f.path, seg.files))
+                out.append({"path": f.path, **describe(rec)})
+            except (CacheError, ValueError) as e:  # StoreError, IntegrityError, a malformed record
+                out.append({"path": f.path, "unreadable": str(e)})
+    return out
 
 
 def _diff_env(m: Manifest) -> list[str]:

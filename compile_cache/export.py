@@ -15,7 +15,9 @@ Two package flavours:
   attributes), matched by their fully qualified names. The build forces
   ``always_keep_tensor_constants`` so that no small weight (1-D, <= 8 elements,
   or 0-d) gets inlined into the generated C++ as a literal — otherwise a
-  "code only" package would silently carry stale weights.
+  "code only" package would silently carry stale weights. Lifted constants the
+  graph never reads (BatchNorm's ``num_batches_tracked`` in eval mode) are not
+  expected from the package: Inductor drops them, they are not baked in.
 
 Loading deliberately bypasses ``torch._inductor.aoti_load_package``'s device
 check, which calls ``pick_vec_isa()`` and therefore compiles ~10 small ISA-probe
@@ -52,6 +54,7 @@ __all__ = [
     "AOTIRunner",
     "ExportedModel",
     "build_package",
+    "build_attempts",
     "load_package",
     "check_shapes",
     "package_metadata",
@@ -230,6 +233,51 @@ def check_shapes(spec: ExportSpec, args: tuple) -> None:
 # --------------------------------------------------------------------------- #
 
 
+def _split_constants(ep: Any) -> tuple[list[str], list[str]]:
+    """The exported program's lifted constants (parameters, buffers, tensor constants) by name:
+    ``(read, unread)``.
+
+    torch.export lifts every parameter and buffer of the module, whether the forward reads it or not; the
+    classic unread one is BatchNorm's ``num_batches_tracked`` in eval mode (only training mode counts batches).
+    Inductor drops an unread constant from the package, so it is neither in the code nor loadable, and the
+    weights-out check at load time (every expected constant must be loadable, else it was baked into the code)
+    must not expect it. "Read" is liveness, not ``num_users``: a constant counts as read when the graph's
+    outputs (which include buffer mutations) depend on it, so one consumed only by dead code is unread too.
+    Every read constant stays in the check: a read weight that Inductor inlined is still refused.
+    """
+    sig = ep.graph_signature
+    by_input = {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **sig.inputs_to_lifted_tensor_constants,
+    }
+    graph = ep.graph_module.graph
+    live: set[Any] = set()
+    # roots: the outputs, and any op kept for its side effect (an assert reading a buffer keeps it read)
+    stack = [n for n in graph.nodes if n.op == "output" or (n.op == "call_function" and n.is_impure())]
+    while stack:
+        node = stack.pop()
+        if node in live:
+            continue
+        live.add(node)
+        stack.extend(node.all_input_nodes)
+    read: set[str] = set()
+    unread: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name in by_input:
+            (read if node in live else unread).add(by_input[node.name])
+    return sorted(read), sorted(unread - read)  # a tensor lifted twice under one name counts as read if either is
+
+
+_builds = 0  # build_package calls in this process: an export attempt, however it ends
+
+
+def build_attempts() -> int:
+    """How many exports (``build_package`` calls) this process has started: the number tests and benches check
+    to see that a boot did not export (a restored package, or a failure remembered for the key)."""
+    return _builds
+
+
 def build_package(
     model: torch.nn.Module,
     spec: ExportSpec,
@@ -242,13 +290,17 @@ def build_package(
 
     The package is written to a temporary file next to ``package_path`` and
     moved into place atomically. Returns
-    ``{"export_s", "compile_s", "package_bytes", "keep_weights_out", "constant_fqns", "metadata"}``.
+    ``{"export_s", "compile_s", "package_bytes", "keep_weights_out", "constant_fqns", "unused_constant_fqns",
+    "metadata"}``: ``constant_fqns`` are the weights the graph reads (a weights-out package must take every one
+    of them from the model), ``unused_constant_fqns`` the lifted ones it never reads (see ``_split_constants``).
     Raises ExportError (cause chained) if the export or the build fails.
 
     Build-time notes: the model should be in eval mode (a training-mode model
     exports dropout); the build writes into TORCHINDUCTOR_CACHE_DIR and Inductor's
     precompiled headers go to ``/tmp/torchinductor_$USER`` whatever the env says.
     """
+    global _builds
+    _builds += 1
     package_path = os.fspath(package_path)
     if model.training:
         logger.warning("build_package: model is in training mode; dropout etc. will be exported as-is")
@@ -261,12 +313,10 @@ def build_package(
         raise ExportError(f"torch.export.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
     export_s = time.perf_counter() - t0
 
-    sig = ep.graph_signature
-    constant_fqns = sorted(
-        set(sig.inputs_to_parameters.values())
-        | set(sig.inputs_to_buffers.values())
-        | set(sig.inputs_to_lifted_tensor_constants.values())
-    )
+    constant_fqns, unused_fqns = _split_constants(ep)
+    if unused_fqns:
+        logger.info("build_package: %d constant(s) the graph never reads, left out of the package: %s",
+                    len(unused_fqns), unused_fqns)
     if keep_weights_out:
         missing = [n for n in constant_fqns if _resolve_constant(model, n) is None]
         if missing:
@@ -280,6 +330,7 @@ def build_package(
         _META_PREFIX + "spec": json.dumps(spec.describe(), sort_keys=True),
         _META_PREFIX + "torch": torch.__version__,
         _META_PREFIX + "constant_fqns": json.dumps(constant_fqns),
+        _META_PREFIX + "unused_constant_fqns": json.dumps(unused_fqns),
     }
     configs: dict[str, Any] = {"aot_inductor.metadata": meta}
     if keep_weights_out:
@@ -316,6 +367,7 @@ def build_package(
         "package_bytes": os.path.getsize(package_path),
         "keep_weights_out": keep_weights_out,
         "constant_fqns": constant_fqns,
+        "unused_constant_fqns": unused_fqns,
         "metadata": package_metadata(package_path),
     }
     logger.info(

@@ -30,6 +30,7 @@ from .manifest import FileEntry
 
 __all__ = [
     "scan", "pack", "unpack_into_staging", "check_archive", "check_object", "Staged", "STAGING_PREFIX", "sha256_file",
+    "read_member",
 ]
 
 STAGING_PREFIX = ".compile_cache-staging-"
@@ -284,6 +285,37 @@ def check_object(
         source, files, labels, max_bytes=sum(x.size for x in files), max_files=len(files), seen=set(), total=0,
         staging=None, hash_members=False,
     )
+
+
+def read_member(f: BinaryIO, name: str, files: Iterable[FileEntry], max_size: int = 1 << 20) -> bytes:
+    """One file of a segment's archive (stream ``f``), read up to that member and no further, for a look at a
+    small file without unpacking the entry (``inspect`` reading an export failure record). ``files`` is the
+    segment's listing from the manifest: the member must be in it, with its size and sha256 (the manifest vouches
+    for the content, as it does on a restore). Raises IntegrityError or UnsafeArchive."""
+    want = {x.path: x for x in files}
+    entry = want.get(name)
+    if entry is None:
+        raise IntegrityError(f"{name!r} is not listed in the segment")
+    if entry.size > max_size:
+        raise UnsafeArchive(f"{name!r} is {entry.size} bytes, more than the {max_size} this reads")
+    try:
+        zr = zstandard.ZstdDecompressor().stream_reader(f, read_size=_CHUNK, closefd=False)
+        for member, regular, size, content in _TarReader(zr, _tar_bound(want.values())).members():
+            if member != name:
+                for _ in content() if regular else ():
+                    pass
+                continue
+            if not regular or size != entry.size:
+                raise IntegrityError(f"archive member {name!r} is not the file the manifest lists")
+            data = b"".join(content())
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise IntegrityError(f"archive member {name!r} does not match its sha256")
+            return data
+    except CacheError:
+        raise
+    except (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError) as e:
+        raise IntegrityError(f"archive is corrupt: {type(e).__name__}: {e}") from e
+    raise IntegrityError(f"archive lacks {name!r}, which the manifest lists")
 
 
 class _Source:

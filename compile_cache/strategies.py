@@ -75,6 +75,7 @@ class ExportStrategy:
 
     def prepare(self, plan: Plan, cache_dir: Path) -> Prepared | None:
         from .export import ExportedModel, ExportError, build_package
+        from .failed_export import read_failure, record_failure
 
         spec, eager = plan.spec, plan.module
         if spec is None:
@@ -84,6 +85,10 @@ class ExportStrategy:
                         type(eager).__name__)
             return None
         pkg = cache_dir / "aoti" / f"{plan.stem}.pt2"
+        if not pkg.exists() and (failed := read_failure(pkg)) is not None:  # failed before: do not pay it again
+            log.warning("part %r: export skipped: it failed for this key before (%s): using the jit strategy",
+                        plan.name, failed.reason)
+            return None
         for attempt in ("restored", "built"):
             if attempt == "built":
                 try:
@@ -93,6 +98,7 @@ class ExportStrategy:
                 except ExportError as e:
                     log.warning("part %r: export FAILED (%s): falling back to the jit strategy", plan.name,
                                 str(e).splitlines()[0])
+                    record_failure(pkg, e, stage="export")
                     return None
             elif not pkg.exists():
                 continue
@@ -106,6 +112,8 @@ class ExportStrategy:
                 log.warning("part %r: the %s export package raised (%s: %s): %s", plan.name, attempt,
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "", what)
                 pkg.unlink(missing_ok=True)
+                if attempt == "built":
+                    record_failure(pkg, e, stage="package")
                 continue
             warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
                        "s": round(time.monotonic() - t, 3)}]

@@ -42,8 +42,10 @@ def main() -> None:
             outputs.append({"error": f"{type(e).__name__}: {e}"})
     if args.wait_upload:
         p.wait_for_upload()
+    from compile_cache.export import build_attempts
+
     out = {"metrics": p.metrics.to_dict(), "outputs": outputs,
-           "request_path_compiles": p.metrics.request_path_compiles}
+           "request_path_compiles": p.metrics.request_path_compiles, "export_attempts": build_attempts()}
     print("BOOT-RESULT " + json.dumps(out), flush=True)
 
 

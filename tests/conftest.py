@@ -28,6 +28,7 @@ class Boot:
     outputs: list
     request_path_compiles: int
     stderr: str
+    export_attempts: int = -1  # exports (build_package calls) the boot started
 
 
 def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = True, check: bool = True) -> Boot:
@@ -43,7 +44,8 @@ def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = 
     if check and (cp.returncode != 0 or line is None):
         raise AssertionError(f"boot failed (exit {cp.returncode}):\n{cp.stderr[-4000:]}")
     data = json.loads(line[len("BOOT-RESULT ") :]) if line else {"metrics": {}, "outputs": [], "request_path_compiles": -1}
-    return Boot(data["metrics"], data["outputs"], data["request_path_compiles"], cp.stderr)
+    return Boot(data["metrics"], data["outputs"], data["request_path_compiles"], cp.stderr,
+                data.get("export_attempts", -1))
 
 
 @pytest.fixture(scope="session")

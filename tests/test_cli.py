@@ -171,6 +171,28 @@ def test_inspect_signed_and_missing(store: Store, tmp_path: Path) -> None:
     assert cp.returncode == 1 and "no entry 'nope'" in cp.stderr and "Traceback" not in cp.stderr
 
 
+def test_inspect_shows_a_recorded_export_failure(store: Store, tmp_path: Path) -> None:
+    from compile_cache.failed_export import ExportFailure
+
+    rec = ExportFailure(stage="export", error="ExportError", reason="torch.export.export failed for Net: boom",
+                        detail="torch.export.export failed for Net: boom\n...", torch="2.13.0", at=1_700_000_000.0)
+    files = {"fxgraph/aa/graph": os.urandom(3000), "aoti/v9.x-export.abc.failed.json": rec.to_bytes(),
+             "fxgraph/zz/later": b"y" * 700}
+    key = seed(store, "v9", fake_cache(tmp_path, files), **{"compile.strategy": "export"})
+    cp = cli(store, "inspect", key)
+    assert cp.returncode == 0, cp.stderr
+    line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("export FAILED"))
+    assert line == "export FAILED  export failed: ExportError: torch.export.export failed for Net: boom"
+    assert "inductor/aoti/v9.x-export.abc.failed.json" in cp.stdout and "torch 2.13.0" in cp.stdout
+    body = json.loads(cli(store, "inspect", key, "--json").stdout)
+    assert body["export_failures"] == [{"path": "inductor/aoti/v9.x-export.abc.failed.json", "stage": "export",
+                                        "error": "ExportError", "reason": rec.reason, "detail": rec.detail,
+                                        "torch": "2.13.0", "at": 1_700_000_000.0, "format": 1}]
+    plain = seed(store, "v8", fake_cache(tmp_path, {"a/b": b"x"}))
+    assert "export FAILED" not in cli(store, "inspect", plain).stdout
+    assert json.loads(cli(store, "inspect", plain, "--json").stdout)["export_failures"] == []
+
+
 # -- prune -----------------------------------------------------------------------------------------------------------
 def test_prune_dry_run_deletes_nothing(store: Store, two_versions: dict[str, str], tmp_path: Path) -> None:
     before = names(store)

@@ -28,6 +28,7 @@ from compile_cache.export import (
     load_package,
     package_metadata,
 )
+from tests.tiny_predictor import TinyCNN, images
 
 REPO = Path(__file__).resolve().parents[1]
 D_IN, D_OUT = 16, 8
@@ -256,6 +257,66 @@ def test_export_failure_raises_export_error(tmp_path: Path) -> None:
     assert ei.value.__cause__ is not None
     assert "torch.export.export failed" in str(ei.value)
     assert not (tmp_path / "dd.pt2").exists()
+
+
+# ------------------------------------------------------------------ BatchNorm (unread buffers, inlinable stats)
+
+
+class ReadsCounter(torch.nn.Module):
+    """Reads a 0-d int64 buffer like ``num_batches_tracked``: a read one must stay expected from the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(D_IN).eval()
+        self.register_buffer("steps", torch.tensor(3, dtype=torch.long))
+        self.register_buffer("unused", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.steps
+
+
+def test_split_constants_leaves_out_only_what_the_graph_never_reads() -> None:
+    from compile_cache.export import _split_constants
+
+    x = torch.randn(4, D_IN)
+    ep = torch.export.export(ReadsCounter().eval(), (x,))
+    read, unread = _split_constants(ep)
+    assert unread == ["bn.num_batches_tracked", "unused"]
+    assert read == ["bn.bias", "bn.running_mean", "bn.running_var", "bn.weight", "steps"]
+    cnn_read, cnn_unread = _split_constants(torch.export.export(TinyCNN().eval(), (images(2),)))
+    assert cnn_unread == ["b1.num_batches_tracked", "b2.num_batches_tracked"]
+    assert len(cnn_read) == 14
+
+
+@pytest.fixture(scope="module")
+def bn_spec() -> ExportSpec:
+    return ExportSpec((images(3),), {0: {0: Dim("batch", 1, 16)}})
+
+
+def test_batchnorm_cnn_exports_with_weights_out(cache_dir: Path, tmp_path: Path, bn_spec: ExportSpec) -> None:
+    path = tmp_path / "cnn.pt2"
+    info = build_package(TinyCNN(0).eval(), bn_spec, path, keep_weights_out=True)
+    assert info["unused_constant_fqns"] == ["b1.num_batches_tracked", "b2.num_batches_tracked"]
+    assert not any("num_batches_tracked" in n for n in info["constant_fqns"])
+    other = TinyCNN(seed=1).eval()  # other conv weights, BatchNorm stats and affine weights
+    em = ExportedModel.load(bn_spec, path, other, keep_weights_out=True)
+    assert sorted(em.runner.constant_fqns) == info["constant_fqns"]  # every read weight comes from the model
+    for b in (1, 3, 16):
+        with torch.no_grad():
+            ref = other(images(b))
+        assert not torch.allclose(ref, TinyCNN(0).eval()(images(b)))  # the weights really differ
+        torch.testing.assert_close(em(images(b)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batchnorm_weights_baked_in_are_still_refused(cache_dir: Path, tmp_path: Path, bn_spec: ExportSpec) -> None:
+    # Without always_keep_tensor_constants Inductor inlines BatchNorm's 8-element weights and stats, which the
+    # graph reads: such a package is refused, naming them (and not the unread num_batches_tracked).
+    path = tmp_path / "cnn-inlined.pt2"
+    build_package(TinyCNN(0).eval(), bn_spec, path, keep_weights_out=True,
+                  inductor_configs={"always_keep_tensor_constants": False})
+    with pytest.raises(PackageLoadError, match=r"baked into the package's code") as ei:
+        load_package(path, TinyCNN(1).eval(), keep_weights_out=True)
+    assert "b1.running_var" in str(ei.value) and "num_batches_tracked" not in str(ei.value)
 
 
 _CHILD = textwrap.dedent(

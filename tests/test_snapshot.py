@@ -13,7 +13,7 @@ import zstandard
 
 from compile_cache.errors import IntegrityError, UnsafeArchive
 from compile_cache.manifest import FileEntry, Manifest, manifest_name
-from compile_cache.snapshot import _header, pack, scan, unpack_into_staging
+from compile_cache.snapshot import _header, pack, read_member, scan, unpack_into_staging
 from compile_cache.stores import LocalStore
 from compile_cache.sync import Uploader, restore
 
@@ -54,6 +54,19 @@ def test_pack_unpack_round_trip(tmp_path: Path) -> None:
     assert staged.commit() == 2
     assert (dest / "a" / "b.so").read_bytes() == (src / "a" / "b.so").read_bytes()
     assert [p.name for p in dest.iterdir() if p.name.startswith(".")] == []  # staging removed
+
+
+def test_read_member_reads_one_file_checked_against_the_listing(tmp_path: Path) -> None:
+    root = make_cache(tmp_path / "c", {"a/first": os.urandom(5000), "aoti/k.failed.json": b"{}", "z/last": b"z"})
+    entries = pack({f"inductor/{p}": root / p for p in ("a/first", "aoti/k.failed.json", "z/last")},
+                   tmp_path / "seg.tar.zst")
+    with open(tmp_path / "seg.tar.zst", "rb") as f:
+        assert read_member(f, "inductor/aoti/k.failed.json", entries) == b"{}"
+    forged = [e if e.path != "inductor/z/last" else e.model_copy(update={"sha256": "0" * 64}) for e in entries]
+    with open(tmp_path / "seg.tar.zst", "rb") as f, pytest.raises(IntegrityError, match="sha256"):
+        read_member(f, "inductor/z/last", forged)
+    with open(tmp_path / "seg.tar.zst", "rb") as f, pytest.raises(IntegrityError, match="not listed"):
+        read_member(f, "inductor/nope", entries)
 
 
 def test_unpack_refuses_a_member_the_manifest_does_not_list(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""A tiny model for fast integration tests: a 2-layer MLP, two declared batch shapes.
+"""Tiny runners for fast integration tests: a 2-layer MLP with two declared batch shapes, and a small CNN with
+BatchNorm (what every ResNet, UNet and VAE has) for the export strategy.
 
 ``Runner`` is the current API (``CompiledRunner``, ``run()``); ``Predictor`` is the older one (``CompiledPredictor``,
 ``predict()``), kept to show that code written against it still boots."""
@@ -91,3 +92,54 @@ class DataDependent(TinyMLP):
 class UnexportablePredictor(Predictor):
     def load(self, weights=None):  # type: ignore[no-untyped-def]
         return DataDependent().eval()
+
+
+class TinyCNN(torch.nn.Module):
+    """Two conv + BatchNorm blocks in eval mode: BatchNorm's ``num_batches_tracked`` buffers are lifted by
+    torch.export but never read, and its 8-element weights and running stats are what Inductor would inline."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():  # running stats as a trained model has them (fresh ones are 0 and 1)
+            for bn in (self.b1, self.b2):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 2)
+                bn.bias.uniform_(-1, 1)
+                bn.num_batches_tracked.fill_(100 + seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def images(batch: int) -> torch.Tensor:
+    return torch.linspace(-1, 1, batch * 3 * 8 * 8).reshape(batch, 3, 8, 8)
+
+
+def cnn_eager(batch: int) -> list[list[float]]:
+    with torch.no_grad():
+        return TinyCNN().eval()(images(batch)).tolist()
+
+
+class BatchNormPredictor(CompiledPredictor):
+    compile_config = CompileConfig(strategy="export", dynamic=False)
+    model_version = "tiny-cnn-1"
+    weights_dir = None
+
+    def load(self, weights=None):  # type: ignore[no-untyped-def]
+        return TinyCNN().eval()
+
+    def warmup_examples(self):  # type: ignore[no-untyped-def]
+        return [Example((images(b),)) for b in BATCHES]
+
+    def export_spec(self) -> ExportSpec:
+        return ExportSpec((images(3),), {0: {0: Dim("batch", 1, EXPORT_MAX_BATCH)}})
+
+    def predict(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
+        return self.model(images(batch)).tolist()
