@@ -83,10 +83,11 @@ def counts() -> Counts:
 
 
 def inductor_cache_dir() -> Path:
-    """Inductor's cache dir: ``TORCHINDUCTOR_CACHE_DIR`` when set (respected as is), else Torch's default."""
+    """Inductor's cache dir: ``TORCHINDUCTOR_CACHE_DIR`` when set, else Torch's default; absolute (torch 2.11 leaves
+    a relative ``TORCHINDUCTOR_CACHE_DIR`` relative, 2.13 makes it absolute)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    return Path(cache_dir())
+    return Path(cache_dir()).absolute()
 
 
 def cache_roots() -> dict[str, Path]:

@@ -43,6 +43,16 @@ _STAGING = ".staging"  # a dot-dir: snapshots skip it, so a half-written file is
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+def aot_compile_enabled() -> Any:
+    """A context in which ``torch.compile`` returns functions with ``.aot_compile``. torch 2.11 attaches it only
+    while ``torch._dynamo.config.enable_aot_compile`` is on (off by default there; on, and always on, from 2.13)."""
+    import contextlib
+
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return torch._dynamo.config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
+
+
 class Precompiled:
     """A callable over the precompiled functions in ``directory``: the first whose guards accept the inputs serves
     the call; none does → precompile these inputs and save; that fails → ``fallback`` (the jit function)."""
@@ -104,8 +114,11 @@ class Precompiled:
             # a new dict each time: torch.compile pops guard_filter_fn out of the options it is given
             options = {**cfg.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
             try:
-                compiled = torch.compile(self._target, backend=cfg.backend, dynamic=cfg.dynamic, fullgraph=True,
-                                         options=options)
+                with aot_compile_enabled():
+                    compiled = torch.compile(self._target, backend=cfg.backend, dynamic=cfg.dynamic, fullgraph=True,
+                                             options=options)
+                if not hasattr(compiled, "aot_compile"):
+                    raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
                 fn = compiled.aot_compile((args, kwargs))
                 name = f"{_UNSAFE.sub('_', describe_args(args, kwargs))}-{uuid.uuid4().hex[:8]}.bin"
                 staging = self.dir / _STAGING

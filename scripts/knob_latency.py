@@ -1,6 +1,6 @@
 """Steady-state latency of the example: eager vs compiled vs compiled with math SDPA (docs/benchmarks.md).
 
-    python scripts/knob_latency.py [--predictor predict.py:Predictor] [--batch 1] [--seq 64] [--rounds 10] [--calls 20]
+    python scripts/knob_latency.py [--predictor predict.py:Runner] [--batch 1] [--seq 64] [--rounds 10] [--calls 20]
         [--threads N]
 
 The compile config is the predictor's with the environment's overrides, as in a container; the third variant adds

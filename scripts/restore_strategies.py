@@ -67,12 +67,13 @@ def run(kind: str, store_dir: str, threads: int) -> dict[str, Any]:
     import torch
 
     from compile_cache.compiler import CompiledModel, cache_roots, compile_model
+    from compile_cache.precompile import aot_compile_enabled
     from compile_cache.sync import Uploader, restore
-    from predict import Predictor
+    from predict import Runner
 
     torch.set_num_threads(threads)
     out: dict[str, Any] = {"kind": kind}
-    p = Predictor()
+    p = Runner()
     cfg = p.compile_config.model_copy(update={"strategy": "jit"})
     t = time.monotonic()
     eager = p.load(None)
@@ -120,7 +121,8 @@ def run(kind: str, store_dir: str, threads: int) -> dict[str, Any]:
                 for ex in examples:
                     # a new dict each time: torch.compile pops guard_filter_fn out of the options it is given
                     opts = {"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
-                    compiled = torch.compile(eager.forward, fullgraph=True, dynamic=False, options=opts)
+                    with aot_compile_enabled():
+                        compiled = torch.compile(eager.forward, fullgraph=True, dynamic=False, options=opts)
                     loaded.append(compiled.aot_compile((ex.args, {})))
             for fn, ex in zip(loaded, examples, strict=True):
                 fn(eager, *ex.args)  # compiled from the bound method: the module is the first argument

@@ -37,7 +37,7 @@ class CogServer:
 
     def __init__(
         self,
-        predictor: str = "predict.py:Predictor",
+        predictor: str = "predict.py:Runner",
         *,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
