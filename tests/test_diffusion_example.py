@@ -159,6 +159,24 @@ def test_cog_yaml_matches_schema_and_points_at_the_runner() -> None:
     assert ast.unparse(run.returns) == "CogPath"
 
 
+def test_committed_input_schema_matches_run() -> None:
+    """The runtime validates inputs against .cog/openapi_schema.json in its working directory and drops fields it
+    does not list: the example's own schema must list run()'s inputs with run()'s defaults (regenerate it with
+    ``cd examples/diffusion && python ../../scripts/gen_schema.py predict.py:Runner``)."""
+    tree = ast.parse((EXAMPLE_DIR / "predict.py").read_text())
+    runner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Runner")
+    run = next(n for n in runner.body if isinstance(n, ast.FunctionDef) and n.name == "run")
+    defaults = {}
+    for arg, default in zip(run.args.args[1:], run.args.defaults, strict=True):
+        assert isinstance(default, ast.Call)
+        defaults[arg.arg] = next(ast.literal_eval(k.value) for k in default.keywords if k.arg == "default")
+    doc = json.loads((EXAMPLE_DIR / ".cog" / "openapi_schema.json").read_text())
+    props = doc["components"]["schemas"]["Input"]["properties"]
+    assert {k: v["default"] for k, v in props.items()} == defaults
+    assert doc["info"]["x-predictor"] == "predict.py:Runner"
+    assert doc["components"]["schemas"]["Output"] == {"title": "Output", "type": "string", "format": "uri"}
+
+
 def test_diffusers_is_pinned_where_it_is_used() -> None:
     import diffusers
 
