@@ -157,11 +157,20 @@ def make_state(cfg: TinyConfig) -> dict[str, torch.Tensor]:
 
 
 def ensure_weights(cfg: TinyConfig = EXAMPLE, weights_dir: Path = WEIGHTS_DIR) -> Path:
-    """Write the config's weights file once (atomically); later calls only return its path."""
+    """Write the config's weights file once (atomically); later calls only return its path.
+
+    The file records the config it was drawn for; one drawn for another config (model.py's sizes changed) is drawn
+    again. A file without that record (weights of your own) is left alone."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = cfg.weights_file(weights_dir)
-    if not path.exists():
+    stale = False
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            made_for = (f.metadata() or {}).get("config")
+        stale = made_for is not None and made_for != repr(asdict(cfg))
+    if stale or not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")  # two processes writing at once each finish their own file
         save_file(make_state(cfg), str(tmp), metadata={"config": repr(asdict(cfg))})
@@ -225,7 +234,9 @@ def generate(
     cond = pipe.cond(prompt)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(pipe.latent_shape, generator=g) * scheduler.init_noise_sigma
-    with torch.inference_mode():
+    # no_grad, not inference_mode: a tensor made in inference mode is an "inference tensor", and Dynamo's guards
+    # tell it from the ordinary tensors warm-up compiled for (the call would run uncompiled, or compile again).
+    with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(latents, t)
             eps = denoise_step(x, t.reshape(1).to(torch.float32), cond)
