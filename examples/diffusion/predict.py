@@ -1,0 +1,64 @@
+"""Example: a tiny Stable-Diffusion-style pipeline (diffusers), its denoiser and VAE decoder compiled as two parts.
+
+Inputs: ``prompt``, ``steps`` (denoising steps), ``seed`` (the initial noise). Output: a PNG.
+
+Both parts use the ``export`` strategy: one AOTInductor package each, code only (the weights come from
+``weights/``), loaded at boot without Dynamo or Inductor. A part whose export fails falls back alone to ``jit``.
+Every request has the same shapes (one image, fixed size; the number of steps only changes how often the denoiser
+runs), so one example per part covers all requests. The pipeline itself, its random weights and its stand-in text
+conditioning are in model.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from cog import Input
+from cog import Path as CogPath
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # model.py sits beside this file, wherever the runtime is started from
+    sys.path.insert(0, str(HERE))
+
+from model import EXAMPLE, WEIGHTS_DIR, Pipeline, ensure_weights, generate, to_png  # noqa: E402
+
+from compile_cache import CompileConfig, CompiledRunner, Example, ExportSpec, Part  # noqa: E402
+
+MAX_STEPS = 50
+
+
+class Runner(CompiledRunner):
+    # Both units export with their weights kept out (tests/test_diffusion_example.py); jit stays one env var away
+    # (COMPILE_CACHE_STRATEGY=jit). Static shapes: every request brings the same ones.
+    compile_config = CompileConfig(strategy="export", dynamic=False)
+    weights_dir = "weights"
+
+    def version_files(self) -> list[Path]:
+        # The weights are made by model.py's code from a fixed seed: write them before their bytes are hashed, so
+        # the first boot derives the same version as every later one. model.py is code of this runner too.
+        ensure_weights(EXAMPLE, WEIGHTS_DIR)
+        return [*super().version_files(), HERE / "model.py"]
+
+    def load(self, weights=None):  # type: ignore[no-untyped-def]
+        self.pipe = pipe = Pipeline(EXAMPLE, Path(weights) if weights else WEIGHTS_DIR)
+        latents, t, cond = pipe.denoise_example()
+        return {
+            "denoiser": Part(pipe.denoiser, examples=[Example((latents, t, cond), label="one step")],
+                             export_spec=ExportSpec((latents, t, cond))),
+            "decoder": Part(pipe.decoder, examples=[Example((latents,), label="one image")],
+                            export_spec=ExportSpec((latents,))),
+        }
+
+    def run(
+        self,
+        prompt: str = Input(description="What to draw (only its first bytes condition the image)",
+                            default="a lighthouse at dusk"),
+        steps: int = Input(description="Denoising steps", default=8, ge=1, le=MAX_STEPS),
+        seed: int = Input(description="Seed of the initial noise", default=0, ge=0),
+    ) -> CogPath:
+        image = generate(self.pipe, prompt, steps, seed, self.parts["denoiser"], self.parts["decoder"])
+        out = Path(tempfile.mkdtemp(prefix="diffusion-")) / "image.png"
+        out.write_bytes(to_png(image))
+        return CogPath(out)
