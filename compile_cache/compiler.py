@@ -257,7 +257,10 @@ class CompiledModel:
                 x = x.clone()
             return x.contiguous(memory_format=fmt) if fmt is not None and x.dim() == 4 else x
 
-        return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+        # A caller may itself run under inference mode (a pipeline's loop): copies made there would be inference
+        # tensors again.
+        with torch.inference_mode(False):
+            return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from .export import ShapeOutOfRange
