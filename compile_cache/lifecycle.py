@@ -26,11 +26,12 @@ from . import log as logmod
 from .compiler import CompiledModel, Example, cache_roots, compile_model, counts, describe_args
 from .config import CompileConfig, Settings
 from .export import ExportSpec
-from .key import CacheKey, environment_factors, hash_paths
+from .key import CacheKey, environment_factors
 from .metrics import BootMetrics
 from .stores import open_store
 from .stores.base import Store
-from .sync import Uploader, restore
+from .sync import Uploader, restore_or_seed
+from .versions import ModelVersion, identify
 
 __all__ = ["CompiledPredictor", "Example"]
 
@@ -40,12 +41,13 @@ log = logmod.log
 class CompiledPredictor(BasePredictor):
     """Subclass it; write ``load()``, ``warmup_examples()`` and ``predict()``; call ``self.model(...)`` in predict.
 
-    Class attributes declare the rest: ``compile_config`` (what to compile and how), ``model_version`` (explicit
-    version; default: a content hash of ``version_files()``).
+    Class attributes declare the rest: ``compile_config`` (what to compile and how), ``model_version`` (the
+    version's label) and ``model_name`` (its lineage); docs/versions.md.
     """
 
     compile_config: ClassVar[CompileConfig] = CompileConfig()
     model_version: ClassVar[str | None] = None
+    model_name: ClassVar[str | None] = None
     weights_dir: ClassVar[str | None] = "weights"
     requirements_files: ClassVar[tuple[str, ...]] = ("requirements.txt", "cog.yaml")
 
@@ -63,25 +65,22 @@ class CompiledPredictor(BasePredictor):
         before ``load()`` (the spec is part of the cache key), so build it from shapes, not from the model."""
         raise NotImplementedError(f"{type(self).__name__} must implement export_spec() for strategy='export'")
 
-    def version_files(self) -> list[Path]:
-        """Files whose content defines the model version: predictor code, weights, pinned requirements.
-
-        Relative paths are resolved against the predictor file's directory (the project dir), not the current
-        directory, so ``python -m compile_cache warm`` run from elsewhere derives the same version as production."""
+    def identify_version(self, settings: Settings, cfg: CompileConfig) -> ModelVersion:
+        """The key's model part (what compiles: local source, pinned requirements, weights by structure), the
+        version's label and its lineage (versions.py, docs/versions.md). Relative paths are resolved against the
+        predictor file's directory (the project dir), not the current directory, so ``python -m compile_cache
+        warm`` run from elsewhere derives the same key as production."""
         code = Path(inspect.getfile(type(self))).resolve()
-        files = [code]
-        if self.weights_dir:
-            files.append(code.parent / self.weights_dir)
-        files += [code.parent / f for f in self.requirements_files if (code.parent / f).exists()]
-        return files
-
-    def resolve_model_version(self, settings: Settings) -> str:
-        """``COMPILE_CACHE_MODEL_VERSION``, else the class's ``model_version``, else a content hash of
-        ``version_files()`` (so every ``cog push`` that changes code, weights or requirements gets a fresh key)."""
-        if settings.model_version or self.model_version:
-            return str(settings.model_version or self.model_version)
-        files = self.version_files()
-        return f"v{hash_paths(files, base=files[0].parent)}"
+        return identify(
+            predictor_file=code,
+            weights_dir=code.parent / self.weights_dir if self.weights_dir else None,
+            requirements_files=[code.parent / f for f in self.requirements_files],
+            label=settings.model_version or self.model_version,
+            lineage=settings.model_name or self.model_name,
+            predictor_class=type(self).__name__,
+            weight_values=cfg.bakes_weights(),
+            key_by_version=settings.key_by_version,
+        )
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def setup(self, weights: Any = None) -> None:  # noqa: D102 - documented in the module docstring
@@ -92,7 +91,6 @@ class CompiledPredictor(BasePredictor):
         logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
         self.settings, self.cfg = settings, cfg
         m = self.metrics = BootMetrics(strategy=cfg.strategy)
-        version = self.resolve_model_version(settings)
         factors = cfg.cache_factors()
         self._spec: ExportSpec | None = None
         if cfg.enable and cfg.strategy == "export":
@@ -104,40 +102,46 @@ class CompiledPredictor(BasePredictor):
                 cfg = self.cfg = cfg.model_copy(update={"strategy": "jit"})
                 factors = cfg.cache_factors()
                 m.strategy = "jit"
-        self.key = key = CacheKey(version, environment_factors(factors))
-        m.key = key.name
+        # -- versions (docs/versions.md): the key hashes what compiles; the label and lineage ride along
+        self.version = version = self.identify_version(settings, cfg)
+        self.key = key = CacheKey(version.part, environment_factors(factors), lineage=version.lineage)
+        m.key, m.key_s, m.version, m.lineage = key.name, version.seconds, version.label, version.lineage
+        # -- end versions
 
         # 1. restore
         store = self._open_store(settings)
         if store is not None:
             m.store = store.url
-            r = restore(
+            # A miss names the nearest entries and what differs; it seeds from the newest entry of the same lineage
+            # and environment unless COMPILE_CACHE_KEY_BY_VERSION asks for a fresh compile (docs/versions.md).
+            r = restore_or_seed(
                 store,
                 key.name,
                 roots,
                 factors=key.factors,
+                lineage=version.lineage,
+                model_factors=version.factors,
+                seed=not settings.key_by_version,
                 signing_key=settings.signing_key_bytes,
                 require_signed=settings.require_signed,
                 timeout_s=settings.restore_timeout_s,
                 max_bytes=settings.max_restore_bytes,
                 max_files=settings.max_restore_files,
             )
-            m.cache, m.cache_reason, m.restore_s = r.status, r.reason, r.seconds
+            m.cache, m.cache_reason, m.restore_s, m.seeded_from = r.status, r.reason, r.seconds, r.seeded_from
             m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
             if r.status in ("error", "rejected"):
                 log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
-            known = set(r.manifest.files()) if r.manifest else set()
             self.uploader: Uploader | None = Uploader(
                 store,
                 key.name,
                 roots,
-                version,
+                version.label,
                 key.factors,
                 signing_key=settings.signing_key_bytes,
-                known=known,
-                manifest=r.manifest,
-                token=r.token,
-                drop=set(r.bad_segments),
+                lineage=version.lineage,
+                model_factors=version.factors,
+                **r.uploader_state(),  # type: ignore[arg-type]
             )
         else:
             m.store, self.uploader = "(disabled)", None
@@ -211,6 +215,8 @@ class CompiledPredictor(BasePredictor):
                     log.warning("export FAILED (%s): falling back to the jit strategy", str(e).splitlines()[0])
                     return None
             elif not pkg.exists():
+                if m.cache == "seeded":  # a package serves only the key it was built for (docs/versions.md)
+                    log.info("export: the seed's package was built for other code; building one for this version")
                 continue
             t = time.monotonic()
             try:
