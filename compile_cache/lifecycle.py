@@ -200,23 +200,36 @@ class CompiledPredictor(BasePredictor):
 
         Fallbacks, each logged once: export fails → jit; a restored package fails to load or raises on its first
         call → rebuild once; a fresh build raises too → jit (whose own failure falls back to eager)."""
-        from .export import ExportedModel, ExportError, build_package
+        from .export import ExportedModel, ExportError, adopt_equivalent_package, build_package, resolve_package
 
         assert self._spec is not None
         spec, m = self._spec, self.metrics
-        pkg = cache_dir / "aoti" / f"{key.name}.pt2"
+        own = cache_dir / "aoti" / f"{key.name}.pt2"
+        pkg, program = Path(resolve_package(own)), None  # this key's package, or one its .ref proved equivalent
+        # -- versions: a seeded version reuses a restored package only if it compiles the same exported program
+        # (export.adopt_equivalent_package: one torch.export, no build); else it builds its own, and says so.
+        if not pkg.exists() and m.cache == "seeded":
+            try:
+                found, program = adopt_equivalent_package(eager, spec, own)
+            except ExportError:
+                found = None  # the build below fails the same way and falls back
+            if found is not None:
+                pkg = Path(found)
+                log.info("export: the seed's package %s compiles this version's program: reusing it", pkg.name)
+            else:
+                log.info("export: no restored package compiles this version's program; building one")
+        # -- end versions
         for attempt in ("restored", "built"):
             if attempt == "built":
+                pkg = own
                 try:
-                    info = build_package(eager, spec, pkg, keep_weights_out=True)
+                    info = build_package(eager, spec, pkg, keep_weights_out=True, program=program)
                     log.info("export: built %s (%.1f MB) in %.1fs", pkg.name, info["package_bytes"] / 1e6,
                              info["export_s"] + info["compile_s"])
                 except ExportError as e:
                     log.warning("export FAILED (%s): falling back to the jit strategy", str(e).splitlines()[0])
                     return None
             elif not pkg.exists():
-                if m.cache == "seeded":  # a package serves only the key it was built for (docs/versions.md)
-                    log.info("export: the seed's package was built for other code; building one for this version")
                 continue
             t = time.monotonic()
             try:
@@ -227,7 +240,8 @@ class CompiledPredictor(BasePredictor):
                 what = "falling back to the jit strategy" if attempt == "built" else "rebuilding it once"
                 log.warning("the %s export package raised (%s: %s): %s", attempt, type(e).__name__,
                             str(e).splitlines()[0] if str(e) else "", what)
-                pkg.unlink(missing_ok=True)
+                own.unlink(missing_ok=True)  # never another key's package: a .ref goes instead
+                Path(f"{own}.ref").unlink(missing_ok=True)
                 continue
             m.warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
                          "s": round(time.monotonic() - t, 3)}]

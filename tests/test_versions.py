@@ -306,14 +306,20 @@ def test_a_reweighted_version_restores_the_old_entry_and_matches_its_own_eager(v
     assert b.store_calls.get("list") is None  # a hit lists nothing
 
 
-def code_change(tmp_path: Path) -> str:
+def code_change(tmp_path: Path, old: str = "SCALE = 1.0", new: str = "SCALE = 2.0", name: str = "v3") -> str:
     """A copy of the predictor with other post-processing (same file name: see tiny_versions_predictor)."""
     src = (ROOT / "tests" / "tiny_versions_predictor.py").read_text()
-    assert "SCALE = 1.0" in src
-    d = tmp_path / "v3"
+    assert src.count(old) == 1
+    d = tmp_path / name
     d.mkdir()
-    (d / "tiny_versions_predictor.py").write_text(src.replace("SCALE = 1.0", "SCALE = 2.0"))
+    (d / "tiny_versions_predictor.py").write_text(src.replace(old, new))
     return f"{d}/tiny_versions_predictor.py:Predictor"
+
+
+def model_change(tmp_path: Path) -> str:
+    """A copy whose model computes something else (its graph changes)."""
+    return code_change(tmp_path, "return load_model(WEIGHTS_DIR)",
+                       "return torch.nn.Sequential(load_model(WEIGHTS_DIR), torch.nn.Tanh()).eval()", "v4")
 
 
 def test_a_code_only_version_is_seeded_and_uploads_only_a_manifest(v1: dict, tmp_path: Path) -> None:
@@ -343,6 +349,23 @@ def test_a_reweighted_version_under_export_loads_the_package_with_its_own_weight
     assert m["strategy"] == "export" and m["cache"] == "hit" and m["key"] == cold.metrics["key"]
     assert m["compiles"] == 0 and m["bytes_uploaded"] == 0
     assert close(b.outputs[0], eager(w2, 4)) and not close(b.outputs[0], eager(w1, 4))
+
+    # Code only: the seed's package compiles the same exported program, so it serves (no build, a tiny upload).
+    code = tiny_boot(store, w2, tmp_path / "ind3", target=code_change(tmp_path), COMPILE_CACHE_STRATEGY="export")
+    m = code.metrics
+    assert m["cache"] == "seeded" and m["seeded_from"] == cold.metrics["key"] and m["strategy"] == "export"
+    assert "compiles this version's program: reusing it" in code.stderr and "built" not in code.stderr
+    assert code.store_calls.get("put_immutable") == 1 and m["bytes_uploaded"] < 2000  # the .ref file
+    assert close(code.outputs[0], [[2 * x for x in row] for row in eager(w2, 4)])
+    again = tiny_boot(store, w2, tmp_path / "ind4", target=code_change(tmp_path, name="v3b"),
+                      COMPILE_CACHE_STRATEGY="export")
+    assert again.metrics["cache"] == "hit" and again.metrics["bytes_uploaded"] == 0  # the .ref leads to it
+
+    # A model change: its program differs, so it builds its own package, and says so.
+    changed = tiny_boot(store, w2, tmp_path / "ind5", target=model_change(tmp_path), COMPILE_CACHE_STRATEGY="export")
+    assert changed.metrics["cache"] == "seeded" and changed.metrics["strategy"] == "export"
+    assert "no restored package compiles this version's program; building one" in changed.stderr
+    assert close(changed.outputs[0], torch.tanh(torch.tensor(eager(w2, 4))).tolist())
 
 
 def test_versions_through_s3(s3_env: dict[str, str], tmp_path: Path) -> None:
