@@ -125,8 +125,8 @@ def plan(predictor: str, weights: Path, work: Path) -> list[Version]:
     return [
         Version("v1", "none", v1, weights),
         Version("v2", "weights", v1, w2),
-        Version("v3", "code", _copy_with(v1, work / "v3", *POSTPROCESS, "code-only"), w2),
-        Version("v4", "model", _copy_with(v1, work / "v4", *MODEL_CHANGE, "model-change"), w2),
+        Version("v3", "code", _copy_with(v1, work / "code-v3", *POSTPROCESS, "code-only"), w2),
+        Version("v4", "model", _copy_with(v1, work / "model-v4", *MODEL_CHANGE, "model-change"), w2),
     ]
 
 
