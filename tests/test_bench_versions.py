@@ -38,6 +38,7 @@ def test_the_examples_copies_change_what_they_say(tmp_path: Path) -> None:
     assert code == f"{tmp_path}/v3/predict.py:Predictor" and model.endswith("/v4/predict.py:Predictor")
     assert bv.POSTPROCESS[1] in (tmp_path / "v3" / "predict.py").read_text()
     assert bv.MODEL_CHANGE[1] in (tmp_path / "v4" / "predict.py").read_text()
+    assert (tmp_path / "v3" / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()
     with pytest.raises(bv.BenchError, match="does not contain"):
         bv._copy_with(f"{ROOT}/tests/tiny_predictor.py:Predictor", tmp_path / "x", *bv.MODEL_CHANGE, "model-change")
 

@@ -51,6 +51,7 @@ MODEL_CHANGE = (
     "return torch.nn.functional.normalize(pooled, p=2, dim=1)",
     "return torch.nn.functional.normalize(torch.tanh(pooled), p=2, dim=1)",
 )
+_BESIDE = ("requirements.txt", "cog.yaml")  # copied beside each copy of the predictor (the key hashes them)
 _CONTROLLED = ("COMPILE_CACHE_URL", "COMPILE_CACHE_DISABLE", "COMPILE_CACHE_COMPILE", "COMPILE_CACHE_METRICS_FILE",
                "COMPILE_CACHE_LOG_FILE", "COMPILE_CACHE_MODEL_VERSION", "COMPILE_CACHE_PROGRESS",
                "TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FORCE_DISABLE_CACHES", "MODEL_WEIGHTS_DIR")
@@ -113,6 +114,9 @@ def _copy_with(predictor: str, dest_dir: Path, old: str, new: str, what: str) ->
     dest_dir.mkdir(parents=True)
     dest = dest_dir / Path(path).name
     dest.write_text(src.replace(old, new))
+    for same in _BESIDE:  # the pinned requirements stay what they were: only the code changes
+        if (Path(path).parent / same).is_file():
+            shutil.copy2(Path(path).parent / same, dest_dir / same)
     return f"{dest}:{cls}"
 
 
