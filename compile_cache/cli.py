@@ -380,8 +380,10 @@ def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
             raise _Failure(f"warm could not use the store {s.url}: {m.cache_reason or m.cache}")
         p.finish_uploads()  # the background upload, then the flush, now
         _say(f"key       {m.key}")
+        _say(f"version   {m.version} (lineage {m.lineage})")
         _say(f"store     {m.store}")
-        _say(f"restore   {m.cache}" + (f" ({m.cache_reason})" if m.cache_reason else ""))
+        _say(f"restore   {m.cache}" + (f" ({m.cache_reason})" if m.cache_reason else "")
+             + (f", seeded from {m.seeded_from}" if m.seeded_from else ""))
         _say(f"compile   {m.compile_s:.1f}s, {m.compiles} graphs, fx graph hits {m.fxgraph_hits}")
         up = f"{m.bytes_uploaded} bytes ({_size(m.bytes_uploaded)}), {m.files_uploaded} files"
         _say(f"uploaded  {up}: {m.upload_state}")
