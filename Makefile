@@ -13,13 +13,14 @@ PYTEST_ARGS ?=
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 
-.PHONY: predict test install weights bench table1 restore-strategies gpu-wheels clean help
+.PHONY: predict test install weights bench bench-versions table1 restore-strategies gpu-wheels clean help
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
 	@echo "make predict JSON=1                           the same, the raw output as one JSON line on stdout"
 	@echo "make test                                     the whole test suite"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
+	@echo "make bench-versions BENCH_OUT=dir             new versions (weights, code, model) against one store"
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 (small Llama, cold vs warm, ~20 min)"
 	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
 	@echo "make gpu-wheels                               wheels the GPU machine lacks, into .whl/ (for scripts/gpu_check)"
@@ -50,6 +51,10 @@ test: $(STAMP) $(WEIGHTS)
 
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# BENCH_ARGS="--strategy jit" for the jit strategy (default: the predictor's declared one).
+bench-versions: $(STAMP) $(WEIGHTS)
+	$(BIN)/python -m compile_cache.tools.bench_versions --out $(BENCH_OUT) $(BENCH_ARGS)
 
 table1: $(STAMP)
 	$(BIN)/python scripts/table1.py --out $(BENCH_OUT)/table1

@@ -152,10 +152,15 @@ def cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
         if m is None:
             rows.append({"key": e.key, "error": e.error})
             continue
+        labels = sorted(m.labels().items(), key=lambda kv: kv[1])
         rows.append(
             {
                 "key": e.key,
                 "model_version": m.model_version,
+                "versions": [v for v, _ in labels],  # every label that used the entry, oldest first
+                "latest_version": labels[-1][0],
+                "lineage": m.lineage,
+                "seeded_from": m.seeded_from,
                 "summary": CacheKey(m.model_version, m.factors).summary,
                 "fingerprint": m.fingerprint,
                 "bytes": m.total_bytes,
@@ -180,7 +185,7 @@ def cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
             continue
         table.append(
             [
-                r["model_version"],
+                r["latest_version"] + (f" (+{len(r['versions']) - 1})" if len(r["versions"]) > 1 else ""),
                 r["summary"],
                 r["fingerprint"],
                 _size(r["bytes"]),
@@ -218,6 +223,13 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     files = m.files()
     _say(f"key            {m.key}")
     _say(f"model version  {m.model_version}")
+    if m.versions:
+        _say(f"versions       {', '.join(sorted(m.labels(), key=lambda v: m.labels()[v]))}")
+    _say(f"lineage        {m.lineage or '-'}")
+    if m.seeded_from:
+        _say(f"seeded from    {m.seeded_from}")
+    for k in sorted(m.model_factors):
+        _say(f"  {k}  {m.model_factors[k]}")
     _say(f"environment    {CacheKey(m.model_version, m.factors).summary}")
     _say(f"fingerprint    {m.fingerprint} (from {len(m.factors)} factors)")
     _say(f"signed         {'yes (HMAC-SHA256)' if m.signature else 'no'}")
@@ -406,8 +418,10 @@ def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
             raise _Failure(f"warm could not use the store {s.url}: {m.cache_reason or m.cache}")
         p.finish_uploads()  # the background upload, then the flush, now
         _say(f"key       {m.key}")
+        _say(f"version   {m.version} (lineage {m.lineage})")
         _say(f"store     {m.store}")
-        _say(f"restore   {m.cache}" + (f" ({m.cache_reason})" if m.cache_reason else ""))
+        _say(f"restore   {m.cache}" + (f" ({m.cache_reason})" if m.cache_reason else "")
+             + (f", seeded from {m.seeded_from}" if m.seeded_from else ""))
         _say(f"compile   {m.compile_s:.1f}s, {m.compiles} graphs, fx graph hits {m.fxgraph_hits}")
         up = f"{m.bytes_uploaded} bytes ({_size(m.bytes_uploaded)}), {m.files_uploaded} files"
         _say(f"uploaded  {up}: {m.upload_state}")
@@ -455,7 +469,8 @@ _COMMANDS: list[tuple[str, str, str, Callable[[argparse.Namespace, _Context], in
     (
         "ls",
         "list the entries in the store",
-        "One line per cache entry: model version, environment (torch, python, device, ISA, strategy), fingerprint,\n"
+        "One line per cache entry: model version (the newest label that used it, +N others: versions that\n"
+        "compile the same share an entry), environment (torch, python, device, ISA, strategy), fingerprint,\n"
         "size in the store, objects (segments), files and the last update.\n\n"
         "example:\n  python -m compile_cache ls\n  python -m compile_cache --store s3://my-bucket/cache ls --json",
         cmd_ls,

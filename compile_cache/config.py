@@ -51,8 +51,21 @@ class Settings(BaseModel):
         None,
         alias="COMPILE_CACHE_MODEL_VERSION",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="explicit model version (1-64 of A-Z a-z 0-9 . _ -); default: a content hash of "
-        "predictor code, weights and pinned requirements",
+        description="the version's label (1-64 of A-Z a-z 0-9 . _ -), e.g. a platform's version id: shown by ls, "
+        "the timeline and the manifest, used by prune; it does not change the key (docs/versions.md); default: "
+        "the key's model part",
+    )
+    model_name: str | None = Field(
+        None,
+        alias="COMPILE_CACHE_MODEL_NAME",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="the model's lineage (1-64 of A-Z a-z 0-9 _ -): a new version seeds its cache from the newest "
+        "entry of its lineage; default: <predictor class>-<weights dir name>",
+    )
+    key_by_version: bool = Field(
+        False,
+        alias="COMPILE_CACHE_KEY_BY_VERSION",
+        description="1/true: a fresh compile for every new version label (the label joins the key, no seeding)",
     )
     metrics_file: Path | None = Field(
         None, alias="COMPILE_CACHE_METRICS_FILE", description="path of a JSON metrics file, rewritten after uploads"
@@ -263,6 +276,9 @@ class CompileConfig(BaseModel):
     # path (seconds to minutes on a real model), "error" fails that prediction. Not a cache factor: it changes no
     # generated code.
     on_new_shape: Literal[_ON_NEW_SHAPE] = "eager"  # type: ignore[valid-type]
+    # The model's weight values decide generated code (e.g. the model branches on a weight's value while tracing,
+    # or folds weights into constants itself): the key then hashes every weight byte (docs/versions.md).
+    key_weight_values: bool = False
 
     @field_validator("mode", "memory_format", "sdpa_backend", "on_new_shape", mode="before")
     @classmethod
@@ -314,6 +330,12 @@ class CompileConfig(BaseModel):
         if s.on_new_shape is not None:
             upd["on_new_shape"] = s.on_new_shape
         return self.model_copy(update=upd) if upd else self
+
+    def bakes_weights(self) -> bool:
+        """Whether compiled code may hold weight values as constants, so that weight values belong in the key:
+        Inductor ``freezing`` (declared in ``options`` or through TORCHINDUCTOR_FREEZING) or the user's opt-in."""
+        freezing = self.options.get("freezing", os.environ.get("TORCHINDUCTOR_FREEZING", "0") == "1")
+        return self.key_weight_values or bool(freezing)
 
     def cache_factors(self) -> dict[str, str]:
         """The parts of this config that change generated code: they go into the cache key."""

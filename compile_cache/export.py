@@ -59,6 +59,10 @@ __all__ = [
     "check_shapes",
     "package_metadata",
     "model_constants",
+    "export_program",
+    "program_digest",
+    "resolve_package",
+    "adopt_equivalent_package",
 ]
 
 logger = logging.getLogger("compile_cache")
@@ -278,6 +282,83 @@ def build_attempts() -> int:
     return _builds
 
 
+def export_program(model: torch.nn.Module, spec: ExportSpec) -> Any:
+    """``torch.export.export`` of ``model`` per ``spec``; ExportError (cause chained) if it fails."""
+    try:
+        return torch.export.export(model, spec.example_args, dynamic_shapes=spec.torch_dynamic_shapes())
+    except Exception as e:  # torch raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        raise ExportError(f"torch.export.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+
+
+def program_digest(ep: Any, spec: ExportSpec, *, keep_weights_out: bool) -> str:
+    """What an AOTInductor build compiles, hashed: the exported graph's code, its signature (which input is which
+    weight), the dynamic ranges, every weight's and constant's name, shape and dtype (not its values: a weights-out
+    package takes them from the model at load), the spec and the flavour. The build's other inputs (torch, the
+    Inductor options, the host) are the cache key's environment fingerprint. Deterministic across processes
+    (node names come from module paths); re-measure with two exports of one model in two processes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(ep.graph_module.code.encode())
+    h.update(str(ep.graph_signature).encode())
+    h.update(str(sorted((str(k), str(v)) for k, v in ep.range_constraints.items())).encode())
+    tensors = {**dict(ep.state_dict), **dict(getattr(ep, "constants", {}) or {})}
+    h.update(json.dumps({k: [list(t.shape), str(t.dtype)] for k, t in tensors.items()
+                         if isinstance(t, torch.Tensor)}, sort_keys=True).encode())
+    h.update(json.dumps(spec.describe(), sort_keys=True).encode())
+    h.update(b"weights-out" if keep_weights_out else b"weights-in")
+    return h.hexdigest()[:32]
+
+
+_REF_SUFFIX = ".ref"  # <package>.pt2.ref: this key's package is another one, proven to compile the same program
+
+
+def resolve_package(package_path: os.PathLike[str] | str) -> str:
+    """The package to load for ``package_path``: itself, or the package its ``.ref`` file names (when that exists
+    and still declares the program the ref was written for)."""
+    path = os.fspath(package_path)
+    ref = path + _REF_SUFFIX
+    if os.path.exists(path) or not os.path.exists(ref):
+        return path
+    try:
+        with open(ref) as f:
+            r = json.load(f)
+        target = os.path.join(os.path.dirname(path), os.path.basename(str(r["package"])))
+        if package_metadata(target).get(_META_PREFIX + "program") == r["program"]:
+            return target
+    except (OSError, ValueError, KeyError, TypeError, PackageLoadError):
+        pass
+    return path
+
+
+def adopt_equivalent_package(
+    model: torch.nn.Module, spec: ExportSpec, package_path: os.PathLike[str] | str
+) -> tuple[str | None, Any]:
+    """Export ``model`` and look for a package next to ``package_path`` (restored from a seed) built from the same
+    program (:func:`program_digest`, weights out). Found: a ``.ref`` file makes it this key's package; returns
+    (its path, the program). Not found: (None, the program, which the build then compiles without exporting
+    again). ExportError if the export fails."""
+    path = os.fspath(package_path)
+    ep = export_program(model, spec)
+    digest = program_digest(ep, spec, keep_weights_out=True)
+    folder = os.path.dirname(path)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        cand = os.path.join(folder, name)
+        if not name.endswith(".pt2") or cand == path:
+            continue
+        st = os.stat(cand)
+        try:
+            meta = package_metadata(cand)
+        except PackageLoadError:
+            meta = {}
+        if meta.get(_META_PREFIX + "program") == digest and meta.get(_META_PREFIX + "keep_weights_out") == "1":
+            with open(path + _REF_SUFFIX, "w") as f:
+                json.dump({"package": name, "program": digest}, f)
+            return cand, ep
+        os.utime(cand, ns=(st.st_atime_ns, st.st_mtime_ns))  # looked at, not used (see sync.mark_unread)
+    return None, ep
+
+
 def build_package(
     model: torch.nn.Module,
     spec: ExportSpec,
@@ -285,6 +366,7 @@ def build_package(
     *,
     keep_weights_out: bool,
     inductor_configs: Mapping[str, Any] | None = None,
+    program: Any = None,
 ) -> dict[str, Any]:
     """Export ``model`` per ``spec`` and compile it into an AOTInductor package.
 
@@ -294,6 +376,9 @@ def build_package(
     "metadata"}``: ``constant_fqns`` are the weights the graph reads (a weights-out package must take every one
     of them from the model), ``unused_constant_fqns`` the lifted ones it never reads (see ``_split_constants``).
     Raises ExportError (cause chained) if the export or the build fails.
+
+    ``program``: an exported program of ``model`` per ``spec`` (:func:`export_program`) to compile instead of
+    exporting again.
 
     Build-time notes: the model should be in eval mode (a training-mode model
     exports dropout); the build writes into TORCHINDUCTOR_CACHE_DIR and Inductor's
@@ -307,10 +392,15 @@ def build_package(
     dynamic_shapes = spec.torch_dynamic_shapes()
 
     t0 = time.perf_counter()
-    try:
-        ep = torch.export.export(model, spec.example_args, dynamic_shapes=dynamic_shapes)
-    except Exception as e:  # torch raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        raise ExportError(f"torch.export.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+    if program is not None:
+        ep = program
+    else:
+        try:
+            ep = torch.export.export(model, spec.example_args, dynamic_shapes=dynamic_shapes)
+        except Exception as e:  # torch raises many types (UserError, GuardOnDataDependentSymNode, ...)
+            raise ExportError(
+                f"torch.export.export failed for {type(model).__name__}: {type(e).__name__}: {e}"
+            ) from e
     export_s = time.perf_counter() - t0
 
     constant_fqns, unused_fqns = _split_constants(ep)
@@ -331,6 +421,7 @@ def build_package(
         _META_PREFIX + "torch": torch.__version__,
         _META_PREFIX + "constant_fqns": json.dumps(constant_fqns),
         _META_PREFIX + "unused_constant_fqns": json.dumps(unused_fqns),
+        _META_PREFIX + "program": program_digest(ep, spec, keep_weights_out=keep_weights_out),
     }
     configs: dict[str, Any] = {"aot_inductor.metadata": meta}
     if keep_weights_out:

@@ -1,4 +1,4 @@
-"""The cache key: model version + environment fingerprint.
+"""The cache key: lineage + model part (what compiles, see versions.py) + environment fingerprint.
 
 The fingerprint is a hash of a named, sorted list of factors (vLLM's habit), so ``inspect`` can show a person why
 two keys differ. Everything that changes generated code or its ABI is a factor: torch build, Python, device kind,
@@ -19,9 +19,11 @@ from pathlib import Path
 
 from . import __version__
 
-__all__ = ["CacheKey", "environment_factors", "hash_paths", "fingerprint_of", "diff_factors"]
+__all__ = ["CacheKey", "environment_factors", "hash_paths", "fingerprint_of", "diff_factors", "split_key"]
 
-FORMAT_VERSION = "1"  # bump when the store layout or snapshot format changes
+# Bump when the store layout or snapshot format changes. 2: keys are <lineage>.<model part>.<summary>.<fingerprint>
+# and manifests carry lineage, labels and the seed.
+FORMAT_VERSION = "2"
 
 
 def _short(text: str, n: int = 12) -> str:
@@ -87,10 +89,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 @dataclass(frozen=True)
 class CacheKey:
-    """``<model version>.<readable summary>.<fingerprint hash>``: one path segment, safe in every store."""
+    """``[<lineage>.]<model part>.<readable summary>.<fingerprint hash>``: one path segment, safe in every store.
+
+    ``model_version`` is the key's model part: what compiles (``versions.ModelVersion.part``), or any explicit id.
+    With a ``lineage`` (no dots) the key starts with it, so the entries of one lineage share a name prefix: a miss
+    lists only those (``entries/<lineage>.``) to find a seed and explain itself."""
 
     model_version: str
     factors: Mapping[str, str] = field(default_factory=dict)
+    lineage: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -108,7 +115,8 @@ class CacheKey:
 
     @property
     def name(self) -> str:
-        return f"{_UNSAFE.sub('_', self.model_version)}.{self.summary}.{self.fingerprint}"
+        head = f"{_UNSAFE.sub('_', self.lineage).replace('.', '_')}." if self.lineage else ""
+        return f"{head}{_UNSAFE.sub('_', self.model_version)}.{self.summary}.{self.fingerprint}"
 
     def __str__(self) -> str:
         return self.name
@@ -121,3 +129,12 @@ def diff_factors(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
         if a.get(k) != b.get(k):
             out.append(f"{k}: {a.get(k, '<absent>')!s} != {b.get(k, '<absent>')!s}")
     return out
+
+
+def split_key(name: str) -> tuple[str, str, str]:
+    """(lineage, model part, fingerprint) of a key ``<lineage>.<model part>.<summary>.<fingerprint>``; empty
+    strings for what a key of another layout does not have."""
+    parts = name.split(".")
+    if len(parts) < 4:
+        return "", "", parts[-1] if len(parts) > 1 else ""
+    return parts[0], parts[1], parts[-1]

@@ -29,14 +29,15 @@ from . import log as logmod
 from .compiler import Example, cache_roots, counts
 from .config import CompileConfig, Settings
 from .export import ExportSpec
-from .key import CacheKey, environment_factors, hash_paths
+from .key import CacheKey, environment_factors
 from .metrics import BootMetrics
 from .parts import SINGLE_PART, Part, Parts, check_name
 from .stores import open_store
 from .stores.base import Store
 from .strategies import Plan, prepare
-from .sync import Uploader, restore
+from .sync import Uploader, restore_or_seed
 from .trust import trust_policy
+from .versions import ModelVersion, identify
 
 __all__ = ["CompiledRunner", "CompiledPredictor", "Example", "Part"]
 
@@ -55,11 +56,12 @@ class CompiledRunner(BaseRunner):
     ``load()`` returns the module to compile (one part, named ``"model"``: ``warmup_examples()`` and
     ``export_spec()`` describe it) or ``{name: Part(module, examples=..., export_spec=..., **config)}``.
     Class attributes declare the rest: ``compile_config`` (what to compile and how; each part may override any
-    field), ``model_version`` (explicit version; default: a content hash of ``version_files()``).
+    field), ``model_version`` (the version's label) and ``model_name`` (its lineage): docs/versions.md.
     """
 
     compile_config: ClassVar[CompileConfig] = CompileConfig()
     model_version: ClassVar[str | None] = None
+    model_name: ClassVar[str | None] = None
     weights_dir: ClassVar[str | None] = "weights"
     requirements_files: ClassVar[tuple[str, ...]] = ("requirements.txt", "cog.yaml")
 
@@ -78,25 +80,22 @@ class CompiledRunner(BaseRunner):
         after ``load()``; the spec is part of the cache key."""
         raise NotImplementedError(f"{type(self).__name__} must implement export_spec() for strategy='export'")
 
-    def version_files(self) -> list[Path]:
-        """Files whose content defines the model version: runner code, weights, pinned requirements.
-
+    def identify_version(self, settings: Settings, plans: Sequence[Plan]) -> ModelVersion:
+        """The key's model part (what compiles: local source, pinned requirements, weights by structure; weight
+        values too where a part's config bakes them), the version's label and its lineage (docs/versions.md).
         Relative paths are resolved against the runner file's directory (the project dir), not the current
-        directory, so ``python -m compile_cache warm`` run from elsewhere derives the same version as production."""
+        directory, so ``python -m compile_cache warm`` run from elsewhere derives the same key as production."""
         code = Path(inspect.getfile(type(self))).resolve()
-        files = [code]
-        if self.weights_dir:
-            files.append(code.parent / self.weights_dir)
-        files += [code.parent / f for f in self.requirements_files if (code.parent / f).exists()]
-        return files
-
-    def resolve_model_version(self, settings: Settings) -> str:
-        """``COMPILE_CACHE_MODEL_VERSION``, else the class's ``model_version``, else a content hash of
-        ``version_files()`` (so every ``cog push`` that changes code, weights or requirements gets a fresh key)."""
-        if settings.model_version or self.model_version:
-            return str(settings.model_version or self.model_version)
-        files = self.version_files()
-        return f"v{hash_paths(files, base=files[0].parent)}"
+        return identify(
+            predictor_file=code,
+            weights_dir=code.parent / self.weights_dir if self.weights_dir else None,
+            requirements_files=[code.parent / f for f in self.requirements_files],
+            label=settings.model_version or self.model_version,
+            lineage=settings.model_name or self.model_name,
+            predictor_class=type(self).__name__,
+            weight_values=any(plan.cfg.bakes_weights() for plan in plans),
+            key_by_version=settings.key_by_version,
+        )
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def setup(self, weights: Any = None) -> None:  # noqa: D102 - documented in the module docstring
@@ -114,9 +113,11 @@ class CompiledRunner(BaseRunner):
         plans = self._resolve_parts(loaded, settings)
         m.load_s = time.monotonic() - t
 
-        # 2. key: one for every part (name, config, export spec)
-        self.key = key = CacheKey(self.resolve_model_version(settings), environment_factors(self._factors(plans)))
-        m.key = key.name
+        # 2. key: what compiles (not weight values, not the version's label: docs/versions.md), one for every part
+        self.version = version = self.identify_version(settings, plans)
+        factors = environment_factors(self._factors(plans))
+        self.key = key = CacheKey(version.part, factors, lineage=version.lineage)
+        m.key, m.key_s, m.version, m.lineage = key.name, version.seconds, version.label, version.lineage
         for plan in plans:
             plan.stem = key.name if self._single else f"{key.name}-{plan.name}"
 
@@ -125,6 +126,8 @@ class CompiledRunner(BaseRunner):
 
         # 4. compile: each part by its own strategy, falling back alone
         t, before = time.monotonic(), counts()
+        for plan in plans:
+            plan.seeded = m.cache == "seeded"
         served = {plan.name: self._prepare(plan, roots["inductor"]) for plan in plans}
         m.compile_s = time.monotonic() - t
         self._record_counts(before)
@@ -195,7 +198,9 @@ class CompiledRunner(BaseRunner):
         return factors
 
     def _restore(self, settings: Settings, key: CacheKey, roots: dict[str, Path]) -> Uploader | None:
-        """One restore for every part; returns the uploader of this entry, or None when there is no store."""
+        """One restore for every part; returns the uploader of this entry, or None when there is no store. A miss
+        names the nearest entries and what differs, and seeds from the newest entry of the same lineage and
+        environment unless COMPILE_CACHE_KEY_BY_VERSION asks for a fresh compile (docs/versions.md)."""
         m = self.metrics
         store = self._open_store(settings)
         if store is None:
@@ -203,32 +208,33 @@ class CompiledRunner(BaseRunner):
             return None
         m.store = store.url
         trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
-        r = restore(
+        r = restore_or_seed(
             store,
             key.name,
             roots,
             factors=key.factors,
+            lineage=self.version.lineage,
+            model_factors=self.version.factors,
+            seed=not settings.key_by_version,
             trust=trust,
             timeout_s=settings.restore_timeout_s,
             max_bytes=settings.max_restore_bytes,
             max_files=settings.max_restore_files,
         )
-        m.cache, m.cache_reason, m.restore_s = r.status, r.reason, r.seconds
+        m.cache, m.cache_reason, m.restore_s, m.seeded_from = r.status, r.reason, r.seconds, r.seeded_from
         m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
         if r.status in ("error", "rejected"):
             log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
-        known = set(r.manifest.files()) if r.manifest else set()
         return Uploader(
             store,
             key.name,
             roots,
-            key.model_version,
+            self.version.label,
             key.factors,
             trust=trust,
-            known=known,
-            manifest=r.manifest,
-            token=r.token,
-            drop=set(r.bad_segments),
+            lineage=self.version.lineage,
+            model_factors=self.version.factors,
+            **r.uploader_state(),  # type: ignore[arg-type]
         )
 
     def _prepare(self, plan: Plan, cache_dir: Path) -> Any:

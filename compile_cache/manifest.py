@@ -23,6 +23,7 @@ from .key import diff_factors, fingerprint_of
 __all__ = ["FileEntry", "Segment", "Manifest", "manifest_name", "object_name", "MAX_MANIFEST_BYTES"]
 
 MANIFEST_FORMAT = 1
+MAX_VERSIONS = 100  # labels remembered per entry (a platform pushes thousands of fine-tunes onto one entry)
 
 # Caps a reader applies before it trusts anything in a manifest. A file takes about 260 bytes of manifest (measured:
 # 10,000 entries with Inductor-length paths, 100 segments, signed: 2.59 MB), so 16 MiB lists about 64,000 files,
@@ -75,6 +76,14 @@ class Manifest(BaseModel):
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     segments: list[Segment] = Field(default_factory=list)
+    # Versions (docs/versions.md). ``model_version`` is the label of the version that created the entry; ``versions``
+    # every label that has used it (label -> when it first did; the newest MAX_VERSIONS), since versions that
+    # compile the same share one entry. ``lineage`` and ``model_factors`` (what the key's model part hashes) let
+    # a miss name what differs; ``seeded_from`` is the entry this one started from (its segments are referenced).
+    lineage: str = ""
+    model_factors: dict[str, str] = Field(default_factory=dict)
+    versions: dict[str, float] = Field(default_factory=dict)
+    seeded_from: str = ""
     signature: str | None = None
 
     # -- content ---------------------------------------------------------------------------------------------------
@@ -88,6 +97,17 @@ class Manifest(BaseModel):
     @property
     def total_bytes(self) -> int:
         return sum(s.size for s in self.segments)
+
+    def labels(self) -> dict[str, float]:
+        """Every version label of this entry with when it first used it (the creator's at ``created_at``)."""
+        return {self.model_version: self.created_at, **self.versions}
+
+    def with_label(self, label: str) -> Manifest:
+        """A copy that lists ``label`` among its versions (the newest MAX_VERSIONS are kept)."""
+        versions = {**self.versions, label: time.time()}
+        if len(versions) > MAX_VERSIONS:
+            versions = dict(sorted(versions.items(), key=lambda kv: kv[1])[-MAX_VERSIONS:])
+        return self.model_copy(update={"versions": versions, "updated_at": time.time()}, deep=True)
 
     def with_segment(self, seg: Segment) -> Manifest:
         """A copy with ``seg`` added (a no-op copy if it adds no file the manifest lacks)."""

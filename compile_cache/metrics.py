@@ -26,8 +26,12 @@ class BootMetrics:
     key: str = ""
     store: str = ""
     strategy: str = "jit"  # the parts' strategy; "mixed" when they differ (each part's is in ``parts``)
-    cache: str = "disabled"  # "hit" | "miss" | "disabled" | "error" | "rejected"
+    cache: str = "disabled"  # "hit" | "seeded" | "miss" | "disabled" | "error" | "rejected"
     cache_reason: str = ""
+    seeded_from: str = ""  # cache "seeded": the key of the entry restored as a seed
+    version: str = ""  # the version's label (docs/versions.md)
+    lineage: str = ""
+    key_s: float = 0.0  # computing the key: hashing source, requirements and weight files (headers of tensor files)
     restore_s: float = 0.0
     load_s: float = 0.0
     compile_s: float = 0.0  # compile + warm-up
@@ -77,10 +81,12 @@ class BootMetrics:
         w = "\n".join(per_part)
         lines = [
             "compile_cache setup timeline",
-            f"  key        {self.key}",
+            f"  key        {self.key}  ({self.key_s:.2f}s)",
+            f"  version    {self.version}  lineage {self.lineage}",
             f"  store      {self.store}",
             f"  strategy   {self.strategy}",
             f"  cache      {self.cache}" + (f" ({self.cache_reason})" if self.cache_reason else ""),
+            *([f"  seeded     from {self.seeded_from}"] if self.seeded_from else []),
             f"  restore    {self.restore_s:.2f}s  {self.bytes_downloaded / 1e6:.1f} MB  {self.files_restored} files"
             f"  {self.restore_mb_s:.0f} MB/s",
             f"  load       {self.load_s:.2f}s",

@@ -114,10 +114,13 @@ def plan_prune(
 ) -> PrunePlan:
     """What a prune would delete. Nothing is changed.
 
-    ``keep``: keep the entries of the ``keep`` newest model versions (a version's age is the newest ``updated_at``
-    among its entries). ``older_than_s``: drop entries not updated for that long. With both, an entry goes only if
-    both rules say so (outside the newest versions *and* old), so the newest versions survive however old they are.
-    With neither, no entry goes and only orphans are collected.
+    ``keep``: keep the entries of the ``keep`` newest model versions. Versions are labels (docs/versions.md): an
+    entry serves every label its manifest lists (versions that compile the same share one), and is kept if any of
+    them is kept; a version's age is the newest ``updated_at`` among its entries. ``older_than_s``: drop entries
+    not updated for that long. With both, an entry goes only if both rules say so (outside the newest versions
+    *and* old), so the newest versions survive however old they are. With neither, no entry goes and only orphans
+    are collected. Objects go only when no remaining manifest lists them: a seeded entry lists the segments it
+    shares with its seed, so deleting the seed's entry keeps them.
     """
     now = time.time() if now is None else now
     entries = list(list_entries(store))
@@ -127,10 +130,10 @@ def plan_prune(
         newest: dict[str, float] = {}
         for e in good:
             assert e.manifest is not None
-            v = e.manifest.model_version
-            newest[v] = max(newest.get(v, 0.0), e.manifest.updated_at)
+            for v, first_used in e.manifest.labels().items():
+                newest[v] = max(newest.get(v, 0.0), e.manifest.updated_at, first_used)
         kept_versions = set(sorted(newest, key=lambda v: newest[v], reverse=True)[:keep])
-        rules.append({e.key for e in good if e.manifest and e.manifest.model_version not in kept_versions})
+        rules.append({e.key for e in good if e.manifest and not set(e.manifest.labels()) & kept_versions})
     if older_than_s is not None:
         rules.append({e.key for e in good if e.manifest and e.manifest.updated_at < now - older_than_s})
     doomed = set.intersection(*rules) if rules else set()

@@ -41,6 +41,7 @@ class Plan:
     spec: ExportSpec | None = None
     examples: Callable[[], Sequence[Example]] = list  # called when a strategy needs them (after load())
     stem: str = ""  # the file name stem of this part's artifacts in the cache dir (the key, plus the part's name)
+    seeded: bool = False  # the cache dir holds a seed: another version's entry of the same lineage and environment
 
     def warmup_examples(self) -> list[Example]:
         try:
@@ -74,7 +75,7 @@ class ExportStrategy:
     name = "export"
 
     def prepare(self, plan: Plan, cache_dir: Path) -> Prepared | None:
-        from .export import ExportedModel, ExportError, build_package
+        from .export import ExportedModel, ExportError, adopt_equivalent_package, build_package, resolve_package
         from .failed_export import read_failure, record_failure
 
         spec, eager = plan.spec, plan.module
@@ -84,21 +85,36 @@ class ExportStrategy:
             log.warning("part %r: export needs an nn.Module, got %s: falling back to the jit strategy", plan.name,
                         type(eager).__name__)
             return None
-        pkg = cache_dir / "aoti" / f"{plan.stem}.pt2"
-        if not pkg.exists() and (failed := read_failure(pkg)) is not None:  # failed before: do not pay it again
+        own = cache_dir / "aoti" / f"{plan.stem}.pt2"
+        if not own.exists() and (failed := read_failure(own)) is not None:  # failed before: do not pay it again
             log.warning("part %r: export skipped: it failed for this key before (%s): using the jit strategy",
                         plan.name, failed.reason)
             return None
+        pkg, program = Path(resolve_package(own)), None  # this key's package, or one its .ref proved equivalent
+        # A seeded version reuses a restored package only if it compiles the same exported program (one
+        # torch.export, no build: export.adopt_equivalent_package); else it builds its own, and says so.
+        if not pkg.exists() and plan.seeded:
+            try:
+                found, program = adopt_equivalent_package(eager, spec, own)
+            except ExportError:
+                found = None  # the build below fails the same way and falls back
+            if found is not None:
+                pkg = Path(found)
+                log.info("part %r: the seed's package %s compiles this version's program: reusing it", plan.name,
+                         pkg.name)
+            else:
+                log.info("part %r: no restored package compiles this version's program; building one", plan.name)
         for attempt in ("restored", "built"):
             if attempt == "built":
+                pkg = own
                 try:
-                    info = build_package(eager, spec, pkg, keep_weights_out=True)
+                    info = build_package(eager, spec, pkg, keep_weights_out=True, program=program)
                     log.info("export: built %s (%.1f MB) in %.1fs", pkg.name, info["package_bytes"] / 1e6,
                              info["export_s"] + info["compile_s"])
                 except ExportError as e:
                     log.warning("part %r: export FAILED (%s): falling back to the jit strategy", plan.name,
                                 str(e).splitlines()[0])
-                    record_failure(pkg, e, stage="export")
+                    record_failure(own, e, stage="export")
                     return None
             elif not pkg.exists():
                 continue
@@ -111,9 +127,10 @@ class ExportStrategy:
                 what = "falling back to the jit strategy" if attempt == "built" else "rebuilding it once"
                 log.warning("part %r: the %s export package raised (%s: %s): %s", plan.name, attempt,
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "", what)
-                pkg.unlink(missing_ok=True)
+                own.unlink(missing_ok=True)  # never another key's package: its .ref goes instead
+                Path(f"{own}.ref").unlink(missing_ok=True)
                 if attempt == "built":
-                    record_failure(pkg, e, stage="package")
+                    record_failure(own, e, stage="package")
                 continue
             warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
                        "s": round(time.monotonic() - t, 3)}]

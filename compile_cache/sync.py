@@ -32,12 +32,13 @@ from .errors import (
     PreconditionFailed,
     StoreError,
 )
+from .key import diff_factors, split_key
 from .manifest import MAX_MANIFEST_BYTES, Manifest, Segment, manifest_name
 from .snapshot import Staged, check_object, pack, scan, unpack_into_staging
 from .stores.base import Store
 from .trust import Signer, TrustPolicy
 
-__all__ = ["RestoreResult", "UploadResult", "restore", "Uploader", "read_manifest"]
+__all__ = ["RestoreResult", "UploadResult", "restore", "restore_or_seed", "Uploader", "read_manifest"]
 
 log = logging.getLogger("compile_cache")
 
@@ -85,10 +86,23 @@ class RestoreResult:
     # replica cold until someone prunes it.
     bad_segments: frozenset[str] = frozenset()
     signer: Signer | None = None  # who signed the manifest, as trust.TrustPolicy saw it (None: not read)
+    # status "seeded": no entry for the key; the entry ``seeded_from`` (same lineage, same environment) was restored
+    # instead, and ``manifest`` is the seed's. ``usage_tracked``: its files were marked unread (see mark_unread).
+    seeded_from: str = ""
+    usage_tracked: bool = False
 
     @property
     def throughput_mb_s(self) -> float:
         return self.bytes_downloaded / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def uploader_state(self) -> dict[str, object]:
+        """What an Uploader of the same key starts from after this restore (its keyword arguments)."""
+        if self.status == "seeded":
+            assert self.manifest is not None
+            return {"known": set(), "manifest": None, "token": None, "seed": self.manifest,
+                    "seed_usage_tracked": self.usage_tracked}
+        return {"known": set(self.manifest.files()) if self.manifest else set(), "manifest": self.manifest,
+                "token": self.token, "drop": set(self.bad_segments)}
 
 
 @dataclass
@@ -334,22 +348,73 @@ class Uploader:
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_progress: Callable[[UploadResult], None] | None = None
     drop: set[str] = field(default_factory=set)  # damaged segments to leave out (RestoreResult.bad_segments)
+    # Versions (docs/versions.md): the entry's lineage and model factors, written into a manifest this creates; the
+    # seed's manifest when the restore seeded (the new manifest references the seed's segments this process read).
+    lineage: str = ""
+    model_factors: Mapping[str, str] = field(default_factory=dict)
+    seed: Manifest | None = None
+    seed_usage_tracked: bool = False
     _dropping: bool = False  # the manifest in hand left some out and is not written yet
     _scrubbed: bool = False  # the other segments' objects were checked once (see _scrub)
     # Files restored from an entry nothing verified (unsigned, loaded under COMPILE_CACHE_ALLOW_UNSIGNED): this
-    # process never publishes them under its signature.
+    # process never publishes them under its signature, nor references such a seed's segments.
     unverified: set[str] = field(default_factory=set)
+    _seed_kept: list[Segment] | None = None
 
     def __post_init__(self) -> None:
         if self.trust is None:
             self.trust = TrustPolicy(signing_key=self.signing_key)
         self.signing_key = self.trust.signing_key
-        if self.manifest is not None and self.signing_key is not None and self.manifest.signature is None:
-            self.unverified |= set(self.manifest.files())
+        for m in (self.manifest, self.seed):
+            if m is not None and self.signing_key is not None and m.signature is None:
+                self.unverified |= set(m.files())
 
     def pending(self) -> dict[str, Path]:
+        seeded = self.seed.files() if self.seed is not None else {}
         skip = self.known | self.unverified
-        return {n: p for n, p in scan(self.roots).items() if n not in skip}
+        return {n: p for n, p in scan(self.roots).items() if n not in skip and n not in seeded}
+    # -- versions --------------------------------------------------------------------------------------------------
+    def _seed_segments(self) -> list[Segment]:
+        """The seed's segments the new entry references: those holding a file this process read since the restore
+        (all of them where reads cannot be seen). Decided once, at the first upload (after warm-up): an entry
+        holds what its version used, so entries do not grow from version to version with files none reads."""
+        if self.seed is None or (self.signing_key is not None and self.seed.signature is None):
+            return []  # an unsigned seed (COMPILE_CACHE_ALLOW_UNSIGNED) is never published under our signature
+        if self._seed_kept is None:
+            segs = self.seed.segments
+            if self.seed_usage_tracked:
+                segs = [s for s in segs if any(_was_read(self.roots, f.path) for f in s.files)]
+            self._seed_kept = list(segs)
+            log.info(
+                "the new entry references %d of the %d segment(s) of its seed %s%s", len(segs),
+                len(self.seed.segments), self.seed.key,
+                "" if self.seed_usage_tracked else " (reads cannot be seen on this filesystem: all of them)",
+            )
+        return self._seed_kept
+
+    def _new_manifest(self) -> Manifest:
+        """The manifest this process writes where the key has none: the seed's kept segments, nothing else yet."""
+        return Manifest(
+            key=self.key,
+            model_version=self.model_version,
+            fingerprint=_fp(self.factors),
+            factors=dict(self.factors),
+            lineage=self.lineage,
+            model_factors=dict(self.model_factors),
+            segments=self._seed_segments(),
+            seeded_from=self.seed.key if self.seed is not None else "",
+        )
+
+    def _labelled(self, m: Manifest) -> Manifest:
+        return m if self.model_version in m.labels() else m.with_label(self.model_version)
+
+    def _meta_due(self) -> bool:
+        """Whether the manifest must be written with no new file: a seeded entry not published yet, or an entry
+        that does not list this version's label. Decided from what is in hand: a warm boot of a known version asks
+        the store nothing."""
+        if self.manifest is None:
+            return self.seed is not None
+        return self.model_version not in self.manifest.labels()
 
     def upload(self, deadline: float | None = None, lock_timeout: float = -1) -> UploadResult | None:
         """Upload what is new. Raises nothing for store trouble: the result's ``error`` says it.
@@ -380,15 +445,18 @@ class Uploader:
 
     def _upload(self, r: UploadResult, deadline: float | None) -> None:
         if not self.pending():
+            if self._meta_due():  # a seeded version with nothing new, or a new label: a manifest and nothing else
+                self.manifest, self.token = self._read_or_reset()
+                self._write_dropped()
             self._resign()  # nothing new; an entry an earlier key verified is still re-signed now
             return
         # Refresh our view of the store: another replica may have published these files already. Only what the
         # current, trusted manifest lists is known: a missing or replaced entry vouches for nothing.
         self.manifest, self.token = self._read_or_reset()
-        self.known = set(self.manifest.files()) if self.manifest is not None else set()
+        self.known = set((self.manifest or self._new_manifest()).files())
         new = self.pending()
         if not new:
-            if self._dropping:  # every file is in another segment: only the damaged ones go
+            if self._dropping or self._meta_due():  # every file is in another segment: only the damaged ones go
                 self._write_dropped()
             self._resign()
             return
@@ -539,14 +607,15 @@ class Uploader:
         raise StoreError(f"could not re-sign the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
 
     def _write_dropped(self) -> None:
-        """Compare-and-swap the manifest in hand (damaged segments left out) when no new segment carries it."""
+        """Compare-and-swap the manifest in hand (damaged segments left out; or a seeded entry's first manifest, or
+        this version's label added) when no new segment carries it."""
         for _ in range(_CAS_ATTEMPTS):
-            if self.manifest is None or not self._dropping:
+            if not (self._dropping or self._meta_due()):
                 return
+            m = self._labelled(self.manifest or self._new_manifest())
             try:
-                self.token = self.store.put_conditional(
-                    manifest_name(self.key), self.manifest.to_bytes(self.signing_key), self.token
-                )
+                self.token = self.store.put_conditional(manifest_name(self.key), m.to_bytes(self.signing_key), self.token)
+                self.manifest = m
                 self._dropping = False
                 return
             except PreconditionFailed:
@@ -598,16 +667,11 @@ class Uploader:
     def _publish(self, seg: Segment) -> None:
         """Compare-and-swap the manifest to include ``seg``; on a lost race, re-read and merge again."""
         for _ in range(_CAS_ATTEMPTS):
-            base = self.manifest or Manifest(
-                key=self.key,
-                model_version=self.model_version,
-                fingerprint=_fp(self.factors),
-                factors=dict(self.factors),
-            )
+            base = self._labelled(self.manifest or self._new_manifest())
             if base.fingerprint != _fp(self.factors):
                 raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
             merged = base.with_segment(seg)
-            if merged.segments == base.segments and self.manifest is not None:
+            if merged.segments == base.segments and self.manifest is not None and not self._meta_due():
                 self._write_dropped()  # someone published all these files already; damaged segments still go
                 return
             try:
@@ -649,3 +713,158 @@ def _batches(files: Mapping[str, Path]) -> list[dict[str, Path]]:
     if cur:
         out.append(cur)
     return out
+
+
+# -- versions: seeding a new key from its lineage, and explaining a miss (docs/versions.md) --------------------------
+# Entries of one lineage looked at on a miss: one S3 list page. A lineage holds one entry per (what compiles,
+# environment), not one per version (weights-only versions share an entry), so this bounds a rare case.
+MAX_LISTED = 1000
+_ENTRIES = "entries/"
+_MANIFEST_SUFFIX = "/manifest.json"
+
+
+@dataclass
+class _Listed:
+    key: str
+    part: str
+    fingerprint: str
+    modified: float
+
+
+def lineage_entries(store: Store, lineage: str, limit: int = MAX_LISTED) -> list[_Listed]:
+    """The entries of ``lineage`` (by key name: ``<lineage>.<model part>.<summary>.<fingerprint>``), newest manifest
+    write first; one bounded listing, no manifest read."""
+    out: list[_Listed] = []
+    for o in store.list(f"{_ENTRIES}{lineage}."):
+        if not o.name.endswith(_MANIFEST_SUFFIX):
+            continue
+        key = o.name[len(_ENTRIES) : -len(_MANIFEST_SUFFIX)]
+        lin, part, fp = split_key(key)
+        if "/" in key or lin != lineage:
+            continue
+        out.append(_Listed(key, part, fp, o.modified))
+        if len(out) >= limit:
+            break
+    return sorted(out, key=lambda e: -e.modified)
+
+
+def _short(value: str, n: int = 24) -> str:
+    return value if len(value) <= n else value[: n - 1] + "…"
+
+
+def _changes(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
+    """``factor old → new`` for each factor that differs between an entry (a) and this process (b)."""
+    out = []
+    for line in diff_factors(a, b):
+        k = line.split(":", 1)[0]
+        out.append(f"{k} {_short(str(a.get(k, '<absent>')))} → {_short(str(b.get(k, '<absent>')))}")
+    return out
+
+
+def _explain(store: Store, key: str, factors: Mapping[str, str], model_factors: Mapping[str, str]) -> str:
+    """``<key>: <factor> <theirs> → <ours>, ...`` for one nearby entry (one manifest read)."""
+    try:
+        m, _ = read_manifest(store, key)
+    except (CacheError, OSError) as e:
+        return f"{key}: unreadable ({e})"
+    if m is None:
+        return f"{key}: deleted meanwhile"
+    diffs = _changes(m.factors, factors) + (_changes(m.model_factors, model_factors) if m.model_factors else [])
+    label = f" (version {m.model_version})" if m.model_version else ""
+    return f"{key}{label}: " + (", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+                                if diffs else "no factor differs")
+
+
+def restore_or_seed(
+    store: Store,
+    key: str,
+    roots: Mapping[str, Path],
+    *,
+    factors: Mapping[str, str],
+    lineage: str = "",
+    model_factors: Mapping[str, str] | None = None,
+    seed: bool = True,
+    timeout_s: float = 60.0,
+    **kw: object,
+) -> RestoreResult:
+    """:func:`restore` the entry ``key``; on a miss, name the nearest entries of ``lineage`` and what differs
+    (``cache_reason``), and with ``seed`` restore the newest entry of the same lineage *and* the same environment
+    fingerprint instead (status ``"seeded"``, ``seeded_from``). Inductor's content-addressed keys then decide what
+    of it hits; the export strategy reuses only what it can show is valid (see lifecycle).
+
+    A hit costs what :func:`restore` costs: the lineage is listed only on a miss (one bounded listing, at most two
+    manifest reads to explain it). The seed must pass every check an entry of this key would (fingerprint,
+    signature, caps): :func:`restore` runs on it."""
+    t0 = time.monotonic()
+    r = restore(store, key, roots, factors=factors, timeout_s=timeout_s, **kw)  # type: ignore[arg-type]
+    if r.status != "miss" or not lineage:
+        return r
+    _, part, fp = split_key(key)
+    try:
+        listed = [e for e in lineage_entries(store, lineage) if e.key != key]
+    except (CacheError, OSError) as e:
+        r.reason = f"no entry; could not list lineage {lineage}: {e}"
+        return r
+    seeds = [e for e in listed if e.fingerprint == fp]
+    # Nearest: the newest entry of the same environment (what compiles differs), and the newest of the same model
+    # part (the environment differs) or, lacking one, the newest other entry of the lineage.
+    others = [e for e in listed if e.fingerprint != fp]
+    nearest = seeds[:1] + ([e for e in others if e.part == part] or others)[:1]
+    notes = [_explain(store, e.key, factors, model_factors or {}) for e in nearest]
+    r.reason = "no entry; " + ("nearest " + "; ".join(notes) if notes else f"no other entry of lineage {lineage}")
+    if not seed or not seeds:
+        return r
+    left = max(1.0, timeout_s - (time.monotonic() - t0))
+    s = restore(store, seeds[0].key, roots, factors=factors, timeout_s=left, **kw)  # type: ignore[arg-type]
+    if s.status != "hit":
+        r.reason += f"; seeding from {seeds[0].key} failed ({s.status}: {s.reason})"
+        r.seconds = time.monotonic() - t0
+        return r
+    assert s.manifest is not None
+    s.status, s.seeded_from, s.reason, s.token = "seeded", seeds[0].key, r.reason, None
+    s.usage_tracked = mark_unread(s.manifest, roots)
+    s.seconds = time.monotonic() - t0
+    return s
+
+
+def _local(roots: Mapping[str, Path], path: str) -> Path | None:
+    label, _, rel = path.partition("/")
+    root = roots.get(label)
+    return root / rel if root is not None and rel else None
+
+
+def mark_unread(manifest: Manifest, roots: Mapping[str, Path]) -> bool:
+    """Set the access time of every restored file of ``manifest`` to 0 (its modification time stays), so the next
+    read shows: Linux updates an access time older than the change time on the next read even under ``relatime``
+    (the default mount option). Returns False where reads cannot be seen (``noatime``), found with a probe file."""
+    probe_root = next((r for r in roots.values() if r.is_dir()), None)
+    if probe_root is None:
+        return False
+    probe = probe_root / ".compile_cache-atime-probe"
+    try:
+        probe.write_bytes(b"probe")
+        os.utime(probe, ns=(0, probe.stat().st_mtime_ns))
+        probe.read_bytes()
+        tracked = probe.stat().st_atime_ns > 0
+    except OSError:
+        tracked = False
+    finally:
+        probe.unlink(missing_ok=True)
+    if not tracked:
+        return False
+    for path in manifest.files():
+        p = _local(roots, path)
+        try:
+            if p is not None:
+                os.utime(p, ns=(0, p.stat().st_mtime_ns))
+        except OSError:
+            pass
+    return True
+
+
+def _was_read(roots: Mapping[str, Path], path: str) -> bool:
+    p = _local(roots, path)
+    try:
+        return p is not None and p.stat().st_atime_ns > 0
+    except OSError:
+        return False

@@ -23,7 +23,12 @@ def main() -> None:
     ap.add_argument("target")
     ap.add_argument("--predict", action="append", default=[], help="JSON object of predict() kwargs")
     ap.add_argument("--wait-upload", action="store_true", help="wait for the background upload before printing")
+    ap.add_argument("--count-store-calls", action="store_true",
+                    help="count the store's calls by kind (the real store underneath); reported as store_calls")
     args = ap.parse_args()
+    calls: dict[str, int] = {}
+    if args.count_store_calls:
+        _count_store_calls(calls)
     # Load the class exactly as Cog's worker does (cog.predictor.load_predictor_from_ref: the module is named after
     # the file). Inductor's FX-graph keys can depend on the predictor module's name (pickle finds
     # torch.contiguous_format through the first module holding `torch`), so importing it as `tests.x` instead of `x`
@@ -45,8 +50,35 @@ def main() -> None:
     from compile_cache.export import build_attempts
 
     out = {"metrics": p.metrics.to_dict(), "outputs": outputs,
-           "request_path_compiles": p.metrics.request_path_compiles, "export_attempts": build_attempts()}
+           "request_path_compiles": p.metrics.request_path_compiles, "export_attempts": build_attempts(),
+           "store_calls": calls}
     print("BOOT-RESULT " + json.dumps(out), flush=True)
+
+
+def _count_store_calls(calls: dict[str, int]) -> None:
+    """Wrap every store the framework opens so each primitive call is counted (a put_immutable is one PUT of an
+    object, a put_conditional one manifest write, a list one listing, reads are GETs)."""
+    import compile_cache.lifecycle as lifecycle
+    import compile_cache.stores as stores
+
+    real_open = stores.open_store
+
+    def counting_open(*a, **kw):  # type: ignore[no-untyped-def]
+        store = real_open(*a, **kw)
+        for name in ("read_versioned", "open_read", "download", "put_immutable", "put_conditional", "list",
+                     "exists", "delete"):
+            fn = getattr(store, name)
+
+            def counted(*fa, _fn=fn, _name=name, **fkw):  # type: ignore[no-untyped-def]
+                calls[_name] = calls.get(_name, 0) + 1
+                return _fn(*fa, **fkw)
+
+            setattr(store, name, counted)
+        return store
+
+    stores.open_store = counting_open
+    if hasattr(lifecycle, "open_store"):
+        lifecycle.open_store = counting_open  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -29,15 +29,20 @@ class Boot:
     request_path_compiles: int
     stderr: str
     export_attempts: int = -1  # exports (build_package calls) the boot started
+    store_calls: dict | None = None  # with count_calls: the store's calls by kind
 
 
-def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = True, check: bool = True) -> Boot:
-    """Boot ``target`` (module:Class) in a fresh process — a new "container" — and run predictions."""
+def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = True, check: bool = True,
+         count_calls: bool = False) -> Boot:
+    """Boot ``target`` (module:Class, or FILE.py:Class) in a fresh process — a new "container" — and run
+    predictions."""
     args = [PYTHON, str(ROOT / "tests" / "boot.py"), target]
     for p in predicts:
         args += ["--predict", json.dumps(p)]
     if wait_upload:
         args.append("--wait-upload")
+    if count_calls:
+        args.append("--count-store-calls")
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     cp = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("BOOT-RESULT ")), None)
@@ -45,7 +50,7 @@ def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = 
         raise AssertionError(f"boot failed (exit {cp.returncode}):\n{cp.stderr[-4000:]}")
     data = json.loads(line[len("BOOT-RESULT ") :]) if line else {"metrics": {}, "outputs": [], "request_path_compiles": -1}
     return Boot(data["metrics"], data["outputs"], data["request_path_compiles"], cp.stderr,
-                data.get("export_attempts", -1))
+                data.get("export_attempts", -1), data.get("store_calls"))
 
 
 @pytest.fixture(scope="session")

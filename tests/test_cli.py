@@ -346,7 +346,8 @@ def test_warm_preseeds_so_a_fresh_boot_hits(
     assert cp.returncode == 0, cp.stdout + cp.stderr[-3000:]
     out = dict(ln.split(None, 1) for ln in cp.stdout.splitlines() if ln.strip())
     key = out["key"].strip()
-    assert key.startswith("tiny-1.") and out["restore"].startswith("miss")
+    assert key.startswith("Predictor.m") and out["restore"].startswith("miss")  # <lineage>.<model part>...
+    assert out["version"].startswith("tiny-1 ")  # the predictor's label
     assert int(out["uploaded"].split()[0]) > 0 and out["uploaded"].rstrip().endswith("done")
     assert not list(tmp_path.glob("compile-cache-warm-*"))  # its temp cache dir is gone
 

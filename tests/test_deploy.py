@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from compile_cache.config import Settings
-from compile_cache.key import hash_paths
 from tests.conftest import ROOT
 
 # cog's own JSON schema (v1.0), vendored from cog so the test never depends on a file outside the repo.
@@ -251,7 +250,7 @@ def test_good_input_and_unknown_fields(tiny_runtime: Any) -> None:
     assert code == 200 and body["status"] == "succeeded" and len(body["output"]) == 2
 
 
-# -- the model version: derived from code, weights and pinned requirements ----------------------------------------------
+# -- the key's model part: code, weights by structure, pinned requirements (docs/versions.md) ----------------------------------------------
 PREDICTOR = '''
 import torch
 from compile_cache import CompiledPredictor
@@ -276,7 +275,7 @@ def make_project(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "predict.py").write_text(PREDICTOR)
     (d / "weights" / "sub").mkdir(parents=True)
-    (d / "weights" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    write_tensors(d / "weights" / "model.safetensors", (4, 8), 0.5)
     (d / "weights" / "sub" / "config.json").write_text('{"hidden": 8}')
     (d / "requirements.txt").write_text("torch==2.13.0\ncog==0.23.1\n")
     (d / "cog.yaml").write_text('build:\n  python_version: "3.11"\npredict: "predict.py:Predictor"\n')
@@ -286,11 +285,18 @@ def make_project(d: Path) -> Path:
     return d
 
 
+def write_tensors(path: Path, shape: tuple[int, ...], value: float) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.full(shape, value), "b": torch.zeros(shape[-1])}, str(path))
+
+
 _loaded = 0
 
 
-def derived_version(project: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
-    """The version setup() puts in the key, computed by the real setup() (store and compile off: fast)."""
+def derived_predictor(project: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Any:
+    """The predictor after the real setup() (store and compile off: fast)."""
     global _loaded
     _loaded += 1
     monkeypatch.delenv("COMPILE_CACHE_MODEL_VERSION", raising=False)
@@ -306,7 +312,12 @@ def derived_version(project: Path, monkeypatch: pytest.MonkeyPatch, **env: str) 
     p = module.Predictor()
     p.setup()
     assert p.metrics.key == p.key.name
-    return str(p.key.model_version)
+    return p
+
+
+def derived_version(project: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    """The model part setup() puts in the key."""
+    return str(derived_predictor(project, monkeypatch, **env).key.model_version)
 
 
 def flip_byte(path: Path, at: int = 0) -> None:
@@ -319,19 +330,19 @@ def flip_byte(path: Path, at: int = 0) -> None:
     "change",
     [
         pytest.param(lambda d: (d / "predict.py").write_text((d / "predict.py").read_text() + "\n"), id="code"),
-        pytest.param(lambda d: flip_byte(d / "weights" / "model.safetensors", 1000), id="weights"),
+        pytest.param(lambda d: write_tensors(d / "weights" / "model.safetensors", (4, 9), 0.5), id="weights-shape"),
         pytest.param(lambda d: flip_byte(d / "weights" / "sub" / "config.json", 2), id="weights-subdir"),
         pytest.param(lambda d: (d / "weights" / "extra.bin").write_bytes(b"x"), id="weights-new-file"),
         pytest.param(lambda d: (d / "requirements.txt").write_text("torch==2.13.0\ncog==0.23.2\n"), id="requirements"),
         pytest.param(lambda d: flip_byte(d / "cog.yaml", 0), id="cog.yaml"),
     ],
 )
-def test_one_byte_of_code_weights_or_requirements_changes_the_version(
+def test_one_byte_of_code_weight_structure_or_requirements_changes_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any
 ) -> None:
     d = make_project(tmp_path / "project")
     before = derived_version(d, monkeypatch)
-    assert re.fullmatch(r"v[0-9a-f]{12}", before)
+    assert re.fullmatch(r"m[0-9a-f]{12}", before)
     change(d)
     assert derived_version(d, monkeypatch) != before
 
@@ -344,9 +355,10 @@ def test_one_byte_of_code_weights_or_requirements_changes_the_version(
         pytest.param(lambda d: (d / "notes.txt").write_text("x"), id="new-file"),
         pytest.param(lambda d: (d / "weights" / "__pycache__").mkdir(), id="pycache"),
         pytest.param(lambda d: (d / "weights" / ".DS_Store").write_bytes(b"x"), id="dotfile-in-weights"),
+        pytest.param(lambda d: write_tensors(d / "weights" / "model.safetensors", (4, 8), 0.7), id="weight-values"),
     ],
 )
-def test_unrelated_files_do_not_change_the_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
+def test_unrelated_files_and_weight_values_do_not_change_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
     d = make_project(tmp_path / "project")
     before = derived_version(d, monkeypatch)
     change(d)
@@ -359,23 +371,32 @@ def test_same_content_elsewhere_derives_the_same_version(tmp_path: Path, monkeyp
     assert derived_version(make_project(tmp_path / "src"), monkeypatch) == a
 
 
-def test_explicit_version_overrides_and_pins_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    d = make_project(tmp_path / "project")
-    assert derived_version(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="2024-06-01.r3") == "2024-06-01.r3"
-    flip_byte(d / "weights" / "model.safetensors")  # pinned: content changes no longer move the key
-    assert derived_version(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="2024-06-01.r3") == "2024-06-01.r3"
-    # The environment beats a version declared on the class too.
-    (d / "predict.py").write_text(PREDICTOR.replace('weights_dir = "weights"', 'weights_dir = "weights"\n'
-                                                                                '    model_version = "class-v1"'))
-    assert derived_version(d, monkeypatch) == "class-v1"
-    assert derived_version(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="env-v2") == "env-v2"
-
-
-def test_version_files_are_code_weights_and_pinned_requirements(
+def test_explicit_version_is_a_label_and_does_not_move_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = make_project(tmp_path / "project")
-    version = derived_version(d, monkeypatch)  # leaves the module imported and the cwd at d
-    files = sys.modules[f"_deploy_predict_{_loaded}"].Predictor().version_files()
-    assert sorted(f.name for f in files) == ["cog.yaml", "predict.py", "requirements.txt", "weights"]
-    assert version == f"v{hash_paths(files)}"
+    derived = derived_predictor(d, monkeypatch)
+    assert derived.metrics.version == "v" + derived.key.model_version[1:]  # no label given: the model part
+    p = derived_predictor(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="2024-06-01.r3")
+    assert p.metrics.version == "2024-06-01.r3" and p.key.name == derived.key.name
+    assert "2024-06-01.r3" in p.metrics.timeline()
+    # The environment beats a label declared on the class.
+    (d / "predict.py").write_text(PREDICTOR.replace('weights_dir = "weights"', 'weights_dir = "weights"\n'
+                                                                                '    model_version = "class-v1"'))
+    assert derived_predictor(d, monkeypatch).metrics.version == "class-v1"
+    assert derived_predictor(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="env-v2").metrics.version == "env-v2"
+    # The one switch for a fresh compile per version: the label joins the key.
+    a = derived_version(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="r1", COMPILE_CACHE_KEY_BY_VERSION="1")
+    b = derived_version(d, monkeypatch, COMPILE_CACHE_MODEL_VERSION="r2", COMPILE_CACHE_KEY_BY_VERSION="1")
+    assert a != b
+
+
+def test_the_key_hashes_code_weights_and_pinned_requirements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = make_project(tmp_path / "project")
+    p = derived_predictor(d, monkeypatch)
+    assert p.version.sources == ("predict.py",)  # it imports no local module
+    assert sorted(p.version.factors) == ["model.requirements", "model.source", "model.weights"]
+    assert p.version.factors["model.weights"].startswith("structure:")
+    assert p.key.name.startswith(f"Predictor-weights.{p.key.model_version}.") and p.metrics.key_s > 0
+    baked = derived_predictor(d, monkeypatch, COMPILE_CACHE_OPTIONS='{"freezing": true}')
+    assert baked.version.factors["model.weights"].startswith("values:")

@@ -121,7 +121,9 @@ class LocalStore(Store):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(self.root):
+        # Walk only the directory the prefix names (``entries/`` for a lineage's entries, not every object).
+        start = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        for dirpath, _dirs, files in os.walk(start):
             for fn in files:
                 if fn.endswith((_TMP_SUFFIX, ".lock")):
                     continue

@@ -114,6 +114,27 @@ def _latency(p: Any, ex: Any, iters: int) -> dict[str, list[float]]:
     return out
 
 
+def _max_abs_diff(p: Any, examples: Sequence[Any]) -> float:
+    """The largest absolute difference between the served model's outputs and its eager model's (the same wrapper,
+    uncompiled: the weights this process loaded) over every warm-up example."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from .compiler import CompiledModel
+
+    eager = CompiledModel(p.model.eager, p.model.eager, p.model.cfg)
+    worst = 0.0
+    for ex in examples:
+        args, kwargs = _fresh(ex)
+        got, want = pytree.tree_leaves(p.model(*args, **kwargs)), pytree.tree_leaves(eager(*args, **kwargs))
+        if len(got) != len(want):
+            return float("inf")
+        for a, b in zip(got, want, strict=True):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                worst = max(worst, float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
+    return worst
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compile_cache.tools.benchboot")
     ap.add_argument("--predictor", required=True)
@@ -122,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--latency-iters", type=int, default=0, help="timed calls per batch size (0: no latency)")
     ap.add_argument("--batches", default="1,16", help="batch sizes to time")
     ap.add_argument("--upload-timeout", type=float, default=600.0)
+    ap.add_argument("--check-eager", action="store_true",
+                    help="compare the served model with its eager model on every warm-up example (max_abs_diff)")
     args = ap.parse_args(argv)
 
     from ..cli import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
@@ -148,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.wait_for_upload(args.upload_timeout)
     out["upload_wait_s"] = round(time.monotonic() - t, 3)
     examples = list(p.warmup_examples())
+    if args.check_eager:
+        out["max_abs_diff"] = _max_abs_diff(p, examples)
     if args.requests > 0:
         out["request_path"] = _request_path(p, examples, args.requests)
     if args.latency_iters > 0:

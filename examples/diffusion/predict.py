@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # model.py sits beside this file, wherever the runtime is started from
     sys.path.insert(0, str(HERE))
 
-from model import EXAMPLE, WEIGHTS_DIR, Pipeline, ensure_weights, generate, to_png  # noqa: E402
+from model import EXAMPLE, WEIGHTS_DIR, Pipeline, generate, to_png  # noqa: E402
 
 from compile_cache import CompileConfig, CompiledRunner, Example, ExportSpec, Part  # noqa: E402
 
@@ -34,12 +34,6 @@ class Runner(CompiledRunner):
     # (COMPILE_CACHE_STRATEGY=jit). Static shapes: every request brings the same ones.
     compile_config = CompileConfig(strategy="export", dynamic=False)
     weights_dir = "weights"
-
-    def version_files(self) -> list[Path]:
-        # The weights are made by model.py's code from a fixed seed: write them before their bytes are hashed, so
-        # the first boot derives the same version as every later one. model.py is code of this runner too.
-        ensure_weights(EXAMPLE, WEIGHTS_DIR)
-        return [*super().version_files(), HERE / "model.py"]
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
         self.pipe = pipe = Pipeline(EXAMPLE, Path(weights) if weights else WEIGHTS_DIR)
