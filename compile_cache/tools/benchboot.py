@@ -236,17 +236,24 @@ class _Counters:
         except (ImportError, AttributeError) as e:
             self.notes.append(f"runtime autotunes not counted: {e}")
         try:
-            from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
             from torch._inductor.triton_bundler import TritonBundler
+
+            try:
+                from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+            except ImportError:  # where older torch keeps it
+                from torch._inductor.runtime.runtime_utils import triton_cache_dir
 
             emit = TritonBundler.read_and_emit
 
             def read_and_emit(bundle: Any) -> Any:
                 fresh = []
-                for art in bundle.kernel_artifacts:
-                    d = os.path.join(triton_cache_dir(art.device), art.kernel_hash)
-                    if not (os.path.isdir(d) and os.listdir(d)):
-                        fresh.append((art.kernel_hash, d))
+                try:  # what the bundle will write: its kernel dirs not on disk yet
+                    for art in bundle.kernel_artifacts:
+                        d = os.path.join(triton_cache_dir(art.device), art.kernel_hash)
+                        if not (os.path.isdir(d) and os.listdir(d)):
+                            fresh.append((art.kernel_hash, d))
+                except Exception as e:  # another torch's bundle: never break the cache load over a count
+                    self.notes.append(f"Triton bundle not inspected: {type(e).__name__}: {e}")
                 r = emit(bundle)
                 self.emitted.update(h for h, d in fresh if os.path.isdir(d))
                 return r
