@@ -93,7 +93,9 @@ def test_a_foreign_gpu_entry_is_refused_naming_the_factor(check: tuple[dict[str,
 
 
 def test_the_chart_and_the_progress_lines(check: tuple[dict[str, Any], Path, str]) -> None:
-    _, out, stdout = check
+    r, out, stdout = check
+    phases = [p["phase"] for p in r["phases"]]
+    assert phases[:3] == ["llm/weights", "llm/eager", "llm/jit/default/cold"] and "foreign-gpu fault" in phases
     png = (out / "gpu_check.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     lines = stdout.splitlines()
@@ -116,3 +118,13 @@ def test_no_cuda_without_cpu_flag_is_a_clear_error(tmp_path: Path) -> None:
     cp = subprocess.run([sys.executable, "scripts/gpu_check", "--out", str(tmp_path)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
     assert cp.returncode == 2 and "--cpu" in cp.stderr
+
+
+def test_a_skipped_run_keeps_every_key_and_the_chart_still_draws(tmp_path: Path) -> None:
+    from compile_cache.tools.gpucheck import RUNS, _chart, _unmeasured
+
+    row = _unmeasured(MODELS["llm"], RUNS[-1], skipped="budget: 12s left, a run needs about 90s")
+    assert set(RUN_KEYS) <= set(row) and row["warm_cache"] is None and row["mode"] == "max-autotune"
+    res = {"device": "cpu", "torch": "x", "triton": None, "cuda": None, "timestamp": "t", "runs": [row], "table1": []}
+    _chart(tmp_path / "c.png", res)
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")

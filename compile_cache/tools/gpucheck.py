@@ -114,6 +114,11 @@ class Check:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def phase(self, label: str, seconds: float) -> None:
+        """Where the time went: one entry per phase, in order, with the check's elapsed time at its end."""
+        self.result.setdefault("phases", []).append(
+            {"phase": label, "s": round(seconds, 2), "at_s": round(time.monotonic() - self.started, 1)})
+
     def save(self) -> None:
         self.result["elapsed_s"] = round(time.monotonic() - self.started, 1)
         write_json_atomic(self.out / "gpu_check.json", self.result)
@@ -153,6 +158,7 @@ class Check:
             raise CheckError(f"{label}: boot failed (exit {cp.returncode}); the end of its stderr:\n{tail}")
         r: dict[str, Any] = json.loads(line[len(MARKER):])
         r["wall_s"] = round(time.monotonic() - t, 2)
+        self.phase(label, r["wall_s"])
         r["dir"] = d
         m = r["metrics"]
         _say(f"{label}: {r['wall_s']:.1f}s wall, setup {m['total_s']:.2f}s, cache {m['cache']}, strategy "
@@ -233,6 +239,11 @@ def _row(model: CheckModel, run: Run, eager: dict[str, Any], cold: dict[str, Any
     return row
 
 
+def _unmeasured(model: CheckModel, run: Run, **why: str) -> dict[str, Any]:
+    """A run that was skipped or failed: every key of a row, null, and why."""
+    return {**dict.fromkeys(RUN_KEYS), "model": model.name, "strategy": run.strategy, "mode": run.mode, **why}
+
+
 def _table1(model: CheckModel, eager: dict[str, Any], warm: dict[str, Any]) -> list[dict[str, Any]]:
     """Table 1 cells from the warm jit boot: each mode's setup is the warm boot's, less the compile/warm-up time
     of the parts the mode leaves eager (per-part ``compile_s``, measured in the same boot); eager's is the eager
@@ -299,7 +310,7 @@ def _chart(path: Path, res: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in res["runs"] if "cold_setup_s" in r]
+    runs = [r for r in res["runs"] if r.get("cold_setup_s") is not None]
     t1 = res["table1"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     title = f"compile_cache gpu_check: {res['device']}, torch {res['torch']}"
@@ -357,6 +368,7 @@ def _check_model(c: Check, model: CheckModel, runs: tuple[Run, ...], all_modes: 
     wdir = c.work / f"weights-{model.name}"
     t = time.monotonic()
     model.make_weights(wdir, size.weights)
+    c.phase(f"{model.name}/weights", time.monotonic() - t)
     _say(f"{model.name}: random weights ({size.weights}) in {time.monotonic() - t:.1f}s")
     menv = {model.weights_env: str(wdir), **size.env}
     lat = ["--latency-iters", str(LATENCY_ITERS[c.kind]), "--batches", ",".join(map(str, size.latency_batches))]
@@ -378,8 +390,8 @@ def _check_model(c: Check, model: CheckModel, runs: tuple[Run, ...], all_modes: 
             continue
         if c.left() < need:
             _say(f"{label}: skipped, {c.left():.0f}s left of the budget and a run took up to {need / 1.2:.0f}s")
-            c.result["runs"].append({"model": model.name, "strategy": run.strategy, "mode": run.mode,
-                                     "skipped": f"budget: {c.left():.0f}s left, a run needs about {need:.0f}s"})
+            c.result["runs"].append(_unmeasured(model, run, skipped=f"budget: {c.left():.0f}s left, a run needs "
+                                                                    f"about {need:.0f}s"))
             c.save()
             continue
         store = c.work / f"store-{label.replace('/', '-')}"
@@ -398,8 +410,7 @@ def _check_model(c: Check, model: CheckModel, runs: tuple[Run, ...], all_modes: 
             warm = c.boot(f"{label}/warm", model, env, flags)
         except CheckError as e:
             _say(f"ERROR {e}")
-            c.result["runs"].append({"model": model.name, "strategy": run.strategy, "mode": run.mode,
-                                     "error": str(e)})
+            c.result["runs"].append(_unmeasured(model, run, error=str(e)))
             c.save()
             continue
         need = max(need, 1.2 * (time.monotonic() - t))
@@ -415,7 +426,9 @@ def _check_model(c: Check, model: CheckModel, runs: tuple[Run, ...], all_modes: 
             c.result["table1"] += _table1(model, eager, warm)
             c.result["table1_how"] = _table1.__doc__.split("\n\n")[0].replace("\n    ", " ")
         if "foreign_gpu" not in c.result and row["warm_cache"] == "hit":
+            t = time.monotonic()
             c.result["foreign_gpu"] = fg = foreign_gpu_fault(store, row["key"], c.work / "foreign")
+            c.phase("foreign-gpu fault", time.monotonic() - t)
             _say(f"foreign-GPU fault: {fg['status']}: {fg['reason']}")
         c.save()
 
