@@ -12,8 +12,9 @@ JSON ?=
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: predict test install weights bench bench-versions table1 restore-strategies gpu-wheels clean help
+.PHONY: predict test install weights bench bench-versions table1 restore-strategies gpu-wheels gpu-check clean help
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
@@ -24,6 +25,7 @@ help:
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 (small Llama, cold vs warm, ~20 min)"
 	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
 	@echo "make gpu-wheels                               wheels the GPU machine lacks, into .whl/ (for scripts/gpu_check)"
+	@echo "make gpu-check BENCH_OUT=dir [GPU_CHECK_ARGS=--cpu]  the cache proven on this GPU (docs/gpu.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +67,10 @@ restore-strategies: $(STAMP) $(WEIGHTS)
 # The cp312 wheels the GPU machine lacks, at the versions installed here (scripts/gpu_wheels.py).
 gpu-wheels: $(STAMP)
 	$(BIN)/python scripts/gpu_wheels.py --dest .whl
+
+# No $(STAMP): on the GPU machine there is no registry; the script finds .venv here, or installs .whl/ there.
+gpu-check:
+	scripts/gpu_check --out $(BENCH_OUT)/gpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .cache $(BENCH_OUT)

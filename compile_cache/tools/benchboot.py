@@ -1,17 +1,25 @@
 """One boot of the benchmark in this (fresh) process: setup, request path, latency; prints one JSON line.
 
     python -m compile_cache.tools.benchboot --predictor FILE.py:CLASS --spawned-at T [--requests N] [--latency-iters N]
+        [--check-outputs] [--counters] [--table1-iters N]
 
-Run by :mod:`compile_cache.tools.bench` once per mode, so Dynamo/Inductor state never leaks between modes; the
-environment (``COMPILE_CACHE_*``, ``TORCHINDUCTOR_*``) chooses the mode. The last stdout line starting with
-``BENCH-BOOT `` is the result.
+Run by :mod:`compile_cache.tools.bench` and :mod:`compile_cache.tools.gpucheck` once per boot, so Dynamo/Inductor
+state never leaks between boots; the environment (``COMPILE_CACHE_*``, ``TORCHINDUCTOR_*``) chooses the mode. The
+last stdout line starting with ``BENCH-BOOT `` is the result.
 
-Requests and latency call ``predictor.model(*example.args, **example.kwargs)`` on fresh copies of the predictor's own
-``warmup_examples()``: the exact callable ``predict()`` uses, on the declared shapes, for any CompiledPredictor (no
-tokenizer or output conversion timed). Eager latency is timed in the same process, paired with the compiled calls,
-through the same wrapper around ``predictor.model.eager`` (the uncompiled model). The example for "batch B" is the
+Requests and latency call each served part (``runner.model`` for one part, ``runner.parts[name]`` for several) on
+fresh copies of the part's own declared examples (``warmup_examples()``, or the ``Part(examples=...)`` that
+``load()`` returned; an export part without examples: its spec's example): the exact callables ``run()`` uses, on the
+declared shapes (no tokenizer or output conversion timed). Eager latency is timed in the same process, paired with the
+compiled calls, through the same wrapper around each part's uncompiled module. The example for "batch B" is the
 first whose label says ``batch=B``, else whose first tensor argument has B rows; when no example has B rows, the one
-with the nearest batch is used and the result says which.
+with the nearest batch is used and the result says which. With several parts, one latency sample is one call of
+every part at that batch (the sum), and each part's own samples are kept beside it.
+
+``--check-outputs`` compares every part's compiled output with its eager output on every declared example;
+``--counters`` counts what a warm boot should not do (autotune benchmarks, Triton kernels the FX-graph cache's
+bundle wrote vs compiled, CUDA graphs skipped); ``--table1-iters`` times the runner's own ``generate(parts, batch)``
+for each of its ``table1_modes()`` (which parts run compiled), at each of ``--batches``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["example_batch", "select_example", "main"]
+__all__ = ["example_batch", "select_example", "served_parts", "main"]
 
 _BATCH = re.compile(r"\bbatch\s*=\s*(\d+)")
 MARKER = "BENCH-BOOT "
@@ -70,16 +78,53 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _request_path(p: Any, examples: Sequence[Any], n: int) -> dict[str, Any]:
-    """``n`` requests round-robin over the declared shapes; compiles counted by the framework's own counter
-    (``metrics.request_path_compiles``, fed by CompiledModel) and, as a cross-check, Dynamo's ``unique_graphs``."""
+def served_parts(p: Any, declared: dict[str, list[Any]]) -> dict[str, tuple[Any, list[Any]]]:
+    """``{part name: (served callable, its examples)}``: ``runner.model`` and ``warmup_examples()`` for a runner of
+    one module, ``runner.parts`` and the examples ``load()`` declared (captured by :func:`_capture_declared`)."""
+    parts = getattr(p, "parts", None)
+    if parts is None or getattr(p, "_single", True):
+        return {"model": (p.model, list(p.warmup_examples()))}
+    return {name: (parts[name], declared.get(name, [])) for name in parts}
+
+
+def _capture_declared(p: Any) -> dict[str, list[Any]]:
+    """Wrap ``p.load`` so the parts it returns leave their examples here (the runner keeps only the served
+    callables). An export part declared without examples: its spec's example args."""
+    from collections.abc import Mapping
+
+    from ..compiler import Example
+
+    declared: dict[str, list[Any]] = {}
+    load = p.load
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        out = load(*args, **kwargs)
+        if isinstance(out, Mapping):
+            for name, part in out.items():
+                ex = list(getattr(part, "examples", []))
+                spec = getattr(part, "export_spec", None)
+                if not ex and spec is not None:
+                    ex = [Example(tuple(spec.example_args), label="export spec example")]
+                declared[name] = ex
+        return out
+
+    p.load = capture
+    return declared
+
+
+def _request_path(p: Any, served: dict[str, tuple[Any, list[Any]]], n: int) -> dict[str, Any]:
+    """``n`` requests round-robin over every part's declared shapes; compiles counted by the framework's own
+    counter (``metrics.request_path_compiles``, fed by CompiledModel) and, as a cross-check, Dynamo's
+    ``unique_graphs``."""
     from ..compiler import counts
 
+    calls = [(model, ex) for model, examples in served.values() for ex in examples]
     fw0, dyn0 = p.metrics.request_path_compiles, counts().compiles
     t = time.monotonic()
     for i in range(n):
-        args, kwargs = _fresh(examples[i % len(examples)])
-        p.model(*args, **kwargs)
+        model, ex = calls[i % len(calls)]
+        args, kwargs = _fresh(ex)
+        model(*args, **kwargs)
     _sync()
     return {
         "requests": n,
@@ -89,50 +134,195 @@ def _request_path(p: Any, examples: Sequence[Any], n: int) -> dict[str, Any]:
     }
 
 
-def _latency(p: Any, ex: Any, iters: int) -> dict[str, list[float]]:
+def _eager_twin(compiled: Any) -> Any:
+    """The same wrapper as the served part (inference mode, attention kernel, memory format), without compiling."""
+    from ..compiler import CompiledModel
+
+    return CompiledModel(compiled.eager, compiled.eager, compiled.cfg, name=compiled.name)
+
+
+def _latency(calls: dict[str, tuple[Any, Any]], iters: int) -> dict[str, Any]:
     """Milliseconds per call, compiled and eager, paired: each iteration times one call of each back to back (the
     order alternating), so both see the same machine load. On a shared machine, eager measured in its own process
     minutes earlier or later drifted by more than the difference being measured. One uncounted warm-up call each
-    (compile time is reported apart, as gpt-fast does)."""
-    from ..compiler import CompiledModel
-
-    compiled = p.model
-    # The same wrapper as the served model (inference mode, attention kernel, memory format), without compiling.
-    eager = CompiledModel(compiled.eager, compiled.eager, compiled.cfg)
-    args, kwargs = _fresh(ex)
-    out: dict[str, list[float]] = {"compiled": [], "eager": []}
-    for fn in (compiled, eager):
-        fn(*args, **kwargs)
-    _sync()
-    for i in range(iters):
-        order = (("compiled", compiled), ("eager", eager)) if i % 2 == 0 else (("eager", eager), ("compiled", compiled))
-        for name, fn in order:
-            t = time.perf_counter()
+    (compile time is reported apart, as gpt-fast does). ``calls``: ``{part: (served callable, example)}``; a sample
+    is one call of every part (the sum), each part's own samples under ``parts``."""
+    runs = {}
+    for name, (compiled, ex) in calls.items():
+        args, kwargs = _fresh(ex)
+        runs[name] = (compiled, _eager_twin(compiled), args, kwargs)
+        for fn in runs[name][:2]:
             fn(*args, **kwargs)
-            _sync()
-            out[name].append((time.perf_counter() - t) * 1e3)
+    _sync()
+    out: dict[str, Any] = {"compiled": [], "eager": []}
+    per: dict[str, dict[str, list[float]]] = {n: {"compiled": [], "eager": []} for n in runs}
+    for i in range(iters):
+        total = {"compiled": 0.0, "eager": 0.0}
+        for name, (compiled, eager, args, kwargs) in runs.items():
+            order = (("compiled", compiled), ("eager", eager))
+            for who, fn in order if i % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                fn(*args, **kwargs)
+                _sync()
+                ms = (time.perf_counter() - t) * 1e3
+                per[name][who].append(ms)
+                total[who] += ms
+        for who in total:
+            out[who].append(total[who])
+    if len(runs) > 1:
+        out["parts"] = per
     return out
 
 
-def _max_abs_diff(p: Any, examples: Sequence[Any]) -> float:
-    """The largest absolute difference between the served model's outputs and its eager model's (the same wrapper,
-    uncompiled: the weights this process loaded) over every warm-up example."""
+def _outputs(served: dict[str, tuple[Any, list[Any]]], rtol: float, atol: float) -> dict[str, Any]:
+    """Each part's compiled output vs its eager output on every declared example (fresh inputs for both: parts may
+    write into their inputs, e.g. a KV cache). Outputs are copied at once: a CUDA-graph output is overwritten by
+    the next replay."""
     import torch
-    from torch.utils import _pytree as pytree
+    from torch.utils._pytree import tree_flatten
 
-    from .compiler import CompiledModel
+    def flat(x: Any) -> list[Any]:
+        return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tree_flatten(x)[0]]
 
-    eager = CompiledModel(p.model.eager, p.model.eager, p.model.cfg)
-    worst = 0.0
-    for ex in examples:
-        args, kwargs = _fresh(ex)
-        got, want = pytree.tree_leaves(p.model(*args, **kwargs)), pytree.tree_leaves(eager(*args, **kwargs))
-        if len(got) != len(want):
-            return float("inf")
-        for a, b in zip(got, want, strict=True):
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                worst = max(worst, float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
-    return worst
+    res: dict[str, Any] = {}
+    for name, (compiled, examples) in served.items():
+        eager = _eager_twin(compiled)
+        worst, ok = 0.0, True
+        for ex in examples:
+            a, k = _fresh(ex)
+            got = flat(compiled(*a, **k))
+            a, k = _fresh(ex)
+            want = flat(eager(*a, **k))
+            if len(got) != len(want):
+                ok = False
+                continue
+            for g, w in zip(got, want, strict=True):
+                if isinstance(g, torch.Tensor) and isinstance(w, torch.Tensor):
+                    same = g.shape == w.shape and g.dtype == w.dtype
+                    if same and g.numel():
+                        diff = (g.double() - w.double()).abs().max().item()
+                        worst = max(worst, diff)
+                        same = bool(torch.allclose(g.double(), w.double(), rtol=rtol, atol=atol))
+                    ok = ok and same
+                else:
+                    ok = ok and g == w
+        res[name] = {"match": ok, "max_abs_diff": worst, "examples": len(examples)}
+    return {"match": all(r["match"] for r in res.values()), "rtol": rtol, "atol": atol, "parts": res}
+
+
+class _Counters:
+    """What a warm boot should not do, counted in this process. ``select_algorithm_autotune``: Inductor's
+    benchmarks of GEMM/conv choices (``max-autotune``) while lowering; ``runtime_autotunes``: Triton kernels whose
+    launch configs were benchmarked at their first call (``CachingAutotuner.benchmark_all_configs``);
+    ``triton_emitted``: Triton kernel dirs the FX-graph cache's bundle wrote on a hit (restored, not compiled);
+    ``cudagraph_skips``: graphs that ``reduce-overhead`` ran without CUDA graphs (Inductor logs why)."""
+
+    def __init__(self) -> None:
+        self.runtime_autotunes = 0
+        self.emitted: set[str] = set()
+        self.notes: list[str] = []
+
+    def install(self) -> _Counters:
+        try:
+            from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+            bench = CachingAutotuner.benchmark_all_configs
+
+            def benchmark_all_configs(this: Any, *a: Any, **k: Any) -> Any:
+                self.runtime_autotunes += 1
+                return bench(this, *a, **k)
+
+            CachingAutotuner.benchmark_all_configs = benchmark_all_configs  # type: ignore[method-assign]
+        except (ImportError, AttributeError) as e:
+            self.notes.append(f"runtime autotunes not counted: {e}")
+        try:
+            from torch._inductor.triton_bundler import TritonBundler
+
+            try:
+                from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+            except ImportError:  # where older torch keeps it
+                from torch._inductor.runtime.runtime_utils import triton_cache_dir
+
+            emit = TritonBundler.read_and_emit
+
+            def read_and_emit(bundle: Any) -> Any:
+                fresh = []
+                try:  # what the bundle will write: its kernel dirs not on disk yet
+                    for art in bundle.kernel_artifacts:
+                        d = os.path.join(triton_cache_dir(art.device), art.kernel_hash)
+                        if not (os.path.isdir(d) and os.listdir(d)):
+                            fresh.append((art.kernel_hash, d))
+                except Exception as e:  # another torch's bundle: never break the cache load over a count
+                    self.notes.append(f"Triton bundle not inspected: {type(e).__name__}: {e}")
+                r = emit(bundle)
+                self.emitted.update(h for h, d in fresh if os.path.isdir(d))
+                return r
+
+            TritonBundler.read_and_emit = staticmethod(read_and_emit)  # type: ignore[method-assign]
+        except (ImportError, AttributeError) as e:
+            self.notes.append(f"Triton kernels written by the FX-graph bundle not told apart: {e}")
+        return self
+
+    def result(self) -> dict[str, Any]:
+        from torch._dynamo.utils import counters
+
+        ind = counters["inductor"]
+        return {
+            "select_algorithm_autotune": ind["select_algorithm_autotune"],
+            "select_algorithm_precompile": ind["select_algorithm_precompile"],
+            "runtime_autotunes": self.runtime_autotunes,
+            "triton_emitted": sorted(self.emitted),
+            "cudagraph_skips": ind["cudagraph_skips"],
+            "notes": self.notes,
+        }
+
+
+def _table1(p: Any, served: dict[str, tuple[Any, list[Any]]], batches: Sequence[int], iters: int) -> dict[str, Any]:
+    """The runner's ``generate(parts, batch)`` per Table 1 mode (``table1_modes()``: which parts run compiled, the
+    others through their eager twin), ``iters`` timed runs after one untimed, and whether every mode generated the
+    eager mode's tokens."""
+    import torch
+
+    modes = dict(p.table1_modes())
+    eager = {name: _eager_twin(m) for name, (m, _) in served.items()}
+    rows = []
+    for b in batches:
+        ref = None
+        for mode, compiled_parts in modes.items():
+            fns = {name: (m if name in compiled_parts else eager[name]) for name, (m, _) in served.items()}
+            tokens = p.generate(fns, b)
+            _sync()
+            samples = []
+            for _ in range(iters):
+                t = time.perf_counter()
+                p.generate(fns, b)
+                _sync()
+                samples.append((time.perf_counter() - t) * 1e3)
+            ref = tokens if ref is None else ref
+            rows.append({"batch": b, "mode": mode, "compiled_parts": list(compiled_parts),
+                         "generate_ms": sorted(samples)[len(samples) // 2], "samples_ms": samples,
+                         "tokens": int(tokens.shape[-1]), "same_tokens_as_eager": bool(torch.equal(tokens, ref))})
+    return {"rows": rows, "iters": iters}
+
+
+def _device() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    d: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": None}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        d["device"] = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+        try:
+            import triton
+
+            d["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        d["device"] = f"cpu ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+    return d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,11 +335,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--upload-timeout", type=float, default=600.0)
     ap.add_argument("--check-eager", action="store_true",
                     help="compare the served model with its eager model on every warm-up example (max_abs_diff)")
+    ap.add_argument("--check-outputs", action="store_true", help="compare every part's outputs with eager's")
+    ap.add_argument("--rtol", type=float, default=1e-3)
+    ap.add_argument("--atol", type=float, default=1e-3)
+    ap.add_argument("--counters", action="store_true", help="count autotunes, Triton kernels emitted, CUDA graph skips")
+    ap.add_argument("--table1-iters", type=int, default=0, help="timed generate() runs per Table 1 cell (0: none)")
+    ap.add_argument("--table1-batches", default="1,4,32")
     args = ap.parse_args(argv)
 
     from ..cli import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
 
     p = load_predictor(args.predictor)
+    declared = _capture_declared(p)
+    watch = _Counters().install() if args.counters else None
     weights = os.environ.get("COG_WEIGHTS")
     if weights:  # what Cog passes to setup()
         p.setup(weights)
@@ -159,28 +357,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    served = served_parts(p, declared)
     out: dict[str, Any] = {
         "process_ready_s": round(ready_s, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "compiled": bool(getattr(p.model, "is_compiled", True)),
+        "compiled": any(bool(getattr(m, "is_compiled", True)) for m, _ in served.values()),
+        "parts": sorted(served),
+        **_device(),
     }
     # The upload compresses in the background: let it finish so it neither steals CPU from the timings below nor
     # leaves the store half-seeded for the next boot.
     t = time.monotonic()
     p.wait_for_upload(args.upload_timeout)
     out["upload_wait_s"] = round(time.monotonic() - t, 3)
-    examples = list(p.warmup_examples())
-    if args.check_eager:
-        out["max_abs_diff"] = _max_abs_diff(p, examples)
+    if args.check_eager:  # every part against its own eager model (the weights this process loaded)
+        out["max_abs_diff"] = max(r["max_abs_diff"] for r in _outputs(served, 0.0, 0.0)["parts"].values())
     if args.requests > 0:
-        out["request_path"] = _request_path(p, examples, args.requests)
+        out["request_path"] = _request_path(p, served, args.requests)
+    if args.check_outputs:
+        out["outputs"] = _outputs(served, args.rtol, args.atol)
     if args.latency_iters > 0:
         lat = {}
         for want in (int(b) for b in args.batches.split(",")):
-            ex, got = select_example(examples, want)
-            lat[str(want)] = {"batch": got, "example": ex.describe(), **_latency(p, ex, args.latency_iters)}
+            calls, got, described = {}, set(), []
+            for name, (model, examples) in served.items():
+                ex, b = select_example(examples, want)
+                calls[name] = (model, ex)
+                got.add(b)
+                described.append(ex.describe() if len(served) == 1 else f"{name}: {ex.describe()}")
+            lat[str(want)] = {"batch": max(got, key=lambda b: (b == want, b)), "example": "; ".join(described),
+                              **_latency(calls, args.latency_iters)}
         out["latency"] = lat
+    if args.table1_iters > 0:
+        if not hasattr(p, "generate") or not hasattr(p, "table1_modes"):
+            raise SystemExit(f"{args.predictor} has no generate()/table1_modes(): no Table 1 to time")
+        out["table1"] = _table1(p, served, [int(b) for b in args.table1_batches.split(",")], args.table1_iters)
+    if watch is not None:
+        out["counters"] = watch.result()
     out["metrics"] = p.metrics.to_dict()  # after the upload and requests: upload state and request compiles final
     sys.stdout.write(MARKER + json.dumps(out) + "\n")
     sys.stdout.flush()

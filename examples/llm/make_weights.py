@@ -1,6 +1,6 @@
 """Write the LLM example's weights: deterministic random ones, as ``config.json`` + ``model.safetensors``.
 
-    python examples/llm/make_weights.py [--out examples/llm/weights] [--seed 0] [--config example|tiny]
+    python examples/llm/make_weights.py [--out examples/llm/weights] [--seed 0] [--config example|small|tiny]
 
 No small Llama's real weights come in a package this project can install, and nothing is fetched from a hub, so
 the example serves random weights made here from a fixed seed (the same bytes on every machine with the same torch
@@ -22,13 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "weights")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", choices=["example", "tiny"], default="example")
+    ap.add_argument("--config", choices=["example", "small", "tiny"], default="example")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
-    from model import example_config, random_model, tiny_config
+    from model import example_config, random_model, small_config, tiny_config
 
-    model = random_model(example_config() if args.config == "example" else tiny_config(), args.seed)
+    config = {"example": example_config, "small": small_config, "tiny": tiny_config}[args.config]()
+    model = random_model(config, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())

@@ -39,6 +39,13 @@ def example_config() -> LlamaConfig:
                    num_key_value_heads=4, max_position_embeddings=1024)
 
 
+def small_config() -> LlamaConfig:
+    """For ``scripts/gpu_check`` on a GPU: the example's widths with 4 layers (~14 M parameters): big enough that
+    kernels matter, few enough layers that a cold compile fits the check's time budget."""
+    return _config(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, max_position_embeddings=1024)
+
+
 def tiny_config() -> LlamaConfig:
     """For tests: 2 layers, hidden 64."""
     return _config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
