@@ -370,7 +370,8 @@ def test_scripts_predict_with_a_key_refuses_a_stripped_signature(good: Good, tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPILE_CACHE_", "TORCHINDUCTOR_"))}
     env.update(COMPILE_CACHE_URL=str(e.store.root), COMPILE_CACHE_SIGNING_KEY=SIGNING_KEY, PYTHONPATH=str(ROOT))
     cp = subprocess.run(
-        [sys.executable, "scripts/predict", "--predictor", "tests/tiny_predictor.py:Predictor", "-i", "batch=1"],
+        [sys.executable, "scripts/predict", "--predictor", "tests/tiny_predictor.py:Predictor", "-i", "batch=1",
+         "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert cp.returncode == 0, cp.stderr[-4000:]
