@@ -12,20 +12,27 @@ tokenizer or output conversion timed). Eager latency is timed in the same proces
 through the same wrapper around ``predictor.model.eager`` (the uncompiled model). The example for "batch B" is the
 first whose label says ``batch=B``, else whose first tensor argument has B rows; when no example has B rows, the one
 with the nearest batch is used and the result says which.
+
+A runner with several parts (``load()`` returned ``{name: Part}``: prefill and decode, denoiser and VAE) has no one
+callable and no batch sizes of its own: what users get is a ``run()`` request. So requests and latency go through
+``run()`` with its default inputs (the schema's defaults: what a request with no inputs gets), eager paired with
+compiled by swapping ``self.parts`` for the uncompiled parts in the same wrappers; and each part is timed alone on
+the arguments ``run()`` gave it in its first call there (latency tag ``part_<name>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["example_batch", "select_example", "main"]
+__all__ = ["example_batch", "select_example", "run_defaults", "main"]
 
 _BATCH = re.compile(r"\bbatch\s*=\s*(\d+)")
 MARKER = "BENCH-BOOT "
@@ -89,29 +96,138 @@ def _request_path(p: Any, examples: Sequence[Any], n: int) -> dict[str, Any]:
     }
 
 
-def _latency(p: Any, ex: Any, iters: int) -> dict[str, list[float]]:
+def _eager_twin(compiled: Any) -> Any:
+    """The same wrapper as a served part (inference mode, attention kernel, memory format), without compiling."""
+    from ..compiler import CompiledModel
+
+    return CompiledModel(compiled.eager, compiled.eager, compiled.cfg)
+
+
+def _paired(compiled: Callable[[], Any], eager: Callable[[], Any], iters: int) -> dict[str, list[float]]:
     """Milliseconds per call, compiled and eager, paired: each iteration times one call of each back to back (the
     order alternating), so both see the same machine load. On a shared machine, eager measured in its own process
     minutes earlier or later drifted by more than the difference being measured. One uncounted warm-up call each
     (compile time is reported apart, as gpt-fast does)."""
-    from ..compiler import CompiledModel
-
-    compiled = p.model
-    # The same wrapper as the served model (inference mode, attention kernel, memory format), without compiling.
-    eager = CompiledModel(compiled.eager, compiled.eager, compiled.cfg)
-    args, kwargs = _fresh(ex)
     out: dict[str, list[float]] = {"compiled": [], "eager": []}
     for fn in (compiled, eager):
-        fn(*args, **kwargs)
+        fn()
     _sync()
     for i in range(iters):
         order = (("compiled", compiled), ("eager", eager)) if i % 2 == 0 else (("eager", eager), ("compiled", compiled))
         for name, fn in order:
             t = time.perf_counter()
-            fn(*args, **kwargs)
+            fn()
             _sync()
             out[name].append((time.perf_counter() - t) * 1e3)
     return out
+
+
+def _latency(p: Any, ex: Any, iters: int) -> dict[str, list[float]]:
+    """One part (``p.model``) on a declared example, compiled vs eager (:func:`_paired`)."""
+    compiled, eager = p.model, _eager_twin(p.model)
+    args, kwargs = _fresh(ex)
+    return _paired(lambda: compiled(*args, **kwargs), lambda: eager(*args, **kwargs), iters)
+
+
+# -- runners with several parts: through run() ------------------------------------------------------------------------
+def is_multi_part(p: Any) -> bool:
+    """``load()`` returned ``{name: Part}`` (one module is served as the single part ``"model"``)."""
+    from ..parts import SINGLE_PART
+
+    return set(p.parts) != {SINGLE_PART}
+
+
+def run_defaults(p: Any) -> dict[str, Any]:
+    """``run()``'s inputs at their declared defaults (``Input(default=...)`` or a plain default), as a request that
+    names no input gets them. An input without a default cannot be guessed: a clear error."""
+    fn = p.run if callable(getattr(type(p), "run", None)) else p.predict
+    out: dict[str, Any] = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = param.default
+        if default is not inspect.Parameter.empty and hasattr(default, "default") and hasattr(default, "description"):
+            default = default.default  # cog's Input(...): a FieldInfo
+        if default is inspect.Parameter.empty or default is None:
+            raise ValueError(f"{type(p).__name__}.{fn.__name__}() input {name!r} has no default: the bench calls "
+                             "it with its defaults; give every input a default")
+        out[name] = default
+    return out
+
+
+def _call_run(p: Any, inputs: dict[str, Any], parts: Any = None) -> Any:
+    """One request through ``run()`` (or ``predict()``); with ``parts``, served by those instead of ``p.parts``."""
+    fn = p.run if callable(getattr(type(p), "run", None)) else p.predict
+    if parts is None:
+        return fn(**inputs)
+    saved, p.parts = p.parts, parts
+    try:
+        return fn(**inputs)
+    finally:
+        p.parts = saved
+
+
+def _request_path_run(p: Any, inputs: dict[str, Any], n: int) -> dict[str, Any]:
+    """``n`` requests through ``run()`` with its default inputs; compiles counted as :func:`_request_path` does."""
+    from ..compiler import counts
+
+    fw0, dyn0 = p.metrics.request_path_compiles, counts().compiles
+    t = time.monotonic()
+    for _ in range(n):
+        _call_run(p, inputs)
+    _sync()
+    return {
+        "requests": n,
+        "via": "run() with its default inputs",
+        "seconds": round(time.monotonic() - t, 3),
+        "framework": p.metrics.request_path_compiles - fw0,
+        "dynamo_graphs": counts().compiles - dyn0,
+    }
+
+
+def _first_calls(p: Any, inputs: dict[str, Any]) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Each part's first call in one ``run()`` request: copies of its arguments, taken before the call (a part may
+    write into them, as a KV cache is written)."""
+    from ..parts import Parts
+
+    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def recorder(name: str, part: Any) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name not in seen:
+                seen[name] = _fresh(_Call(args, kwargs))
+            return part(*args, **kwargs)
+
+        return call
+
+    _call_run(p, inputs, Parts({name: recorder(name, part) for name, part in p.parts.items()}))
+    return seen
+
+
+class _Call:
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def _latency_multi_part(p: Any, inputs: dict[str, Any], iters: int) -> dict[str, Any]:
+    """``run`` (one request, compiled parts vs eager parts) and ``part_<name>`` (each part alone, on the arguments
+    ``run()`` first gave it), each paired compiled vs eager."""
+    from ..compiler import describe_args
+    from ..parts import Parts
+
+    eager_parts = Parts({name: _eager_twin(part) for name, part in p.parts.items()})
+    lat: dict[str, Any] = {
+        "run": {"batch": None, "example": f"run({', '.join(f'{k}={v!r}' for k, v in inputs.items())})"[:120],
+                **_paired(lambda: _call_run(p, inputs), lambda: _call_run(p, inputs, eager_parts), iters)},
+    }
+    for name, (args, kwargs) in _first_calls(p, inputs).items():
+        compiled, eager = p.parts[name], eager_parts[name]
+        lat[f"part_{name}"] = {
+            "batch": None, "example": f"{name} {describe_args(args, kwargs)}",
+            **_paired(lambda c=compiled, a=args, k=kwargs: c(*a, **k),
+                      lambda e=eager, a=args, k=kwargs: e(*a, **k), iters),
+        }
+    return lat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,26 +252,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    multi = is_multi_part(p)
     out: dict[str, Any] = {
         "process_ready_s": round(ready_s, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "compiled": bool(getattr(p.model, "is_compiled", True)),
+        "compiled": all(bool(getattr(part, "is_compiled", True)) for part in p.parts.values()),
+        "parts": sorted(p.parts) if multi else None,
     }
     # The upload compresses in the background: let it finish so it neither steals CPU from the timings below nor
     # leaves the store half-seeded for the next boot.
     t = time.monotonic()
     p.wait_for_upload(args.upload_timeout)
     out["upload_wait_s"] = round(time.monotonic() - t, 3)
-    examples = list(p.warmup_examples())
-    if args.requests > 0:
-        out["request_path"] = _request_path(p, examples, args.requests)
-    if args.latency_iters > 0:
-        lat = {}
-        for want in (int(b) for b in args.batches.split(",")):
-            ex, got = select_example(examples, want)
-            lat[str(want)] = {"batch": got, "example": ex.describe(), **_latency(p, ex, args.latency_iters)}
-        out["latency"] = lat
+    if multi:
+        inputs = run_defaults(p)
+        if args.requests > 0:
+            out["request_path"] = _request_path_run(p, inputs, args.requests)
+        if args.latency_iters > 0:
+            out["latency"] = _latency_multi_part(p, inputs, args.latency_iters)
+    else:
+        examples = list(p.warmup_examples())
+        if args.requests > 0:
+            out["request_path"] = _request_path(p, examples, args.requests)
+        if args.latency_iters > 0:
+            lat = {}
+            for want in (int(b) for b in args.batches.split(",")):
+                ex, got = select_example(examples, want)
+                lat[str(want)] = {"batch": got, "example": ex.describe(), **_latency(p, ex, args.latency_iters)}
+            out["latency"] = lat
     out["metrics"] = p.metrics.to_dict()  # after the upload and requests: upload state and request compiles final
     sys.stdout.write(MARKER + json.dumps(out) + "\n")
     sys.stdout.flush()
