@@ -441,7 +441,10 @@ def _chart(path: Path, r: dict[str, Any]) -> None:
         a.set_ylabel("ms per call")
         e, c = r[f"eager_p50_ms_{tag}"], r[f"compiled_p50_ms_{tag}"]
         what = ex["example"] if ex["batch"] is None or "batch" in ex["example"] else f"batch {ex['batch']} {ex['example']}"
-        a.set_title(f"{what}: p50 eager {e:.2f} ms, compiled {c:.2f} ms", fontsize=10)
+        if ex["batch"] is None:  # several parts: a run() call or a part's arguments, too long for one line
+            a.set_title(f"{tag}: p50 eager {e:.2f} ms, compiled {c:.2f} ms\n{what[:70]}", fontsize=9)
+        else:
+            a.set_title(f"{what}: p50 eager {e:.2f} ms, compiled {c:.2f} ms", fontsize=10)
     fig.suptitle(f"compile_cache bench: {r['predictor']}, torch {r['torch_version']}, {r['machine']['nproc']} CPUs")
     tmp = path.with_name(f".{path.name}.incomplete")
     fig.savefig(tmp, format="png", dpi=100)
