@@ -2,8 +2,12 @@
 """Write ``.cog/openapi_schema.json`` for a predictor, as ``cog build`` would, without the cog CLI.
 
     scripts/gen_schema.py [REF] [--out PATH] [--check]
+    scripts/gen_schema.py examples/llm/predict.py:Runner        # writes examples/llm/.cog/openapi_schema.json
 
-REF is what ``COG_PREDICT_TYPE_STUB`` takes (default ``predict.py:Runner``). The Cog runtime (coglet 0.23.1)
+REF is ``FILE.py:CLASS``, relative to the current directory (default ``predict.py:Runner``). The file's directory
+is the model's project dir (``/src`` in its image; where ``scripts/predict`` runs the runtime), so the schema goes
+to ``.cog/openapi_schema.json`` there unless ``--out`` says otherwise, and ``info.x-predictor`` is the stub as the
+runtime is given it there (``predict.py:Runner``). The Cog runtime (coglet 0.23.1)
 validates request inputs against ``components.schemas.Input`` of ``.cog/openapi_schema.json``, read relative to its
 working directory; with no file it logs a warning and accepts any input. Only the cog CLI writes that file
 (its Go generator); cog 0.23.1's Python package has an inspector but no schema writer, so this script builds the
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent  # compile_cache itself, when run from another directory
-DEFAULT_OUT = Path(".cog/openapi_schema.json")
+SCHEMA = Path(".cog/openapi_schema.json")  # in the project dir: where the runtime reads it
 
 
 def load_predictor(ref: str) -> type:
@@ -212,16 +216,32 @@ def openapi(cls: type, ref: str) -> dict[str, Any]:
     }
 
 
+def project(ref: str) -> tuple[Path, str]:
+    """(the runner's project dir, the stub the runtime is given there): see compile_cache.tools.cogrun.project_of."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from compile_cache.tools.cogrun import project_of  # no torch there
+
+    try:
+        return project_of(ref)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+
+
 def render(ref: str) -> str:
-    return json.dumps(openapi(load_predictor(ref), ref), indent=2) + "\n"
+    stub = project(ref)[1]
+    return json.dumps(openapi(load_predictor(ref), stub), indent=2) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ref", nargs="?", default="predict.py:Runner", help="FILE.py:CLASS, as COG_PREDICT_TYPE_STUB")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT} (relative to the cwd)")
+    ap.add_argument("ref", nargs="?", default="predict.py:Runner", help="FILE.py:CLASS, relative to the cwd")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"default: {SCHEMA} in the runner file's directory (its project dir)")
     ap.add_argument("--check", action="store_true", help="exit 1 if --out is missing or stale; write nothing")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = project(args.ref)[0] / SCHEMA
     text = render(args.ref)
     if args.check:
         current = args.out.read_text() if args.out.exists() else ""

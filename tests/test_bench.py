@@ -68,6 +68,35 @@ def test_bench_quick_tiny(tmp_path: Path) -> None:
     assert "overhead removed" in cp.stdout and "request-path compiles: 0" in cp.stdout
 
 
+def test_bench_quick_two_parts(tmp_path: Path) -> None:
+    """A runner with named parts (export + jit): requests and latency go through run() with its default inputs, and
+    each part is timed alone; the keys every bench.json has are there, the batch keys are not invented."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "compile_cache", "bench", "--quick", "--requests", "5", "--latency-iters", "3"]
+    cmd += ["--predictor", "tests/tiny_parts.py:TwoParts", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cp = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert cp.returncode == 0, f"{cp.stdout}\n{cp.stderr}"
+    r = json.loads((out / "bench.json").read_text())
+    common = [k for k in REQUIRED_KEYS if "_ms_b" not in k]
+    missing = [k for k in common if k not in r]
+    assert not missing, missing
+    assert r["parts"] == ["encoder", "head"] and r["request_path_compiles"] == 0
+    assert set(r["latency_examples"]) == {"run", "part_encoder", "part_head"}
+    assert r["latency_examples"]["run"]["example"] == "run(batch=1)"
+    for tag in r["latency_examples"]:
+        for who in ("eager", "compiled"):
+            assert len(r["samples_ms"][f"{who}_{tag}"]) == 3 and r[f"{who}_p50_ms_{tag}"] > 0
+    assert "compiled_p50_ms_b1" not in r  # no batch sizes of its own: not made up
+    assert "compiled_p50_ms_run" in r["break_even_formula"]
+    for name in ("cold", "warm"):
+        rp = r["boots"][name]["request_path"]
+        assert rp["requests"] == 5 and rp["via"] == "run() with its default inputs"
+    assert r["warm_cache"] == "hit" and r["boots"]["warm"]["compiled"] is True
+    assert r["boots"]["eager"]["compiled"] is False
+    assert (out / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_bench_bad_predictor(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "compile_cache", "bench", "--predictor", "nope.py:Predictor", "--out", str(tmp_path)]
     cp = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)

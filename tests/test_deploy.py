@@ -186,6 +186,31 @@ def gen_schema(ref: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess[
     )
 
 
+EXAMPLES = sorted(p.parent.name for p in (ROOT / "examples").glob("*/predict.py"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_each_examples_committed_schema_is_current(example: str) -> None:
+    """Each example runs in its own project dir (scripts/predict, its image) and the runtime validates its inputs with
+    that dir's .cog/openapi_schema.json: committed, made for its runner, up to date with run()'s inputs."""
+    ref = f"examples/{example}/predict.py:Runner"
+    r = gen_schema(ref, ROOT, "--check")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((ROOT / "examples" / example / ".cog" / "openapi_schema.json").read_text())
+    assert doc["info"]["x-predictor"] == "predict.py:Runner"  # the stub as its runtime is given it, in that dir
+    assert doc["components"]["schemas"]["Input"]["properties"], "an example without inputs"
+
+
+def test_a_stale_schema_is_caught(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "tests" / "tiny_predictor.py", tmp_path / "tiny_predictor.py")
+    assert gen_schema("tiny_predictor.py:Predictor", tmp_path).returncode == 0  # writes tmp_path/.cog/...
+    schema = tmp_path / ".cog" / "openapi_schema.json"
+    assert gen_schema(f"{tmp_path}/tiny_predictor.py:Predictor", ROOT, "--check").returncode == 0
+    schema.write_text(schema.read_text().replace('"maximum": 64', '"maximum": 65'))
+    r = gen_schema(f"{tmp_path}/tiny_predictor.py:Predictor", ROOT, "--check")
+    assert r.returncode == 1 and "is stale" in r.stderr
+
+
 def test_committed_schema_is_current() -> None:
     r = gen_schema("predict.py:Runner", ROOT, "--check")
     assert r.returncode == 0, r.stderr

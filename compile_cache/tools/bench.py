@@ -12,6 +12,11 @@ ready (interpreter, imports, setup) is recorded beside it. Steady-state latency 
 compiled and eager calls paired back to back (the same load for both; the eager one is the served wrapper around the
 uncompiled model), compile time apart (a warm-up call not counted), as gpt-fast reports it.
 
+A runner with several parts (``load()`` returned ``{name: Part}``) is measured per request: requests and latency go
+through ``run()`` with its default inputs (tag ``run``), each part is also timed alone on what ``run()`` gave it (tag
+``part_<name>``), and break-even is per ``run()`` request; it has no ``*_b1``/``*_b16`` keys (no batch sizes of its
+own), every other key is the same.
+
 Break-even at batch 1 (p50): the requests after which the compiled server has caught up with an eager one,
 ``ceil((setup_compiled - setup_eager) / (eager_latency - compiled_latency))``, for the cold and the warm setup;
 0 if the compiled boot is no slower, null if compiled is not faster per request (it never pays back).
@@ -233,13 +238,14 @@ def _summarize(boots: dict[str, dict[str, Any]], args: argparse.Namespace, argv:
     lat: dict[str, Any] = {}
     samples: dict[str, Any] = {}
     for want, x in boots["warm"]["latency"].items():
-        tag = f"b{want}"
+        # one part: "b<batch>"; several parts: "run" (one run() request) and "part_<name>" (see benchboot)
+        tag = f"b{want}" if want.isdigit() else want
         for who in ("eager", "compiled"):
             for p, v in percentiles(x[who]).items():
                 res[f"{who}_{p}_ms_{tag}"] = round(v, 3)
             samples[f"{who}_{tag}"] = [round(s, 3) for s in x[who]]
         lat[tag] = {"batch": x["batch"], "example": x["example"]}
-        if x["batch"] != int(want):
+        if want.isdigit() and x["batch"] != int(want):
             warnings.append(
                 f"no declared example has batch {want}: the {tag} figures are at batch {x['batch']} ({x['example']})"
             )
@@ -250,16 +256,19 @@ def _summarize(boots: dict[str, dict[str, Any]], args: argparse.Namespace, argv:
     if any(r["framework"] != r["dynamo_graphs"] for r in rp.values()):
         warnings.append(f"request-path compile counters disagree (framework vs Dynamo): {rp}")
 
-    e1, c1 = res["eager_p50_ms_b1"], res["compiled_p50_ms_b1"]
+    # Break-even per request: at batch 1 for one part; for several parts, per run() request with default inputs.
+    per, what = ("b1", "batch 1") if "b1" in lat else ("run", "one run() request")
+    res["parts"] = boots["warm"].get("parts")
+    e1, c1 = res[f"eager_p50_ms_{per}"], res[f"compiled_p50_ms_{per}"]
     res["break_even_requests_cold"] = break_even(setup["cold"], setup["eager"], e1, c1)
     res["break_even_requests_warm"] = break_even(setup["warm"], setup["eager"], e1, c1)
     res["break_even_formula"] = (
-        "ceil((setup_compiled_s - eager_setup_s) / ((eager_p50_ms_b1 - compiled_p50_ms_b1) / 1000))"
+        f"ceil((setup_compiled_s - eager_setup_s) / ((eager_p50_ms_{per} - compiled_p50_ms_{per}) / 1000))"
     )
     if c1 >= e1:
         res["break_even_note"] = (
-            f"null: compiled is not faster than eager at batch 1 (p50 {c1:.2f} ms vs {e1:.2f} ms), "
-            "so compiling never pays back its boot time at batch 1"
+            f"null: compiled is not faster than eager at {what} (p50 {c1:.2f} ms vs {e1:.2f} ms), "
+            f"so compiling never pays back its boot time at {what}"
         )
     for name in ("cold", "seed", "warm"):
         if m[name]["eager_fallback"]:
@@ -370,11 +379,12 @@ def _report(r: dict[str, Any], out: Path) -> str:
     rp = {k: v["request_path"]["requests"] for k, v in b.items() if v["request_path"]}
     counted = " + ".join(f"{n} {k}" for k, n in rp.items())
     lines.append(f"request-path compiles: {r['request_path_compiles']} ({counted} requests)")
+    per = "batch 1" if "b1" in r["latency_examples"] else "one run() request"
     if "break_even_note" in r:
-        lines.append(f"break-even at batch 1: {r['break_even_note']}")
+        lines.append(f"break-even at {per}: {r['break_even_note']}")
     else:
         lines.append(
-            f"break-even at batch 1: {r['break_even_requests_cold']} requests after a cold boot, "
+            f"break-even at {per}: {r['break_even_requests_cold']} requests after a cold boot, "
             f"{r['break_even_requests_warm']} after a warm one"
         )
     lines += [f"WARNING: {w}" for w in r["warnings"]]
@@ -398,8 +408,9 @@ def _chart(path: Path, r: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(12, 8), layout="constrained")
-    gs = fig.add_gridspec(2, 2, height_ratios=[1, 1.2])
+    cols = max(2, len(r["latency_examples"]))
+    fig = plt.figure(figsize=(6 * cols, 8), layout="constrained")
+    gs = fig.add_gridspec(2, cols, height_ratios=[1, 1.2])
     ax = fig.add_subplot(gs[0, :])
     names = {"eager": "eager", "cold": "cold (no caches)", "seed": "cold, seeding", "warm": "warm (from store)"}
     for y, k in enumerate(names):
@@ -429,8 +440,11 @@ def _chart(path: Path, r: dict[str, Any]) -> None:
             a.scatter([j + 1] * len(d), d, s=4, alpha=0.3, color="#1f77b4")
         a.set_ylabel("ms per call")
         e, c = r[f"eager_p50_ms_{tag}"], r[f"compiled_p50_ms_{tag}"]
-        what = ex["example"] if "batch" in ex["example"] else f"batch {ex['batch']} {ex['example']}"
-        a.set_title(f"{what}: p50 eager {e:.2f} ms, compiled {c:.2f} ms", fontsize=10)
+        what = ex["example"] if ex["batch"] is None or "batch" in ex["example"] else f"batch {ex['batch']} {ex['example']}"
+        if ex["batch"] is None:  # several parts: a run() call or a part's arguments, too long for one line
+            a.set_title(f"{tag}: p50 eager {e:.2f} ms, compiled {c:.2f} ms\n{what[:70]}", fontsize=9)
+        else:
+            a.set_title(f"{what}: p50 eager {e:.2f} ms, compiled {c:.2f} ms", fontsize=10)
     fig.suptitle(f"compile_cache bench: {r['predictor']}, torch {r['torch_version']}, {r['machine']['nproc']} CPUs")
     tmp = path.with_name(f".{path.name}.incomplete")
     fig.savefig(tmp, format="png", dpi=100)

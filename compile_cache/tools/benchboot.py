@@ -10,7 +10,9 @@ last stdout line starting with ``BENCH-BOOT `` is the result.
 Requests and latency call each served part (``runner.model`` for one part, ``runner.parts[name]`` for several) on
 fresh copies of the part's own declared examples (``warmup_examples()``, or the ``Part(examples=...)`` that
 ``load()`` returned; an export part without examples: its spec's example): the exact callables ``run()`` uses, on the
-declared shapes (no tokenizer or output conversion timed). Eager latency is timed in the same process, paired with the
+declared shapes (no tokenizer or output conversion timed). Exception: a runner with several parts is measured as
+a request by default (``make bench``): requests and latency go through ``run()`` with its default inputs, and each
+part is timed alone on the arguments ``run()`` gave it; ``--per-part`` (the GPU check) times the parts instead. Eager latency is timed in the same process, paired with the
 compiled calls, through the same wrapper around each part's uncompiled module. The example for "batch B" is the
 first whose label says ``batch=B``, else whose first tensor argument has B rows; when no example has B rows, the one
 with the nearest batch is used and the result says which. With several parts, one latency sample is one call of
@@ -25,12 +27,13 @@ for each of its ``table1_modes()`` (which parts run compiled), at each of ``--ba
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["example_batch", "select_example", "served_parts", "main"]
@@ -172,6 +175,126 @@ def _latency(calls: dict[str, tuple[Any, Any]], iters: int) -> dict[str, Any]:
     if len(runs) > 1:
         out["parts"] = per
     return out
+
+
+def _paired(compiled: Callable[[], Any], eager: Callable[[], Any], iters: int) -> dict[str, list[float]]:
+    """Milliseconds per call, compiled and eager, paired: each iteration times one call of each back to back (the
+    order alternating), so both see the same machine load. On a shared machine, eager measured in its own process
+    minutes earlier or later drifted by more than the difference being measured. One uncounted warm-up call each
+    (compile time is reported apart, as gpt-fast does)."""
+    out: dict[str, list[float]] = {"compiled": [], "eager": []}
+    for fn in (compiled, eager):
+        fn()
+    _sync()
+    for i in range(iters):
+        order = (("compiled", compiled), ("eager", eager)) if i % 2 == 0 else (("eager", eager), ("compiled", compiled))
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            _sync()
+            out[name].append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+# -- runners with several parts: through run() ------------------------------------------------------------------------
+def is_multi_part(p: Any) -> bool:
+    """``load()`` returned ``{name: Part}`` (one module is served as the single part ``"model"``)."""
+    from ..parts import SINGLE_PART
+
+    return set(p.parts) != {SINGLE_PART}
+
+
+def run_defaults(p: Any) -> dict[str, Any]:
+    """``run()``'s inputs at their declared defaults (``Input(default=...)`` or a plain default), as a request that
+    names no input gets them. An input without a default cannot be guessed: a clear error."""
+    fn = p.run if callable(getattr(type(p), "run", None)) else p.predict
+    out: dict[str, Any] = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = param.default
+        if default is not inspect.Parameter.empty and hasattr(default, "default") and hasattr(default, "description"):
+            default = default.default  # cog's Input(...): a FieldInfo
+        if default is inspect.Parameter.empty or default is None:
+            raise ValueError(f"{type(p).__name__}.{fn.__name__}() input {name!r} has no default: the bench calls "
+                             "it with its defaults; give every input a default")
+        out[name] = default
+    return out
+
+
+def _call_run(p: Any, inputs: dict[str, Any], parts: Any = None) -> Any:
+    """One request through ``run()`` (or ``predict()``); with ``parts``, served by those instead of ``p.parts``."""
+    fn = p.run if callable(getattr(type(p), "run", None)) else p.predict
+    if parts is None:
+        return fn(**inputs)
+    saved, p.parts = p.parts, parts
+    try:
+        return fn(**inputs)
+    finally:
+        p.parts = saved
+
+
+def _request_path_run(p: Any, inputs: dict[str, Any], n: int) -> dict[str, Any]:
+    """``n`` requests through ``run()`` with its default inputs; compiles counted as :func:`_request_path` does."""
+    from ..compiler import counts
+
+    fw0, dyn0 = p.metrics.request_path_compiles, counts().compiles
+    t = time.monotonic()
+    for _ in range(n):
+        _call_run(p, inputs)
+    _sync()
+    return {
+        "requests": n,
+        "via": "run() with its default inputs",
+        "seconds": round(time.monotonic() - t, 3),
+        "framework": p.metrics.request_path_compiles - fw0,
+        "dynamo_graphs": counts().compiles - dyn0,
+    }
+
+
+def _first_calls(p: Any, inputs: dict[str, Any]) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Each part's first call in one ``run()`` request: copies of its arguments, taken before the call (a part may
+    write into them, as a KV cache is written)."""
+    from ..parts import Parts
+
+    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def recorder(name: str, part: Any) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name not in seen:
+                seen[name] = _fresh(_Call(args, kwargs))
+            return part(*args, **kwargs)
+
+        return call
+
+    _call_run(p, inputs, Parts({name: recorder(name, part) for name, part in p.parts.items()}))
+    return seen
+
+
+class _Call:
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def _latency_multi_part(p: Any, inputs: dict[str, Any], iters: int) -> dict[str, Any]:
+    """``run`` (one request, compiled parts vs eager parts) and ``part_<name>`` (each part alone, on the arguments
+    ``run()`` first gave it), each paired compiled vs eager."""
+    from ..compiler import describe_args
+    from ..parts import Parts
+
+    eager_parts = Parts({name: _eager_twin(part) for name, part in p.parts.items()})
+    lat: dict[str, Any] = {
+        "run": {"batch": None, "example": f"run({', '.join(f'{k}={v!r}' for k, v in inputs.items())})"[:120],
+                **_paired(lambda: _call_run(p, inputs), lambda: _call_run(p, inputs, eager_parts), iters)},
+    }
+    for name, (args, kwargs) in _first_calls(p, inputs).items():
+        compiled, eager = p.parts[name], eager_parts[name]
+        lat[f"part_{name}"] = {
+            "batch": None, "example": f"{name} {describe_args(args, kwargs)}",
+            **_paired(lambda c=compiled, a=args, k=kwargs: c(*a, **k),
+                      lambda e=eager, a=args, k=kwargs: e(*a, **k), iters),
+        }
+    return lat
 
 
 def _outputs(served: dict[str, tuple[Any, list[Any]]], rtol: float, atol: float) -> dict[str, Any]:
@@ -341,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--counters", action="store_true", help="count autotunes, Triton kernels emitted, CUDA graph skips")
     ap.add_argument("--table1-iters", type=int, default=0, help="timed generate() runs per Table 1 cell (0: none)")
     ap.add_argument("--table1-batches", default="1,4,32")
+    ap.add_argument("--per-part", action="store_true",
+                    help="several parts: requests and latency per part on its declared examples (default: through "
+                         "run() with its default inputs, as a request)")
     args = ap.parse_args(argv)
 
     from ..cli import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
@@ -358,12 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     served = served_parts(p, declared)
+    multi = is_multi_part(p)
+    via_run = multi and not args.per_part
     out: dict[str, Any] = {
         "process_ready_s": round(ready_s, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "compiled": any(bool(getattr(m, "is_compiled", True)) for m, _ in served.values()),
-        "parts": sorted(served),
+        "parts": sorted(served) if multi else None,
         **_device(),
     }
     # The upload compresses in the background: let it finish so it neither steals CPU from the timings below nor
@@ -373,11 +501,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["upload_wait_s"] = round(time.monotonic() - t, 3)
     if args.check_eager:  # every part against its own eager model (the weights this process loaded)
         out["max_abs_diff"] = max(r["max_abs_diff"] for r in _outputs(served, 0.0, 0.0)["parts"].values())
+    inputs = run_defaults(p) if via_run else {}
     if args.requests > 0:
-        out["request_path"] = _request_path(p, served, args.requests)
+        out["request_path"] = (_request_path_run(p, inputs, args.requests) if via_run
+                               else _request_path(p, served, args.requests))
     if args.check_outputs:
         out["outputs"] = _outputs(served, args.rtol, args.atol)
-    if args.latency_iters > 0:
+    if args.latency_iters > 0 and via_run:
+        out["latency"] = _latency_multi_part(p, inputs, args.latency_iters)
+    elif args.latency_iters > 0:
         lat = {}
         for want in (int(b) for b in args.batches.split(",")):
             calls, got, described = {}, set(), []

@@ -3,6 +3,9 @@
 ``python -m cog.server.http`` reads the predictor from ``COG_PREDICT_TYPE_STUB`` (cog.yaml is not read at run time)
 and spawns the worker as ``python -c ...`` found on PATH, so the interpreter's bin dir goes first on PATH
 (docs/cog-runtime.md). Used by ``scripts/predict``, the CLI and the integration tests. No torch, no boto3 here.
+
+:meth:`CogServer.in_project` runs a runner as its container would: in its project dir (the runner file's directory,
+``/src`` in the image), where the runtime reads ``.cog/openapi_schema.json`` and relative paths resolve.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CogServer", "free_port", "RuntimeFailure"]
+__all__ = ["CogServer", "free_port", "project_of", "RuntimeFailure", "PACKAGE_ROOT"]
+
+# The directory compile_cache imports from (this checkout): on PYTHONPATH for a runtime started in another directory.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RuntimeFailure(RuntimeError):
@@ -30,6 +36,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def project_of(ref: str) -> tuple[Path, str]:
+    """``path/to/predict.py:Runner`` (relative to the cwd, or absolute) -> (its project dir, the stub there).
+
+    A Cog image holds one model's project at ``/src`` (cog.yaml's directory: the runner, ``.cog/openapi_schema.json``,
+    weights) and runs the runtime there with ``COG_PREDICT_TYPE_STUB=predict.py:Runner``. The runner file's directory
+    is that project dir: the runtime validates inputs with the schema found there, and the framework resolves
+    relative paths (``weights/``, the default store ``.cache/compile-store``, a relative ``COMPILE_CACHE_URL``)
+    against it."""
+    path_s, sep, name = ref.partition(":")
+    if not sep or not path_s.endswith(".py") or not name.isidentifier():
+        raise ValueError(f"predictor {ref!r}: expected FILE.py:CLASS, e.g. predict.py:Runner")
+    path = Path(path_s).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"predictor {ref!r}: no file {path}")
+    return path.parent, f"{path.name}:{name}"
 
 
 class CogServer:
@@ -62,6 +85,16 @@ class CogServer:
         if await_explicit_shutdown:
             self.args += ["--await-explicit-shutdown", "true"]
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def in_project(cls, ref: str, *, env: dict[str, str] | None = None, **kwargs: Any) -> CogServer:
+        """The runner ``ref`` run as its container runs it: cwd its project dir, the stub relative to it
+        (:func:`project_of`), and this checkout's compile_cache importable (PYTHONPATH first, as pip would)."""
+        cwd, stub = project_of(ref)
+        env = dict(env or {})
+        inherited = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), inherited) if p)
+        return cls(stub, cwd=cwd, env=env, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> CogServer:

@@ -141,7 +141,7 @@ class Check:
             "TRITON_CACHE_DIR": str(d / "triton"),
             **env,
         }
-        cmd = [sys.executable, "-m", "compile_cache.tools.benchboot", "--predictor", model.runner, *flags]
+        cmd = [sys.executable, "-m", "compile_cache.tools.benchboot", "--predictor", model.runner, "--per-part", *flags]
         timeout = max(1.0, self.left())
         log = d / "stderr.txt"
         t = time.monotonic()

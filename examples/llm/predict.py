@@ -42,7 +42,8 @@ EXAMPLE_PROMPT = 13  # tokens in the warm-up / export example: >= 2, and unlike 
 
 class Runner(CompiledRunner):
     compile_config = CompileConfig(strategy="export", dynamic=False)
-    weights_dir = "weights"
+    # The weights served are part of the model version (the cache key): LLM_WEIGHTS_DIR's when it is set.
+    weights_dir = str(WEIGHTS_DIR)
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
         self.lm = load_model(Path(weights) if weights else WEIGHTS_DIR)
