@@ -33,9 +33,9 @@ def test_perturbation_changes_every_float_value_and_keeps_the_structure(tmp_path
 
 
 def test_the_examples_copies_change_what_they_say(tmp_path: Path) -> None:
-    code = bv._copy_with(f"{ROOT}/predict.py:Predictor", tmp_path / "v3", *bv.POSTPROCESS, "code-only")
-    model = bv._copy_with(f"{ROOT}/predict.py:Predictor", tmp_path / "v4", *bv.MODEL_CHANGE, "model-change")
-    assert code == f"{tmp_path}/v3/predict.py:Predictor" and model.endswith("/v4/predict.py:Predictor")
+    code = bv._copy_with(f"{ROOT}/predict.py:Runner", tmp_path / "v3", *bv.POSTPROCESS, "code-only")
+    model = bv._copy_with(f"{ROOT}/predict.py:Runner", tmp_path / "v4", *bv.MODEL_CHANGE, "model-change")
+    assert code == f"{tmp_path}/v3/predict.py:Runner" and model.endswith("/v4/predict.py:Runner")
     assert bv.POSTPROCESS[1] in (tmp_path / "v3" / "predict.py").read_text()
     assert bv.MODEL_CHANGE[1] in (tmp_path / "v4" / "predict.py").read_text()
     assert (tmp_path / "v3" / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()

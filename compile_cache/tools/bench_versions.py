@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m compile_cache.tools.bench_versions",
                                  description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
     ap.add_argument("--out", default="bench-out", metavar="DIR", help="where versions.json and versions.png go")
-    ap.add_argument("--predictor", default="predict.py:Predictor", metavar="FILE.py:CLASS")
+    ap.add_argument("--predictor", default="predict.py:Runner", metavar="FILE.py:CLASS")
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS, metavar="DIR", help=f"v1's weights dir ({DEFAULT_WEIGHTS})")
     ap.add_argument("--strategy", choices=("jit", "export", "default"), default="default",
                     help="COMPILE_CACHE_STRATEGY for every boot; default: what the predictor declares")
