@@ -20,8 +20,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import (
     CacheError,
@@ -38,7 +39,10 @@ from .snapshot import Staged, check_object, pack, scan, unpack_into_staging
 from .stores.base import Store
 from .trust import Signer, TrustPolicy
 
-__all__ = ["RestoreResult", "UploadResult", "restore", "restore_or_seed", "Uploader", "read_manifest"]
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["RestoreOptions", "RestoreResult", "UploadResult", "restore", "restore_or_seed", "Uploader", "read_manifest"]
 
 log = logging.getLogger("compile_cache")
 
@@ -66,10 +70,6 @@ def _cpus() -> int:
 # up to eight (the S3 connection pool) beyond that.
 _PARALLEL_SEGMENTS = max(4, min(8, _cpus()))
 _STREAMED_SEGMENT = 64 * 2**20  # larger objects go to a temp file first (parallel ranged GETs)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 @dataclass
@@ -131,6 +131,24 @@ class _Cancelled(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How long a restore may take and how much it may load. The defaults are the settings' defaults; a boot builds
+    them from its settings (:meth:`from_settings`). Which manifests may load at all is the trust policy's call."""
+
+    timeout_s: float = 60.0  # COMPILE_CACHE_RESTORE_TIMEOUT_S
+    max_bytes: int = 8 * 2**30  # COMPILE_CACHE_MAX_RESTORE_BYTES: unpacked bytes
+    max_files: int = 200_000  # COMPILE_CACHE_MAX_RESTORE_FILES
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RestoreOptions:
+        return cls(settings.restore_timeout_s, settings.max_restore_bytes, settings.max_restore_files)
+
+
+_DEFAULT_OPTIONS = RestoreOptions()  # (frozen: one instance serves every call)
+
+
 def restore(
     store: Store,
     key: str,
@@ -138,185 +156,174 @@ def restore(
     *,
     factors: Mapping[str, str],
     trust: TrustPolicy | None = None,
-    signing_key: bytes | None = None,
-    require_signed: bool = False,
-    timeout_s: float = 60.0,
-    max_bytes: int = 8 * 2**30,
-    max_files: int = 200_000,
-    max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+    options: RestoreOptions = _DEFAULT_OPTIONS,
 ) -> RestoreResult:
     """Restore the entry ``key`` into ``roots``. Never raises for a cache problem: the status says what happened.
 
-    ``trust`` decides which manifests may be loaded (``signing_key``/``require_signed`` are a shorthand for a
-    policy with only those). Runs on a helper thread so the deadline holds even if the store hangs; past it, the
-    helper is told to stop and must not move anything into place (the cache dir stays as it was).
+    ``trust`` decides which manifests may be loaded (default: a policy with no key, which loads unsigned entries).
+    Runs on a helper thread so the deadline holds even if the store hangs; past it, the helper is told to stop and
+    must not move anything into place (the cache dir stays as it was).
     """
-    if trust is None:
-        trust = TrustPolicy(signing_key=signing_key, require_signed=require_signed)
+    run = _Run(store, key, roots, factors, trust or TrustPolicy(), options)
     t0 = time.monotonic()
-    cancel = threading.Event()
-    commit_lock = threading.Lock()
-    box: dict[str, RestoreResult] = {}
-    bad: set[str] = set()
 
     def work() -> None:
         try:
-            box["r"] = _restore(
-                store, key, roots, factors, trust, max_bytes, max_files, max_manifest_bytes, cancel, commit_lock, bad
-            )
+            run.result = run.restore()
         except _Cancelled:
             pass
-        except EntryRejected as e:
-            box["r"] = RestoreResult("rejected", str(e))
-        except IntegrityError as e:
-            box["r"] = RestoreResult("rejected", str(e))
+        except (EntryRejected, IntegrityError) as e:
+            run.result = RestoreResult("rejected", str(e))
         except (StoreError, OSError) as e:
-            box["r"] = RestoreResult("error", f"{type(e).__name__}: {e}")
+            run.result = RestoreResult("error", f"{type(e).__name__}: {e}")
         except Exception as e:  # a cache problem must never fail a boot
             log.exception("unexpected error during restore")
-            box["r"] = RestoreResult("error", f"{type(e).__name__}: {e}")
+            run.result = RestoreResult("error", f"{type(e).__name__}: {e}")
 
     th = threading.Thread(target=work, name="compile-cache-restore", daemon=True)
     th.start()
-    th.join(timeout_s)
+    th.join(options.timeout_s)
     timed_out = th.is_alive()
     if timed_out:
         # Under the lock: a helper that is moving files into place finishes first (and its result stands); one
         # that is not yet there sees the cancel before it starts, so a late restore never races the compile.
-        with commit_lock:
-            cancel.set()
-    r = box.get("r")
+        with run.commit_lock:
+            run.cancel.set()
+    r = run.result
     if r is None:
-        why = f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={timeout_s:g}s" if timed_out else "restore stopped"
+        why = (
+            f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={options.timeout_s:g}s" if timed_out
+            else "restore stopped"
+        )
         r = RestoreResult("error", why)
     r.seconds = time.monotonic() - t0
     if r.status != "hit":
-        r.bad_segments = frozenset(bad)
+        r.bad_segments = frozenset(run.bad)
     return r
 
 
-def _restore(
-    store: Store,
-    key: str,
-    roots: Mapping[str, Path],
-    factors: Mapping[str, str],
-    trust: TrustPolicy,
-    max_bytes: int,
-    max_files: int,
-    max_manifest_bytes: int,
-    cancel: threading.Event,
-    commit_lock: threading.Lock,
-    bad: set[str],
-) -> RestoreResult:
-    try:
-        manifest, token = read_manifest(store, key, max_manifest_bytes)
-    except ObjectTooLarge as e:
-        raise EntryRejected(f"manifest too large: {e}") from e
-    if manifest is None:
-        return RestoreResult("miss", "no entry for this key")
-    manifest.check(key=key, factors=factors)
-    verdict = trust.check(manifest)
-    if verdict.signer == "previous":
-        log.info("the entry %s %s", key, verdict.reason)
-    elif verdict.signer == "unsigned" and trust.signing_key is not None:
-        log.warning("loading the UNSIGNED entry %s: COMPILE_CACHE_ALLOW_UNSIGNED is on", key)
-    # The caps are on unpacked bytes: compare what the manifest declares unpacked (not the compressed objects'
-    # size, which a bomb keeps small) before downloading anything. Unpacking enforces them again per member.
+@dataclass
+class _Run:
+    """One restore, on its helper thread: what it restores, and what it shares with the caller's thread."""
+
+    store: Store
+    key: str
+    roots: Mapping[str, Path]
+    factors: Mapping[str, str]
+    trust: TrustPolicy
+    options: RestoreOptions
+    cancel: threading.Event = field(default_factory=threading.Event)  # set past the deadline
+    commit_lock: threading.Lock = field(default_factory=threading.Lock)  # held while moving files into place
+    bad: set[str] = field(default_factory=set)  # segments found missing or damaged
+    result: RestoreResult | None = None
+
+    def restore(self) -> RestoreResult:
+        key, opts = self.key, self.options
+        try:
+            manifest, token = read_manifest(self.store, key, opts.max_manifest_bytes)
+        except ObjectTooLarge as e:
+            raise EntryRejected(f"manifest too large: {e}") from e
+        if manifest is None:
+            return RestoreResult("miss", "no entry for this key")
+        manifest.check(key=key, factors=self.factors)
+        verdict = self.trust.check(manifest)
+        if verdict.signer == "previous":
+            log.info("the entry %s %s", key, verdict.reason)
+        elif verdict.signer == "unsigned" and self.trust.signing_key is not None:
+            log.warning("loading the UNSIGNED entry %s: COMPILE_CACHE_ALLOW_UNSIGNED is on", key)
+        _check_caps(manifest, opts)
+        downloaded = 0
+        stageds: list[tuple[int, Staged]] = []
+        large = any(seg.size > _STREAMED_SEGMENT for seg in manifest.segments)  # only those need a temp file
+        with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") if large else contextlib.nullcontext("") as tmp:
+            try:
+                for nbytes in self._fetch_and_stage(manifest.segments, Path(tmp), stageds):
+                    downloaded += nbytes
+                with self.commit_lock:
+                    if self.cancel.is_set():
+                        raise _Cancelled
+                    # In manifest order: where two segments carry the same file, the first one's copy is kept.
+                    moved = sum(st.commit() for _, st in sorted(stageds, key=lambda x: x[0]))
+            except BaseException:
+                for _, st in stageds:
+                    st.discard()
+                raise
+        log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
+        return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token, signer=verdict.signer)
+
+    def _fetch_and_stage(self, segments: list[Segment], tmp: Path, out: list[tuple[int, Staged]]) -> Iterator[int]:
+        """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
+        member names, types and sizes checked against the manifest) every segment, in one pass per segment and
+        several segments at a time: downloads overlap with hashing, decompression and writes, which release the
+        GIL. Yields the bytes downloaded per segment. Each staged segment is appended to ``out`` (with its index)
+        as soon as it exists, so the caller can discard it whatever happens next."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        if len(segments) <= 1:
+            for i, seg in enumerate(segments):
+                staged, n = self._one(i, seg, tmp)
+                out.append((i, staged))
+                yield n
+            return
+        with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(segments)), thread_name_prefix="cc-dl") as ex:
+            futures = {ex.submit(self._one, i, seg, tmp): i for i, seg in enumerate(segments)}
+            error: BaseException | None = None
+            for fut in as_completed(futures):
+                try:
+                    staged, n = fut.result()
+                except BaseException as e:  # keep collecting: every staged result must reach `out` to be discarded
+                    if error is None:
+                        error = e
+                        if isinstance(e, _Cancelled):
+                            self.cancel.set()
+                        for f in futures:
+                            f.cancel()
+                    continue
+                out.append((futures[fut], staged))
+                if error is None:
+                    yield n
+            if error is not None:
+                raise error
+
+    def _one(self, index: int, seg: Segment, tmp: Path) -> tuple[Staged, int]:
+        """One segment into staging: (its staged files, bytes downloaded). A segment whose object is wrong or gone
+        (not the network, not us) is noted in ``bad``."""
+        if self.cancel.is_set():
+            raise _Cancelled
+        check = {
+            "max_bytes": self.options.max_bytes, "max_files": self.options.max_files, "sha256": seg.sha256,
+            "size": seg.size,
+        }
+        try:
+            if seg.size <= _STREAMED_SEGMENT:
+                # The usual case: one GET streamed through sha256 and the decompressor straight into staging files;
+                # no copy of the object in memory or in a temp file. Nothing is committed unless it verified.
+                with self.store.open_read(seg.object) as body:
+                    return unpack_into_staging(body, seg.files, self.roots, **check), seg.size
+            part = tmp / f"{index}-{seg.sha256}"  # large: parallel ranged GETs into a file, then one verified pass
+            n = self.store.download(seg.object, part)
+            try:
+                return unpack_into_staging(part, seg.files, self.roots, **check), n
+            finally:
+                part.unlink()
+        except (IntegrityError, ObjectNotFound):
+            self.bad.add(seg.sha256)
+            raise
+
+
+def _check_caps(manifest: Manifest, opts: RestoreOptions) -> None:
+    """Refuse an entry larger than the caps before downloading anything. The caps are on unpacked bytes: what the
+    manifest declares unpacked (not the compressed objects' size, which a bomb keeps small). Unpacking enforces
+    them again per member."""
     files = manifest.files()
-    if sum(f.size for f in files.values()) > max_bytes or len(files) > max_files:
-        raise EntryRejected(f"entry is larger than the caps ({max_bytes} bytes / {max_files} files)")
+    if sum(f.size for f in files.values()) > opts.max_bytes or len(files) > opts.max_files:
+        raise EntryRejected(f"entry is larger than the caps ({opts.max_bytes} bytes / {opts.max_files} files)")
     # Every segment is unpacked, duplicates included (each into its own staging dir, so the per-member caps only
     # see one segment): bound the sums too, not only the de-duplicated view.
-    if sum(seg.unpacked_bytes for seg in manifest.segments) > max_bytes:
-        raise EntryRejected(f"entry's segments unpack to more than the cap ({max_bytes} bytes)")
-    if sum(len(seg.files) for seg in manifest.segments) > max_files:
-        raise EntryRejected(f"entry's segments unpack to more than the cap ({max_files} files)")
-    downloaded = 0
-    stageds: list[tuple[int, Staged]] = []
-    large = any(seg.size > _STREAMED_SEGMENT for seg in manifest.segments)  # only those need a temp file
-    with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") if large else contextlib.nullcontext("") as tmp:
-        try:
-            for _index, _staged, nbytes in _fetch_and_stage(
-                store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds, bad
-            ):
-                downloaded += nbytes
-            with commit_lock:
-                if cancel.is_set():
-                    raise _Cancelled
-                # In manifest order: where two segments carry the same file, the first one's copy is kept.
-                moved = sum(st.commit() for _, st in sorted(stageds, key=lambda x: x[0]))
-        except BaseException:
-            for _, st in stageds:
-                st.discard()
-            raise
-    log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
-    return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token, signer=verdict.signer)
-
-
-def _fetch_and_stage(
-    store: Store,
-    segments: list[Segment],
-    tmp: Path,
-    roots: Mapping[str, Path],
-    cancel: threading.Event,
-    max_bytes: int,
-    max_files: int,
-    out: list[tuple[int, Staged]],
-    bad: set[str],
-) -> Iterator[tuple[int, Staged, int]]:
-    """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
-    member names, types and sizes checked against the manifest) every segment, in one pass per segment and
-    several segments at a time: downloads overlap with hashing, decompression and writes, which release the GIL.
-    Each result is appended to ``out`` as soon as it exists, so the caller can discard it whatever happens next."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    def one(index: int, seg: Segment) -> tuple[int, Staged, int]:
-        if cancel.is_set():
-            raise _Cancelled
-        try:
-            return fetch(index, seg)
-        except (IntegrityError, ObjectNotFound):  # the object itself is wrong or gone (not the network, not us)
-            bad.add(seg.sha256)
-            raise
-
-    def fetch(index: int, seg: Segment) -> tuple[int, Staged, int]:
-        check = {"max_bytes": max_bytes, "max_files": max_files, "sha256": seg.sha256, "size": seg.size}
-        if seg.size <= _STREAMED_SEGMENT:
-            # The usual case: one GET streamed through sha256 and the decompressor straight into staging files;
-            # no copy of the object in memory or in a temp file. Nothing is committed unless it verified.
-            with store.open_read(seg.object) as body:
-                return index, unpack_into_staging(body, seg.files, roots, **check), seg.size
-        part = tmp / f"{index}-{seg.sha256}"  # large: parallel ranged GETs into a file, then one verified pass
-        n = store.download(seg.object, part)
-        try:
-            return index, unpack_into_staging(part, seg.files, roots, **check), n
-        finally:
-            part.unlink()
-
-    if len(segments) <= 1:
-        for i, seg in enumerate(segments):
-            res = one(i, seg)
-            out.append((res[0], res[1]))
-            yield res
-        return
-    with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(segments)), thread_name_prefix="cc-dl") as ex:
-        futures = [ex.submit(one, i, seg) for i, seg in enumerate(segments)]
-        error: BaseException | None = None
-        for fut in as_completed(futures):
-            try:
-                res = fut.result()
-            except BaseException as e:  # keep collecting: every staged result must reach `out` to be discarded
-                if error is None:
-                    error = e
-                    cancel.set() if isinstance(e, _Cancelled) else None
-                    for f in futures:
-                        f.cancel()
-                continue
-            out.append((res[0], res[1]))
-            if error is None:
-                yield res
-        if error is not None:
-            raise error
+    if sum(seg.unpacked_bytes for seg in manifest.segments) > opts.max_bytes:
+        raise EntryRejected(f"entry's segments unpack to more than the cap ({opts.max_bytes} bytes)")
+    if sum(len(seg.files) for seg in manifest.segments) > opts.max_files:
+        raise EntryRejected(f"entry's segments unpack to more than the cap ({opts.max_files} files)")
 
 
 def _writer_id() -> str:
@@ -781,11 +788,11 @@ def restore_or_seed(
     roots: Mapping[str, Path],
     *,
     factors: Mapping[str, str],
+    trust: TrustPolicy | None = None,
+    options: RestoreOptions = _DEFAULT_OPTIONS,
     lineage: str = "",
     model_factors: Mapping[str, str] | None = None,
     seed: bool = True,
-    timeout_s: float = 60.0,
-    **kw: object,
 ) -> RestoreResult:
     """:func:`restore` the entry ``key``; on a miss, name the nearest entries of ``lineage`` and what differs
     (``cache_reason``), and with ``seed`` restore the newest entry of the same lineage *and* the same environment
@@ -796,7 +803,7 @@ def restore_or_seed(
     manifest reads to explain it). The seed must pass every check an entry of this key would (fingerprint,
     signature, caps): :func:`restore` runs on it."""
     t0 = time.monotonic()
-    r = restore(store, key, roots, factors=factors, timeout_s=timeout_s, **kw)  # type: ignore[arg-type]
+    r = restore(store, key, roots, factors=factors, trust=trust, options=options)
     if r.status != "miss" or not lineage:
         return r
     _, part, fp = split_key(key)
@@ -814,8 +821,8 @@ def restore_or_seed(
     r.reason = "no entry; " + ("nearest " + "; ".join(notes) if notes else f"no other entry of lineage {lineage}")
     if not seed or not seeds:
         return r
-    left = max(1.0, timeout_s - (time.monotonic() - t0))
-    s = restore(store, seeds[0].key, roots, factors=factors, timeout_s=left, **kw)  # type: ignore[arg-type]
+    left = replace(options, timeout_s=max(1.0, options.timeout_s - (time.monotonic() - t0)))
+    s = restore(store, seeds[0].key, roots, factors=factors, trust=trust, options=left)
     if s.status != "hit":
         r.reason += f"; seeding from {seeds[0].key} failed ({s.status}: {s.reason})"
         r.seconds = time.monotonic() - t0
