@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +34,9 @@ from .errors import (
     PreconditionFailed,
     StoreError,
 )
-from .key import diff_factors, split_key
+from .key import diff_factors, fingerprint_of, split_key
 from .manifest import MAX_MANIFEST_BYTES, Manifest, Segment, manifest_name
-from .snapshot import Staged, check_object, pack, scan, unpack_into_staging
+from .snapshot import Staged, check_object, pack, scan, sha256_file, unpack_into_staging
 from .stores.base import Store
 from .trust import Signer, TrustPolicy
 
@@ -404,7 +405,7 @@ class Uploader:
         return Manifest(
             key=self.key,
             model_version=self.model_version,
-            fingerprint=_fp(self.factors),
+            fingerprint=fingerprint_of(self.factors),
             factors=dict(self.factors),
             lineage=self.lineage,
             model_factors=dict(self.model_factors),
@@ -434,9 +435,7 @@ class Uploader:
             t0 = time.monotonic()
             try:
                 self._upload(r, deadline)
-            except CacheError as e:
-                r.error, r.complete = f"{type(e).__name__}: {e}", False
-            except OSError as e:
+            except (CacheError, OSError) as e:
                 r.error, r.complete = f"{type(e).__name__}: {e}", False
             r.seconds = time.monotonic() - t0
             self.total.seconds += r.seconds
@@ -446,35 +445,62 @@ class Uploader:
         finally:
             self.lock.release()
 
+    def _upload(self, r: UploadResult, deadline: float | None) -> None:
+        """The steps of one upload; each job below is one method."""
+        new = self._refresh() if self.pending() or self._meta_due() else {}
+        if new:
+            if not self._upload_files(new, r, deadline):
+                return  # the deadline cut it short: the rest waits for a later upload
+            if deadline is None and self.deadline is None:
+                self._compact_if_due()
+        else:
+            self._swap(self._without_new_files, "publish")  # damaged segments left out, a label, a seed's entry
+        self._resign()  # an entry an earlier key verified is re-signed with the current one
+
     def _out_of_time(self, deadline: float | None) -> bool:
         limits = [d for d in (deadline, self.deadline) if d is not None]
         return bool(limits) and time.monotonic() >= min(limits)
 
-    def _upload(self, r: UploadResult, deadline: float | None) -> None:
-        if not self.pending():
-            if self._meta_due():  # a seeded version with nothing new, or a new label: a manifest and nothing else
-                self.manifest, self.token = self._read_or_reset()
-                self._write_dropped()
-            self._resign()  # nothing new; an entry an earlier key verified is still re-signed now
-            return
-        # Refresh our view of the store: another replica may have published these files already. Only what the
-        # current, trusted manifest lists is known: a missing or replaced entry vouches for nothing.
+    def _refresh(self) -> dict[str, Path]:
+        """Re-read the store's manifest (another replica may have published these files already) and return what
+        it still lacks. Only what the current, trusted manifest lists is known: a missing or replaced entry vouches
+        for nothing."""
         self.manifest, self.token = self._read_or_reset()
         self.known = set((self.manifest or self._new_manifest()).files())
-        new = self.pending()
-        if not new:
-            if self._dropping or self._meta_due():  # every file is in another segment: only the damaged ones go
-                self._write_dropped()
-            self._resign()
-            return
+        return self.pending()
+
+    # -- the one compare-and-swap of the manifest, which every job below writes through ------------------------------
+    def _swap(self, build: Callable[[Manifest | None], Manifest | None], what: str) -> bool:
+        """Write ``build(manifest in hand)`` over the store's manifest if it is still the version in hand (the
+        token); on a lost race re-read it (:meth:`_read_or_reset`) and build again, up to _CAS_ATTEMPTS times.
+        ``build`` returns None when there is nothing (left) to write: then False. Afterwards the manifest in hand
+        is the one written, signed as in the store."""
+        for _ in range(_CAS_ATTEMPTS):
+            m = build(self.manifest)
+            if m is None:
+                return False
+            data = m.to_bytes(self.signing_key)
+            try:
+                self.token = self.store.put_conditional(manifest_name(self.key), data, self.token)
+            except PreconditionFailed:  # someone wrote first: judge and merge into theirs
+                self.manifest, self.token = self._read_or_reset()
+                continue
+            self.manifest = Manifest.from_bytes(data)
+            self._dropping = False
+            return True
+        raise StoreError(f"could not {what} the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
+
+    # -- delta upload ------------------------------------------------------------------------------------------------
+    def _upload_files(self, new: Mapping[str, Path], r: UploadResult, deadline: float | None) -> bool:
+        """Put ``new`` as segments, publishing each as it lands; False if the deadline stopped it first."""
         for seg, nbytes in self._put_segments(new, stop=lambda: self._out_of_time(deadline)):
             if seg is None:
                 r.complete = False
                 log.warning("upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files)
-                return
+                return False
             r.bytes_uploaded += nbytes
             self.total.bytes_uploaded += nbytes
-            self._publish(seg)
+            self._swap(partial(self._with_segment, seg=seg), "publish")
             r.files += len(seg.files)
             r.segments += 1
             # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
@@ -484,11 +510,74 @@ class Uploader:
             self.known |= {f.path for f in seg.files}
             if self.on_progress:
                 self.on_progress(r)
-        if deadline is None and self.deadline is None and self.manifest and len(self.manifest.segments) > MAX_SEGMENTS:
-            try:
-                self.compact()
-            except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
-                log.warning("compaction of %s skipped: %s", self.key, e)
+        return True
+
+    def _with_segment(self, cur: Manifest | None, seg: Segment) -> Manifest | None:
+        """``cur`` (or this key's first manifest) with ``seg`` added and this version's label; if another writer
+        published all these files already, only what else is due (:meth:`_without_new_files`)."""
+        base = self._labelled(cur or self._new_manifest())
+        if base.fingerprint != fingerprint_of(self.factors):
+            raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
+        merged = base.with_segment(seg)
+        if merged.segments == base.segments and cur is not None and not self._meta_due():
+            return self._without_new_files(cur)
+        return merged
+
+    def _without_new_files(self, cur: Manifest | None) -> Manifest | None:
+        """The manifest to write when no new segment carries it: the one in hand with damaged segments left out, a
+        seeded entry's first manifest, or this version's label added; None when none of these is due."""
+        if not (self._dropping or self._meta_due()):
+            return None
+        return self._labelled(cur or self._new_manifest())
+
+    def _put_segments(
+        self, files: Mapping[str, Path], stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[Segment | None, int]]:
+        """Pack and put ``files`` as segments, kernels first (see _batches): (segment, bytes sent) each. ``stop`` is
+        asked before each one is packed; if it says so, (None, 0) ends the sequence."""
+        for batch in _batches(files):
+            while batch:
+                if stop():
+                    yield None, 0
+                    return
+                seg, nbytes, batch = self._put_segment(batch)
+                if seg is None:
+                    break
+                yield seg, nbytes
+
+    def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
+        """Pack ``files``, from the first, into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
+        segment (None if none of the files exists any more), the bytes sent, and the files left for the next."""
+        with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
+            archive = Path(tmp) / "segment.tar.zst"
+            entries = pack(files, archive, max_packed=SEGMENT_TARGET_BYTES)
+            if not entries:
+                return None, 0, {}
+            names = list(files)
+            rest = {n: files[n] for n in names[names.index(entries[-1].path) + 1 :]}
+            packed = {e.path: files[e.path] for e in entries}
+            sha = sha256_file(archive)
+            for bump in range(1, 4):
+                if sha not in self.drop:
+                    break
+                # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
+                # damaged copy under that name. Other header times give other bytes, hence another name.
+                archive.unlink()
+                entries = pack(packed, archive, mtime_bump=bump)
+                sha = sha256_file(archive)
+            size = archive.stat().st_size
+            seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
+            written = self.store.put_immutable(seg.object, archive)
+        return seg, size if written else 0, rest
+
+    # -- compaction --------------------------------------------------------------------------------------------------
+    def _compact_if_due(self) -> None:
+        if not self.manifest or len(self.manifest.segments) <= MAX_SEGMENTS:
+            return
+        try:
+            self.compact()
+        except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
+            log.warning("compaction of %s skipped: %s", self.key, e)
 
     def compact(self) -> bool:
         """Repack the manifest's many segments into few, so restores need few requests. Crash-safe: the new
@@ -499,6 +588,22 @@ class Uploader:
         if m is None or len(m.segments) <= 1:
             return False
         old = {s.sha256 for s in m.segments}
+        new_segments = self._repack(m)
+
+        def swapped_in(cur: Manifest | None) -> Manifest | None:
+            if cur is None or not old <= {s.sha256 for s in cur.segments}:
+                return None  # someone else compacted (or replaced the entry) first
+            added = [s for s in cur.segments if s.sha256 not in old]
+            return cur.model_copy(update={"segments": new_segments + added, "updated_at": time.time()}, deep=True)
+
+        if not self._swap(swapped_in, "compact"):
+            return False
+        assert self.manifest is not None
+        log.info("compacted %s: %d segments -> %d", self.key, len(old), len(self.manifest.segments))
+        return True
+
+    def _repack(self, m: Manifest) -> list[Segment]:
+        """Download and unpack (verified) every segment of ``m`` into a temp dir, and put its files as new segments."""
         with tempfile.TemporaryDirectory(prefix="compile-cache-compact-") as tmp:
             base = Path(tmp)
             parts = {}
@@ -515,32 +620,14 @@ class Uploader:
             if staged:
                 staged.commit()
             files = {p: base / "files" / p for p in m.files()}
-            new_segments = [seg for seg, _ in self._put_segments(files) if seg is not None]
-        for _ in range(_CAS_ATTEMPTS):
-            cur = self.manifest
-            assert cur is not None
-            if not old <= {s.sha256 for s in cur.segments}:
-                return False  # someone else compacted (or replaced the entry) first
-            added = [s for s in cur.segments if s.sha256 not in old]
-            merged = cur.model_copy(update={"segments": new_segments + added, "updated_at": time.time()}, deep=True)
-            try:
-                self.token = self.store.put_conditional(
-                    manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
-                )
-                self.manifest = merged
-                log.info("compacted %s: %d segments -> %d", self.key, len(old), len(merged.segments))
-                return True
-            except PreconditionFailed:
-                m2, self.token = self._read_or_reset()
-                if m2 is None:
-                    return False
-                self.manifest = m2
-        return False
+            return [seg for seg, _ in self._put_segments(files) if seg is not None]
 
+    # -- which manifest this process may merge into, and healing -----------------------------------------------------
     def _read_or_reset(self) -> tuple[Manifest | None, str | None]:
-        """The store's manifest and version if we may merge into it; (None, version) if ours replaces it (CAS on
-        that version); EntryRejected if it must be left alone. Merging re-signs the whole manifest, so we only
-        merge into what our trust policy verified: never launder a tampered or unsigned entry."""
+        """The store's manifest and version if we may merge into it, damaged segments left out (:meth:`_heal`);
+        (None, version) if ours replaces it (CAS on that version); EntryRejected if it must be left alone. Merging
+        re-signs the whole manifest, so we only merge into what our trust policy verified: never launder a
+        tampered or unsigned entry."""
         assert self.trust is not None
         try:
             m, token = read_manifest(self.store, self.key)
@@ -565,21 +652,27 @@ class Uploader:
         if m.signature is None and self.signing_key is not None:
             log.warning("replacing the unsigned manifest of %s by a signed one of this process's files", self.key)
             return None, token
-        if m.key != self.key or m.fingerprint != _fp(self.factors):
+        if m.key != self.key or m.fingerprint != fingerprint_of(self.factors):
             log.warning("replacing the manifest of %s: it was written for another key or environment", self.key)
             return None, token
+        return self._heal(m), token
+
+    def _heal(self, m: Manifest) -> Manifest:
+        """``m`` without the segments a restore found damaged (``drop``, after a scrub of the others): the next
+        write leaves them out, and this upload puts their files again (they are no longer known)."""
         if self.drop and not self._scrubbed and self.deadline is None:
             self._scrub(m)
         damaged = [s for s in m.segments if s.sha256 in self.drop]
         self._dropping = bool(damaged)
-        if damaged:
-            log.warning(
-                "leaving %d damaged segment(s) out of the manifest of %s (%s); this upload replaces their files",
-                len(damaged), self.key, ", ".join(s.sha256[:12] for s in damaged),
-            )
-            kept = [s for s in m.segments if s.sha256 not in self.drop]
-            m = m.model_copy(update={"segments": kept, "updated_at": time.time()}, deep=True)
-        return m, token
+        if not damaged:
+            return m
+        log.warning(
+            "leaving %d damaged segment(s) out of the manifest of %s (%s); this upload replaces their files",
+            len(damaged), self.key, ", ".join(s.sha256[:12] for s in damaged),
+        )
+        kept = [s for s in m.segments if s.sha256 not in self.drop]
+        return m.model_copy(update={"segments": kept, "updated_at": time.time()}, deep=True)
+
 
     def _scrub(self, m: Manifest) -> None:
         """A restore stops at its first damaged segments; before leaving those out, check the other objects too
@@ -596,107 +689,16 @@ class Uploader:
             except (IntegrityError, ObjectNotFound):
                 self.drop.add(seg.sha256)
 
+
+    # -- key rotation ------------------------------------------------------------------------------------------------
     def _resign(self) -> None:
         """Key rotation: the manifest in hand verified only with an earlier key (COMPILE_CACHE_VERIFY_KEYS). Write
-        it again, content unchanged, signed with the current key, so the fleet can drop the earlier one."""
+        it again, content unchanged, signed with the current key, so the fleet can drop the earlier one. A writer
+        that wrote first (perhaps re-signed it) is judged as any other."""
         assert self.trust is not None
-        for _ in range(_CAS_ATTEMPTS):
-            if self.manifest is None or not self.trust.needs_resign(self.manifest):
-                return
-            data = self.manifest.to_bytes(self.signing_key)
-            try:
-                self.token = self.store.put_conditional(manifest_name(self.key), data, self.token)
-                self.manifest = Manifest.from_bytes(data)
-                log.info("re-signed the entry %s with the current COMPILE_CACHE_SIGNING_KEY", self.key)
-                return
-            except PreconditionFailed:  # someone wrote first (perhaps re-signed it): judge theirs
-                self.manifest, self.token = self._read_or_reset()
-        raise StoreError(f"could not re-sign the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
-
-    def _write_dropped(self) -> None:
-        """Compare-and-swap the manifest in hand (damaged segments left out; or a seeded entry's first manifest, or
-        this version's label added) when no new segment carries it."""
-        for _ in range(_CAS_ATTEMPTS):
-            if not (self._dropping or self._meta_due()):
-                return
-            m = self._labelled(self.manifest or self._new_manifest())
-            try:
-                self.token = self.store.put_conditional(manifest_name(self.key), m.to_bytes(self.signing_key), self.token)
-                self.manifest = m
-                self._dropping = False
-                return
-            except PreconditionFailed:
-                self.manifest, self.token = self._read_or_reset()
-        raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
-
-    def _put_segments(
-        self, files: Mapping[str, Path], stop: Callable[[], bool] = lambda: False
-    ) -> Iterator[tuple[Segment | None, int]]:
-        """Pack and put ``files`` as segments, kernels first (see _batches): (segment, bytes sent) each. ``stop`` is
-        asked before each one is packed; if it says so, (None, 0) ends the sequence."""
-        for batch in _batches(files):
-            while batch:
-                if stop():
-                    yield None, 0
-                    return
-                seg, nbytes, batch = self._put_segment(batch)
-                if seg is None:
-                    break
-                yield seg, nbytes
-
-    def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
-        """Pack ``files``, from the first, into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
-        segment (None if none of the files exists any more), the bytes sent, and the files left for the next."""
-        with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
-            from .snapshot import sha256_file
-
-            archive = Path(tmp) / "segment.tar.zst"
-            entries = pack(files, archive, max_packed=SEGMENT_TARGET_BYTES)
-            if not entries:
-                return None, 0, {}
-            names = list(files)
-            rest = {n: files[n] for n in names[names.index(entries[-1].path) + 1 :]}
-            packed = {e.path: files[e.path] for e in entries}
-            sha = sha256_file(archive)
-            for bump in range(1, 4):
-                if sha not in self.drop:
-                    break
-                # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
-                # damaged copy under that name. Other header times give other bytes, hence another name.
-                archive.unlink()
-                entries = pack(packed, archive, mtime_bump=bump)
-                sha = sha256_file(archive)
-            size = archive.stat().st_size
-            seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
-            written = self.store.put_immutable(seg.object, archive)
-        return seg, size if written else 0, rest
-
-    def _publish(self, seg: Segment) -> None:
-        """Compare-and-swap the manifest to include ``seg``; on a lost race, re-read and merge again."""
-        for _ in range(_CAS_ATTEMPTS):
-            base = self._labelled(self.manifest or self._new_manifest())
-            if base.fingerprint != _fp(self.factors):
-                raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
-            merged = base.with_segment(seg)
-            if merged.segments == base.segments and self.manifest is not None and not self._meta_due():
-                self._write_dropped()  # someone published all these files already; damaged segments still go
-                return
-            try:
-                self.token = self.store.put_conditional(
-                    manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
-                )
-                self.manifest = merged
-                self._dropping = False
-                return
-            except PreconditionFailed:
-                self.manifest, self.token = self._read_or_reset()
-        raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
-
-
-def _fp(factors: Mapping[str, str]) -> str:
-    from .key import fingerprint_of
-
-    return fingerprint_of(factors)
+        trust = self.trust
+        if self._swap(lambda cur: cur if cur is not None and trust.needs_resign(cur) else None, "re-sign"):
+            log.info("re-signed the entry %s with the current COMPILE_CACHE_SIGNING_KEY", self.key)
 
 
 def _batches(files: Mapping[str, Path]) -> list[dict[str, Path]]:
