@@ -8,6 +8,8 @@ Store-agnostic and torch-free. The protocol (see the module docs of stores.base 
   cold boot.
 - upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
   (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
+  Compaction, healing (damaged segments left out), key rotation and version labels write the manifest through
+  the same compare-and-swap (Uploader._swap).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ log = logging.getLogger("compile_cache")
 # objects of 265 KB and restored in 340-410 ms; in 7 objects, 220-240 ms (one-off, interleaved runs on 2 cores).
 SEGMENT_TARGET_BYTES = 8 * 2**20
 SEGMENT_MAX_UNPACKED_BYTES = 64 * 2**20
-MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
-_CAS_ATTEMPTS = 20
+MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader.compact)
+_CAS_ATTEMPTS = 20  # tries of one manifest write against other writers (Uploader._swap)
 
 
 def _cpus() -> int:
