@@ -331,6 +331,7 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
     import dataclasses
 
     from .progress import bars_enabled, progress_bar
+    from .sync import RestoreOptions
     from .trust import TrustPolicy
 
     try:
@@ -350,8 +351,7 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
             ctx.store,
             _resolve_key(ctx.store, args.key),
             trust=trust,
-            max_bytes=s.max_restore_bytes,
-            max_files=s.max_restore_files,
+            options=RestoreOptions.from_settings(s),
             progress=bar,
         )
     if args.json:

@@ -35,7 +35,7 @@ from .parts import SINGLE_PART, Part, Parts, check_name
 from .stores import open_store
 from .stores.base import Store
 from .strategies import Plan, prepare
-from .sync import Uploader, restore_or_seed
+from .sync import RestoreOptions, Uploader, restore_or_seed
 from .trust import trust_policy
 from .versions import ModelVersion, identify
 
@@ -217,9 +217,7 @@ class CompiledRunner(BaseRunner):
             model_factors=self.version.factors,
             seed=not settings.key_by_version,
             trust=trust,
-            timeout_s=settings.restore_timeout_s,
-            max_bytes=settings.max_restore_bytes,
-            max_files=settings.max_restore_files,
+            options=RestoreOptions.from_settings(settings),
         )
         m.cache, m.cache_reason, m.restore_s, m.seeded_from = r.status, r.reason, r.seconds, r.seeded_from
         m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s

@@ -8,6 +8,8 @@ Store-agnostic and torch-free. The protocol (see the module docs of stores.base 
   cold boot.
 - upload: scan the dirs, subtract what the manifest already lists, pack the rest into segments, put each segment
   (immutable, content-addressed), then compare-and-swap the manifest to include it. Concurrent writers merge.
+  Compaction, healing (damaged segments left out), key rotation and version labels write the manifest through
+  the same compare-and-swap (Uploader._swap).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import (
     CacheError,
@@ -32,13 +36,16 @@ from .errors import (
     PreconditionFailed,
     StoreError,
 )
-from .key import diff_factors, split_key
+from .key import diff_factors, fingerprint_of, split_key
 from .manifest import MAX_MANIFEST_BYTES, Manifest, Segment, manifest_name
-from .snapshot import Staged, check_object, pack, scan, unpack_into_staging
+from .snapshot import Staged, check_object, pack, scan, sha256_file, unpack_into_staging
 from .stores.base import Store
 from .trust import Signer, TrustPolicy
 
-__all__ = ["RestoreResult", "UploadResult", "restore", "restore_or_seed", "Uploader", "read_manifest"]
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["RestoreOptions", "RestoreResult", "UploadResult", "restore", "restore_or_seed", "Uploader", "read_manifest"]
 
 log = logging.getLogger("compile_cache")
 
@@ -49,8 +56,8 @@ log = logging.getLogger("compile_cache")
 # objects of 265 KB and restored in 340-410 ms; in 7 objects, 220-240 ms (one-off, interleaved runs on 2 cores).
 SEGMENT_TARGET_BYTES = 8 * 2**20
 SEGMENT_MAX_UNPACKED_BYTES = 64 * 2**20
-MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader._compact)
-_CAS_ATTEMPTS = 20
+MAX_SEGMENTS = 64  # a writer that sees more compacts the manifest (see Uploader.compact)
+_CAS_ATTEMPTS = 20  # tries of one manifest write against other writers (Uploader._swap)
 
 
 def _cpus() -> int:
@@ -66,10 +73,6 @@ def _cpus() -> int:
 # up to eight (the S3 connection pool) beyond that.
 _PARALLEL_SEGMENTS = max(4, min(8, _cpus()))
 _STREAMED_SEGMENT = 64 * 2**20  # larger objects go to a temp file first (parallel ranged GETs)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 @dataclass
@@ -131,6 +134,24 @@ class _Cancelled(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How long a restore may take and how much it may load. The defaults are the settings' defaults; a boot builds
+    them from its settings (:meth:`from_settings`). Which manifests may load at all is the trust policy's call."""
+
+    timeout_s: float = 60.0  # COMPILE_CACHE_RESTORE_TIMEOUT_S
+    max_bytes: int = 8 * 2**30  # COMPILE_CACHE_MAX_RESTORE_BYTES: unpacked bytes
+    max_files: int = 200_000  # COMPILE_CACHE_MAX_RESTORE_FILES
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RestoreOptions:
+        return cls(settings.restore_timeout_s, settings.max_restore_bytes, settings.max_restore_files)
+
+
+_DEFAULT_OPTIONS = RestoreOptions()  # (frozen: one instance serves every call)
+
+
 def restore(
     store: Store,
     key: str,
@@ -138,185 +159,174 @@ def restore(
     *,
     factors: Mapping[str, str],
     trust: TrustPolicy | None = None,
-    signing_key: bytes | None = None,
-    require_signed: bool = False,
-    timeout_s: float = 60.0,
-    max_bytes: int = 8 * 2**30,
-    max_files: int = 200_000,
-    max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+    options: RestoreOptions = _DEFAULT_OPTIONS,
 ) -> RestoreResult:
     """Restore the entry ``key`` into ``roots``. Never raises for a cache problem: the status says what happened.
 
-    ``trust`` decides which manifests may be loaded (``signing_key``/``require_signed`` are a shorthand for a
-    policy with only those). Runs on a helper thread so the deadline holds even if the store hangs; past it, the
-    helper is told to stop and must not move anything into place (the cache dir stays as it was).
+    ``trust`` decides which manifests may be loaded (default: a policy with no key, which loads unsigned entries).
+    Runs on a helper thread so the deadline holds even if the store hangs; past it, the helper is told to stop and
+    must not move anything into place (the cache dir stays as it was).
     """
-    if trust is None:
-        trust = TrustPolicy(signing_key=signing_key, require_signed=require_signed)
+    run = _Run(store, key, roots, factors, trust or TrustPolicy(), options)
     t0 = time.monotonic()
-    cancel = threading.Event()
-    commit_lock = threading.Lock()
-    box: dict[str, RestoreResult] = {}
-    bad: set[str] = set()
 
     def work() -> None:
         try:
-            box["r"] = _restore(
-                store, key, roots, factors, trust, max_bytes, max_files, max_manifest_bytes, cancel, commit_lock, bad
-            )
+            run.result = run.restore()
         except _Cancelled:
             pass
-        except EntryRejected as e:
-            box["r"] = RestoreResult("rejected", str(e))
-        except IntegrityError as e:
-            box["r"] = RestoreResult("rejected", str(e))
+        except (EntryRejected, IntegrityError) as e:
+            run.result = RestoreResult("rejected", str(e))
         except (StoreError, OSError) as e:
-            box["r"] = RestoreResult("error", f"{type(e).__name__}: {e}")
+            run.result = RestoreResult("error", f"{type(e).__name__}: {e}")
         except Exception as e:  # a cache problem must never fail a boot
             log.exception("unexpected error during restore")
-            box["r"] = RestoreResult("error", f"{type(e).__name__}: {e}")
+            run.result = RestoreResult("error", f"{type(e).__name__}: {e}")
 
     th = threading.Thread(target=work, name="compile-cache-restore", daemon=True)
     th.start()
-    th.join(timeout_s)
+    th.join(options.timeout_s)
     timed_out = th.is_alive()
     if timed_out:
         # Under the lock: a helper that is moving files into place finishes first (and its result stands); one
         # that is not yet there sees the cancel before it starts, so a late restore never races the compile.
-        with commit_lock:
-            cancel.set()
-    r = box.get("r")
+        with run.commit_lock:
+            run.cancel.set()
+    r = run.result
     if r is None:
-        why = f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={timeout_s:g}s" if timed_out else "restore stopped"
+        why = (
+            f"restore exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={options.timeout_s:g}s" if timed_out
+            else "restore stopped"
+        )
         r = RestoreResult("error", why)
     r.seconds = time.monotonic() - t0
     if r.status != "hit":
-        r.bad_segments = frozenset(bad)
+        r.bad_segments = frozenset(run.bad)
     return r
 
 
-def _restore(
-    store: Store,
-    key: str,
-    roots: Mapping[str, Path],
-    factors: Mapping[str, str],
-    trust: TrustPolicy,
-    max_bytes: int,
-    max_files: int,
-    max_manifest_bytes: int,
-    cancel: threading.Event,
-    commit_lock: threading.Lock,
-    bad: set[str],
-) -> RestoreResult:
-    try:
-        manifest, token = read_manifest(store, key, max_manifest_bytes)
-    except ObjectTooLarge as e:
-        raise EntryRejected(f"manifest too large: {e}") from e
-    if manifest is None:
-        return RestoreResult("miss", "no entry for this key")
-    manifest.check(key=key, factors=factors)
-    verdict = trust.check(manifest)
-    if verdict.signer == "previous":
-        log.info("the entry %s %s", key, verdict.reason)
-    elif verdict.signer == "unsigned" and trust.signing_key is not None:
-        log.warning("loading the UNSIGNED entry %s: COMPILE_CACHE_ALLOW_UNSIGNED is on", key)
-    # The caps are on unpacked bytes: compare what the manifest declares unpacked (not the compressed objects'
-    # size, which a bomb keeps small) before downloading anything. Unpacking enforces them again per member.
+@dataclass
+class _Run:
+    """One restore, on its helper thread: what it restores, and what it shares with the caller's thread."""
+
+    store: Store
+    key: str
+    roots: Mapping[str, Path]
+    factors: Mapping[str, str]
+    trust: TrustPolicy
+    options: RestoreOptions
+    cancel: threading.Event = field(default_factory=threading.Event)  # set past the deadline
+    commit_lock: threading.Lock = field(default_factory=threading.Lock)  # held while moving files into place
+    bad: set[str] = field(default_factory=set)  # segments found missing or damaged
+    result: RestoreResult | None = None
+
+    def restore(self) -> RestoreResult:
+        key, opts = self.key, self.options
+        try:
+            manifest, token = read_manifest(self.store, key, opts.max_manifest_bytes)
+        except ObjectTooLarge as e:
+            raise EntryRejected(f"manifest too large: {e}") from e
+        if manifest is None:
+            return RestoreResult("miss", "no entry for this key")
+        manifest.check(key=key, factors=self.factors)
+        verdict = self.trust.check(manifest)
+        if verdict.signer == "previous":
+            log.info("the entry %s %s", key, verdict.reason)
+        elif verdict.signer == "unsigned" and self.trust.signing_key is not None:
+            log.warning("loading the UNSIGNED entry %s: COMPILE_CACHE_ALLOW_UNSIGNED is on", key)
+        _check_caps(manifest, opts)
+        downloaded = 0
+        stageds: list[tuple[int, Staged]] = []
+        large = any(seg.size > _STREAMED_SEGMENT for seg in manifest.segments)  # only those need a temp file
+        with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") if large else contextlib.nullcontext("") as tmp:
+            try:
+                for nbytes in self._fetch_and_stage(manifest.segments, Path(tmp), stageds):
+                    downloaded += nbytes
+                with self.commit_lock:
+                    if self.cancel.is_set():
+                        raise _Cancelled
+                    # In manifest order: where two segments carry the same file, the first one's copy is kept.
+                    moved = sum(st.commit() for _, st in sorted(stageds, key=lambda x: x[0]))
+            except BaseException:
+                for _, st in stageds:
+                    st.discard()
+                raise
+        log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
+        return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token, signer=verdict.signer)
+
+    def _fetch_and_stage(self, segments: list[Segment], tmp: Path, out: list[tuple[int, Staged]]) -> Iterator[int]:
+        """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
+        member names, types and sizes checked against the manifest) every segment, in one pass per segment and
+        several segments at a time: downloads overlap with hashing, decompression and writes, which release the
+        GIL. Yields the bytes downloaded per segment. Each staged segment is appended to ``out`` (with its index)
+        as soon as it exists, so the caller can discard it whatever happens next."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        if len(segments) <= 1:
+            for i, seg in enumerate(segments):
+                staged, n = self._one(i, seg, tmp)
+                out.append((i, staged))
+                yield n
+            return
+        with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(segments)), thread_name_prefix="cc-dl") as ex:
+            futures = {ex.submit(self._one, i, seg, tmp): i for i, seg in enumerate(segments)}
+            error: BaseException | None = None
+            for fut in as_completed(futures):
+                try:
+                    staged, n = fut.result()
+                except BaseException as e:  # keep collecting: every staged result must reach `out` to be discarded
+                    if error is None:
+                        error = e
+                        if isinstance(e, _Cancelled):
+                            self.cancel.set()
+                        for f in futures:
+                            f.cancel()
+                    continue
+                out.append((futures[fut], staged))
+                if error is None:
+                    yield n
+            if error is not None:
+                raise error
+
+    def _one(self, index: int, seg: Segment, tmp: Path) -> tuple[Staged, int]:
+        """One segment into staging: (its staged files, bytes downloaded). A segment whose object is wrong or gone
+        (not the network, not us) is noted in ``bad``."""
+        if self.cancel.is_set():
+            raise _Cancelled
+        check = {
+            "max_bytes": self.options.max_bytes, "max_files": self.options.max_files, "sha256": seg.sha256,
+            "size": seg.size,
+        }
+        try:
+            if seg.size <= _STREAMED_SEGMENT:
+                # The usual case: one GET streamed through sha256 and the decompressor straight into staging files;
+                # no copy of the object in memory or in a temp file. Nothing is committed unless it verified.
+                with self.store.open_read(seg.object) as body:
+                    return unpack_into_staging(body, seg.files, self.roots, **check), seg.size
+            part = tmp / f"{index}-{seg.sha256}"  # large: parallel ranged GETs into a file, then one verified pass
+            n = self.store.download(seg.object, part)
+            try:
+                return unpack_into_staging(part, seg.files, self.roots, **check), n
+            finally:
+                part.unlink()
+        except (IntegrityError, ObjectNotFound):
+            self.bad.add(seg.sha256)
+            raise
+
+
+def _check_caps(manifest: Manifest, opts: RestoreOptions) -> None:
+    """Refuse an entry larger than the caps before downloading anything. The caps are on unpacked bytes: what the
+    manifest declares unpacked (not the compressed objects' size, which a bomb keeps small). Unpacking enforces
+    them again per member."""
     files = manifest.files()
-    if sum(f.size for f in files.values()) > max_bytes or len(files) > max_files:
-        raise EntryRejected(f"entry is larger than the caps ({max_bytes} bytes / {max_files} files)")
+    if sum(f.size for f in files.values()) > opts.max_bytes or len(files) > opts.max_files:
+        raise EntryRejected(f"entry is larger than the caps ({opts.max_bytes} bytes / {opts.max_files} files)")
     # Every segment is unpacked, duplicates included (each into its own staging dir, so the per-member caps only
     # see one segment): bound the sums too, not only the de-duplicated view.
-    if sum(seg.unpacked_bytes for seg in manifest.segments) > max_bytes:
-        raise EntryRejected(f"entry's segments unpack to more than the cap ({max_bytes} bytes)")
-    if sum(len(seg.files) for seg in manifest.segments) > max_files:
-        raise EntryRejected(f"entry's segments unpack to more than the cap ({max_files} files)")
-    downloaded = 0
-    stageds: list[tuple[int, Staged]] = []
-    large = any(seg.size > _STREAMED_SEGMENT for seg in manifest.segments)  # only those need a temp file
-    with tempfile.TemporaryDirectory(prefix="compile-cache-dl-") if large else contextlib.nullcontext("") as tmp:
-        try:
-            for _index, _staged, nbytes in _fetch_and_stage(
-                store, manifest.segments, Path(tmp), roots, cancel, max_bytes, max_files, stageds, bad
-            ):
-                downloaded += nbytes
-            with commit_lock:
-                if cancel.is_set():
-                    raise _Cancelled
-                # In manifest order: where two segments carry the same file, the first one's copy is kept.
-                moved = sum(st.commit() for _, st in sorted(stageds, key=lambda x: x[0]))
-        except BaseException:
-            for _, st in stageds:
-                st.discard()
-            raise
-    log.debug("restored %d files (%d already present)", moved, len(manifest.files()) - moved)
-    return RestoreResult("hit", "", len(manifest.files()), downloaded, 0.0, manifest, token, signer=verdict.signer)
-
-
-def _fetch_and_stage(
-    store: Store,
-    segments: list[Segment],
-    tmp: Path,
-    roots: Mapping[str, Path],
-    cancel: threading.Event,
-    max_bytes: int,
-    max_files: int,
-    out: list[tuple[int, Staged]],
-    bad: set[str],
-) -> Iterator[tuple[int, Staged, int]]:
-    """Download, verify (the object's size and sha256, which vouch for every member) and unpack (into staging,
-    member names, types and sizes checked against the manifest) every segment, in one pass per segment and
-    several segments at a time: downloads overlap with hashing, decompression and writes, which release the GIL.
-    Each result is appended to ``out`` as soon as it exists, so the caller can discard it whatever happens next."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    def one(index: int, seg: Segment) -> tuple[int, Staged, int]:
-        if cancel.is_set():
-            raise _Cancelled
-        try:
-            return fetch(index, seg)
-        except (IntegrityError, ObjectNotFound):  # the object itself is wrong or gone (not the network, not us)
-            bad.add(seg.sha256)
-            raise
-
-    def fetch(index: int, seg: Segment) -> tuple[int, Staged, int]:
-        check = {"max_bytes": max_bytes, "max_files": max_files, "sha256": seg.sha256, "size": seg.size}
-        if seg.size <= _STREAMED_SEGMENT:
-            # The usual case: one GET streamed through sha256 and the decompressor straight into staging files;
-            # no copy of the object in memory or in a temp file. Nothing is committed unless it verified.
-            with store.open_read(seg.object) as body:
-                return index, unpack_into_staging(body, seg.files, roots, **check), seg.size
-        part = tmp / f"{index}-{seg.sha256}"  # large: parallel ranged GETs into a file, then one verified pass
-        n = store.download(seg.object, part)
-        try:
-            return index, unpack_into_staging(part, seg.files, roots, **check), n
-        finally:
-            part.unlink()
-
-    if len(segments) <= 1:
-        for i, seg in enumerate(segments):
-            res = one(i, seg)
-            out.append((res[0], res[1]))
-            yield res
-        return
-    with ThreadPoolExecutor(max_workers=min(_PARALLEL_SEGMENTS, len(segments)), thread_name_prefix="cc-dl") as ex:
-        futures = [ex.submit(one, i, seg) for i, seg in enumerate(segments)]
-        error: BaseException | None = None
-        for fut in as_completed(futures):
-            try:
-                res = fut.result()
-            except BaseException as e:  # keep collecting: every staged result must reach `out` to be discarded
-                if error is None:
-                    error = e
-                    cancel.set() if isinstance(e, _Cancelled) else None
-                    for f in futures:
-                        f.cancel()
-                continue
-            out.append((res[0], res[1]))
-            if error is None:
-                yield res
-        if error is not None:
-            raise error
+    if sum(seg.unpacked_bytes for seg in manifest.segments) > opts.max_bytes:
+        raise EntryRejected(f"entry's segments unpack to more than the cap ({opts.max_bytes} bytes)")
+    if sum(len(seg.files) for seg in manifest.segments) > opts.max_files:
+        raise EntryRejected(f"entry's segments unpack to more than the cap ({opts.max_files} files)")
 
 
 def _writer_id() -> str:
@@ -397,7 +407,7 @@ class Uploader:
         return Manifest(
             key=self.key,
             model_version=self.model_version,
-            fingerprint=_fp(self.factors),
+            fingerprint=fingerprint_of(self.factors),
             factors=dict(self.factors),
             lineage=self.lineage,
             model_factors=dict(self.model_factors),
@@ -427,9 +437,7 @@ class Uploader:
             t0 = time.monotonic()
             try:
                 self._upload(r, deadline)
-            except CacheError as e:
-                r.error, r.complete = f"{type(e).__name__}: {e}", False
-            except OSError as e:
+            except (CacheError, OSError) as e:
                 r.error, r.complete = f"{type(e).__name__}: {e}", False
             r.seconds = time.monotonic() - t0
             self.total.seconds += r.seconds
@@ -439,35 +447,62 @@ class Uploader:
         finally:
             self.lock.release()
 
+    def _upload(self, r: UploadResult, deadline: float | None) -> None:
+        """The steps of one upload; each job below is one method."""
+        new = self._refresh() if self.pending() or self._meta_due() else {}
+        if new:
+            if not self._upload_files(new, r, deadline):
+                return  # the deadline cut it short: the rest waits for a later upload
+            if deadline is None and self.deadline is None:
+                self._compact_if_due()
+        else:
+            self._swap(self._without_new_files, "publish")  # damaged segments left out, a label, a seed's entry
+        self._resign()  # an entry an earlier key verified is re-signed with the current one
+
     def _out_of_time(self, deadline: float | None) -> bool:
         limits = [d for d in (deadline, self.deadline) if d is not None]
         return bool(limits) and time.monotonic() >= min(limits)
 
-    def _upload(self, r: UploadResult, deadline: float | None) -> None:
-        if not self.pending():
-            if self._meta_due():  # a seeded version with nothing new, or a new label: a manifest and nothing else
-                self.manifest, self.token = self._read_or_reset()
-                self._write_dropped()
-            self._resign()  # nothing new; an entry an earlier key verified is still re-signed now
-            return
-        # Refresh our view of the store: another replica may have published these files already. Only what the
-        # current, trusted manifest lists is known: a missing or replaced entry vouches for nothing.
+    def _refresh(self) -> dict[str, Path]:
+        """Re-read the store's manifest (another replica may have published these files already) and return what
+        it still lacks. Only what the current, trusted manifest lists is known: a missing or replaced entry vouches
+        for nothing."""
         self.manifest, self.token = self._read_or_reset()
         self.known = set((self.manifest or self._new_manifest()).files())
-        new = self.pending()
-        if not new:
-            if self._dropping or self._meta_due():  # every file is in another segment: only the damaged ones go
-                self._write_dropped()
-            self._resign()
-            return
+        return self.pending()
+
+    # -- the one compare-and-swap of the manifest, which every job below writes through ------------------------------
+    def _swap(self, build: Callable[[Manifest | None], Manifest | None], what: str) -> bool:
+        """Write ``build(manifest in hand)`` over the store's manifest if it is still the version in hand (the
+        token); on a lost race re-read it (:meth:`_read_or_reset`) and build again, up to _CAS_ATTEMPTS times.
+        ``build`` returns None when there is nothing (left) to write: then False. Afterwards the manifest in hand
+        is the one written, signed as in the store."""
+        for _ in range(_CAS_ATTEMPTS):
+            m = build(self.manifest)
+            if m is None:
+                return False
+            data = m.to_bytes(self.signing_key)
+            try:
+                self.token = self.store.put_conditional(manifest_name(self.key), data, self.token)
+            except PreconditionFailed:  # someone wrote first: judge and merge into theirs
+                self.manifest, self.token = self._read_or_reset()
+                continue
+            self.manifest = Manifest.from_bytes(data)
+            self._dropping = False
+            return True
+        raise StoreError(f"could not {what} the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
+
+    # -- delta upload ------------------------------------------------------------------------------------------------
+    def _upload_files(self, new: Mapping[str, Path], r: UploadResult, deadline: float | None) -> bool:
+        """Put ``new`` as segments, publishing each as it lands; False if the deadline stopped it first."""
         for seg, nbytes in self._put_segments(new, stop=lambda: self._out_of_time(deadline)):
             if seg is None:
                 r.complete = False
                 log.warning("upload stopped by its deadline; %d file(s) left for a later upload", len(new) - r.files)
-                return
+                return False
             r.bytes_uploaded += nbytes
             self.total.bytes_uploaded += nbytes
-            self._publish(seg)
+            self._swap(partial(self._with_segment, seg=seg), "publish")
             r.files += len(seg.files)
             r.segments += 1
             # Counted per segment, not when upload() returns: an exit flush that gives up waiting for a slow
@@ -477,11 +512,74 @@ class Uploader:
             self.known |= {f.path for f in seg.files}
             if self.on_progress:
                 self.on_progress(r)
-        if deadline is None and self.deadline is None and self.manifest and len(self.manifest.segments) > MAX_SEGMENTS:
-            try:
-                self.compact()
-            except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
-                log.warning("compaction of %s skipped: %s", self.key, e)
+        return True
+
+    def _with_segment(self, cur: Manifest | None, seg: Segment) -> Manifest | None:
+        """``cur`` (or this key's first manifest) with ``seg`` added and this version's label; if another writer
+        published all these files already, only what else is due (:meth:`_without_new_files`)."""
+        base = self._labelled(cur or self._new_manifest())
+        if base.fingerprint != fingerprint_of(self.factors):
+            raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
+        merged = base.with_segment(seg)
+        if merged.segments == base.segments and cur is not None and not self._meta_due():
+            return self._without_new_files(cur)
+        return merged
+
+    def _without_new_files(self, cur: Manifest | None) -> Manifest | None:
+        """The manifest to write when no new segment carries it: the one in hand with damaged segments left out, a
+        seeded entry's first manifest, or this version's label added; None when none of these is due."""
+        if not (self._dropping or self._meta_due()):
+            return None
+        return self._labelled(cur or self._new_manifest())
+
+    def _put_segments(
+        self, files: Mapping[str, Path], stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[tuple[Segment | None, int]]:
+        """Pack and put ``files`` as segments, kernels first (see _batches): (segment, bytes sent) each. ``stop`` is
+        asked before each one is packed; if it says so, (None, 0) ends the sequence."""
+        for batch in _batches(files):
+            while batch:
+                if stop():
+                    yield None, 0
+                    return
+                seg, nbytes, batch = self._put_segment(batch)
+                if seg is None:
+                    break
+                yield seg, nbytes
+
+    def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
+        """Pack ``files``, from the first, into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
+        segment (None if none of the files exists any more), the bytes sent, and the files left for the next."""
+        with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
+            archive = Path(tmp) / "segment.tar.zst"
+            entries = pack(files, archive, max_packed=SEGMENT_TARGET_BYTES)
+            if not entries:
+                return None, 0, {}
+            names = list(files)
+            rest = {n: files[n] for n in names[names.index(entries[-1].path) + 1 :]}
+            packed = {e.path: files[e.path] for e in entries}
+            sha = sha256_file(archive)
+            for bump in range(1, 4):
+                if sha not in self.drop:
+                    break
+                # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
+                # damaged copy under that name. Other header times give other bytes, hence another name.
+                archive.unlink()
+                entries = pack(packed, archive, mtime_bump=bump)
+                sha = sha256_file(archive)
+            size = archive.stat().st_size
+            seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
+            written = self.store.put_immutable(seg.object, archive)
+        return seg, size if written else 0, rest
+
+    # -- compaction --------------------------------------------------------------------------------------------------
+    def _compact_if_due(self) -> None:
+        if not self.manifest or len(self.manifest.segments) <= MAX_SEGMENTS:
+            return
+        try:
+            self.compact()
+        except (CacheError, OSError) as e:  # the entry stays valid as it was; compaction is an optimisation
+            log.warning("compaction of %s skipped: %s", self.key, e)
 
     def compact(self) -> bool:
         """Repack the manifest's many segments into few, so restores need few requests. Crash-safe: the new
@@ -492,6 +590,22 @@ class Uploader:
         if m is None or len(m.segments) <= 1:
             return False
         old = {s.sha256 for s in m.segments}
+        new_segments = self._repack(m)
+
+        def swapped_in(cur: Manifest | None) -> Manifest | None:
+            if cur is None or not old <= {s.sha256 for s in cur.segments}:
+                return None  # someone else compacted (or replaced the entry) first
+            added = [s for s in cur.segments if s.sha256 not in old]
+            return cur.model_copy(update={"segments": new_segments + added, "updated_at": time.time()}, deep=True)
+
+        if not self._swap(swapped_in, "compact"):
+            return False
+        assert self.manifest is not None
+        log.info("compacted %s: %d segments -> %d", self.key, len(old), len(self.manifest.segments))
+        return True
+
+    def _repack(self, m: Manifest) -> list[Segment]:
+        """Download and unpack (verified) every segment of ``m`` into a temp dir, and put its files as new segments."""
         with tempfile.TemporaryDirectory(prefix="compile-cache-compact-") as tmp:
             base = Path(tmp)
             parts = {}
@@ -508,32 +622,14 @@ class Uploader:
             if staged:
                 staged.commit()
             files = {p: base / "files" / p for p in m.files()}
-            new_segments = [seg for seg, _ in self._put_segments(files) if seg is not None]
-        for _ in range(_CAS_ATTEMPTS):
-            cur = self.manifest
-            assert cur is not None
-            if not old <= {s.sha256 for s in cur.segments}:
-                return False  # someone else compacted (or replaced the entry) first
-            added = [s for s in cur.segments if s.sha256 not in old]
-            merged = cur.model_copy(update={"segments": new_segments + added, "updated_at": time.time()}, deep=True)
-            try:
-                self.token = self.store.put_conditional(
-                    manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
-                )
-                self.manifest = merged
-                log.info("compacted %s: %d segments -> %d", self.key, len(old), len(merged.segments))
-                return True
-            except PreconditionFailed:
-                m2, self.token = self._read_or_reset()
-                if m2 is None:
-                    return False
-                self.manifest = m2
-        return False
+            return [seg for seg, _ in self._put_segments(files) if seg is not None]
 
+    # -- which manifest this process may merge into, and healing -----------------------------------------------------
     def _read_or_reset(self) -> tuple[Manifest | None, str | None]:
-        """The store's manifest and version if we may merge into it; (None, version) if ours replaces it (CAS on
-        that version); EntryRejected if it must be left alone. Merging re-signs the whole manifest, so we only
-        merge into what our trust policy verified: never launder a tampered or unsigned entry."""
+        """The store's manifest and version if we may merge into it, damaged segments left out (:meth:`_heal`);
+        (None, version) if ours replaces it (CAS on that version); EntryRejected if it must be left alone. Merging
+        re-signs the whole manifest, so we only merge into what our trust policy verified: never launder a
+        tampered or unsigned entry."""
         assert self.trust is not None
         try:
             m, token = read_manifest(self.store, self.key)
@@ -558,21 +654,27 @@ class Uploader:
         if m.signature is None and self.signing_key is not None:
             log.warning("replacing the unsigned manifest of %s by a signed one of this process's files", self.key)
             return None, token
-        if m.key != self.key or m.fingerprint != _fp(self.factors):
+        if m.key != self.key or m.fingerprint != fingerprint_of(self.factors):
             log.warning("replacing the manifest of %s: it was written for another key or environment", self.key)
             return None, token
+        return self._heal(m), token
+
+    def _heal(self, m: Manifest) -> Manifest:
+        """``m`` without the segments a restore found damaged (``drop``, after a scrub of the others): the next
+        write leaves them out, and this upload puts their files again (they are no longer known)."""
         if self.drop and not self._scrubbed and self.deadline is None:
             self._scrub(m)
         damaged = [s for s in m.segments if s.sha256 in self.drop]
         self._dropping = bool(damaged)
-        if damaged:
-            log.warning(
-                "leaving %d damaged segment(s) out of the manifest of %s (%s); this upload replaces their files",
-                len(damaged), self.key, ", ".join(s.sha256[:12] for s in damaged),
-            )
-            kept = [s for s in m.segments if s.sha256 not in self.drop]
-            m = m.model_copy(update={"segments": kept, "updated_at": time.time()}, deep=True)
-        return m, token
+        if not damaged:
+            return m
+        log.warning(
+            "leaving %d damaged segment(s) out of the manifest of %s (%s); this upload replaces their files",
+            len(damaged), self.key, ", ".join(s.sha256[:12] for s in damaged),
+        )
+        kept = [s for s in m.segments if s.sha256 not in self.drop]
+        return m.model_copy(update={"segments": kept, "updated_at": time.time()}, deep=True)
+
 
     def _scrub(self, m: Manifest) -> None:
         """A restore stops at its first damaged segments; before leaving those out, check the other objects too
@@ -589,107 +691,16 @@ class Uploader:
             except (IntegrityError, ObjectNotFound):
                 self.drop.add(seg.sha256)
 
+
+    # -- key rotation ------------------------------------------------------------------------------------------------
     def _resign(self) -> None:
         """Key rotation: the manifest in hand verified only with an earlier key (COMPILE_CACHE_VERIFY_KEYS). Write
-        it again, content unchanged, signed with the current key, so the fleet can drop the earlier one."""
+        it again, content unchanged, signed with the current key, so the fleet can drop the earlier one. A writer
+        that wrote first (perhaps re-signed it) is judged as any other."""
         assert self.trust is not None
-        for _ in range(_CAS_ATTEMPTS):
-            if self.manifest is None or not self.trust.needs_resign(self.manifest):
-                return
-            data = self.manifest.to_bytes(self.signing_key)
-            try:
-                self.token = self.store.put_conditional(manifest_name(self.key), data, self.token)
-                self.manifest = Manifest.from_bytes(data)
-                log.info("re-signed the entry %s with the current COMPILE_CACHE_SIGNING_KEY", self.key)
-                return
-            except PreconditionFailed:  # someone wrote first (perhaps re-signed it): judge theirs
-                self.manifest, self.token = self._read_or_reset()
-        raise StoreError(f"could not re-sign the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
-
-    def _write_dropped(self) -> None:
-        """Compare-and-swap the manifest in hand (damaged segments left out; or a seeded entry's first manifest, or
-        this version's label added) when no new segment carries it."""
-        for _ in range(_CAS_ATTEMPTS):
-            if not (self._dropping or self._meta_due()):
-                return
-            m = self._labelled(self.manifest or self._new_manifest())
-            try:
-                self.token = self.store.put_conditional(manifest_name(self.key), m.to_bytes(self.signing_key), self.token)
-                self.manifest = m
-                self._dropping = False
-                return
-            except PreconditionFailed:
-                self.manifest, self.token = self._read_or_reset()
-        raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
-
-    def _put_segments(
-        self, files: Mapping[str, Path], stop: Callable[[], bool] = lambda: False
-    ) -> Iterator[tuple[Segment | None, int]]:
-        """Pack and put ``files`` as segments, kernels first (see _batches): (segment, bytes sent) each. ``stop`` is
-        asked before each one is packed; if it says so, (None, 0) ends the sequence."""
-        for batch in _batches(files):
-            while batch:
-                if stop():
-                    yield None, 0
-                    return
-                seg, nbytes, batch = self._put_segment(batch)
-                if seg is None:
-                    break
-                yield seg, nbytes
-
-    def _put_segment(self, files: Mapping[str, Path]) -> tuple[Segment | None, int, dict[str, Path]]:
-        """Pack ``files``, from the first, into one segment of about SEGMENT_TARGET_BYTES and put it. Returns the
-        segment (None if none of the files exists any more), the bytes sent, and the files left for the next."""
-        with tempfile.TemporaryDirectory(prefix="compile-cache-up-") as tmp:
-            from .snapshot import sha256_file
-
-            archive = Path(tmp) / "segment.tar.zst"
-            entries = pack(files, archive, max_packed=SEGMENT_TARGET_BYTES)
-            if not entries:
-                return None, 0, {}
-            names = list(files)
-            rest = {n: files[n] for n in names[names.index(entries[-1].path) + 1 :]}
-            packed = {e.path: files[e.path] for e in entries}
-            sha = sha256_file(archive)
-            for bump in range(1, 4):
-                if sha not in self.drop:
-                    break
-                # The very bytes of a damaged object (same files, same mtimes): a create-only write would keep the
-                # damaged copy under that name. Other header times give other bytes, hence another name.
-                archive.unlink()
-                entries = pack(packed, archive, mtime_bump=bump)
-                sha = sha256_file(archive)
-            size = archive.stat().st_size
-            seg = Segment(sha256=sha, size=size, files=entries, written_by=_writer_id(), written_at=time.time())
-            written = self.store.put_immutable(seg.object, archive)
-        return seg, size if written else 0, rest
-
-    def _publish(self, seg: Segment) -> None:
-        """Compare-and-swap the manifest to include ``seg``; on a lost race, re-read and merge again."""
-        for _ in range(_CAS_ATTEMPTS):
-            base = self._labelled(self.manifest or self._new_manifest())
-            if base.fingerprint != _fp(self.factors):
-                raise EntryRejected(f"the store's entry {self.key} has a foreign fingerprint: not merging into it")
-            merged = base.with_segment(seg)
-            if merged.segments == base.segments and self.manifest is not None and not self._meta_due():
-                self._write_dropped()  # someone published all these files already; damaged segments still go
-                return
-            try:
-                self.token = self.store.put_conditional(
-                    manifest_name(self.key), merged.to_bytes(self.signing_key), self.token
-                )
-                self.manifest = merged
-                self._dropping = False
-                return
-            except PreconditionFailed:
-                self.manifest, self.token = self._read_or_reset()
-        raise StoreError(f"could not publish the manifest of {self.key} after {_CAS_ATTEMPTS} attempts")
-
-
-def _fp(factors: Mapping[str, str]) -> str:
-    from .key import fingerprint_of
-
-    return fingerprint_of(factors)
+        trust = self.trust
+        if self._swap(lambda cur: cur if cur is not None and trust.needs_resign(cur) else None, "re-sign"):
+            log.info("re-signed the entry %s with the current COMPILE_CACHE_SIGNING_KEY", self.key)
 
 
 def _batches(files: Mapping[str, Path]) -> list[dict[str, Path]]:
@@ -781,11 +792,11 @@ def restore_or_seed(
     roots: Mapping[str, Path],
     *,
     factors: Mapping[str, str],
+    trust: TrustPolicy | None = None,
+    options: RestoreOptions = _DEFAULT_OPTIONS,
     lineage: str = "",
     model_factors: Mapping[str, str] | None = None,
     seed: bool = True,
-    timeout_s: float = 60.0,
-    **kw: object,
 ) -> RestoreResult:
     """:func:`restore` the entry ``key``; on a miss, name the nearest entries of ``lineage`` and what differs
     (``cache_reason``), and with ``seed`` restore the newest entry of the same lineage *and* the same environment
@@ -796,7 +807,7 @@ def restore_or_seed(
     manifest reads to explain it). The seed must pass every check an entry of this key would (fingerprint,
     signature, caps): :func:`restore` runs on it."""
     t0 = time.monotonic()
-    r = restore(store, key, roots, factors=factors, timeout_s=timeout_s, **kw)  # type: ignore[arg-type]
+    r = restore(store, key, roots, factors=factors, trust=trust, options=options)
     if r.status != "miss" or not lineage:
         return r
     _, part, fp = split_key(key)
@@ -814,8 +825,8 @@ def restore_or_seed(
     r.reason = "no entry; " + ("nearest " + "; ".join(notes) if notes else f"no other entry of lineage {lineage}")
     if not seed or not seeds:
         return r
-    left = max(1.0, timeout_s - (time.monotonic() - t0))
-    s = restore(store, seeds[0].key, roots, factors=factors, timeout_s=left, **kw)  # type: ignore[arg-type]
+    left = replace(options, timeout_s=max(1.0, options.timeout_s - (time.monotonic() - t0)))
+    s = restore(store, seeds[0].key, roots, factors=factors, trust=trust, options=left)
     if s.status != "hit":
         r.reason += f"; seeding from {seeds[0].key} failed ({s.status}: {s.reason})"
         r.seconds = time.monotonic() - t0

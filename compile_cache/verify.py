@@ -18,12 +18,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Settings
 from .errors import CacheError, IntegrityError, ObjectNotFound
 from .key import diff_factors, fingerprint_of
-from .manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_SEGMENTS, Manifest, manifest_name
+from .manifest import MAX_MANIFEST_SEGMENTS, Manifest, manifest_name
 from .snapshot import check_archive, sha256_file
 from .stores.base import Progress, Store
+from .sync import RestoreOptions
 from .trust import TrustPolicy
 
 __all__ = ["VerifyReport", "verify_entry"]
@@ -71,8 +71,7 @@ def verify_entry(
     require_signed: bool = False,
     trust: TrustPolicy | None = None,
     factors: Mapping[str, str] | None = None,
-    max_bytes: int | None = None,
-    max_files: int | None = None,
+    options: RestoreOptions | None = None,
     labels: Collection[str] = ROOT_LABELS,
     progress: Progress | None = None,
 ) -> VerifyReport:
@@ -80,18 +79,16 @@ def verify_entry(
 
     ``trust`` as in restore (``signing_key``/``require_signed``: a policy with only those); ``factors``:
     an environment's fingerprint factors to compare with (without them, the manifest's fingerprint is compared
-    with the one the key name ends with). The caps default to the settings' defaults. ``progress`` gets the bytes
+    with the one the key name ends with). ``options``: the caps (default: the settings' defaults). ``progress`` gets the bytes
     downloaded.
     """
-    if max_bytes is None:
-        max_bytes = Settings.model_fields["max_restore_bytes"].default
-    if max_files is None:
-        max_files = Settings.model_fields["max_restore_files"].default
+    options = options or RestoreOptions()
+    max_bytes, max_files = options.max_bytes, options.max_files
     if trust is None:
         trust = TrustPolicy(signing_key=signing_key, require_signed=require_signed)
     rep = VerifyReport(key, store.url)
     try:
-        data = store.read(manifest_name(key), max_bytes=MAX_MANIFEST_BYTES)
+        data = store.read(manifest_name(key), max_bytes=options.max_manifest_bytes)
     except ObjectNotFound:
         rep.problems.append(f"no entry: {manifest_name(key)} does not exist")
         return rep

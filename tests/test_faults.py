@@ -42,7 +42,8 @@ from compile_cache.key import CacheKey, fingerprint_of
 from compile_cache.manifest import FileEntry, Manifest, Segment, manifest_name, object_name
 from compile_cache.snapshot import STAGING_PREFIX, unpack_into_staging
 from compile_cache.stores import LocalStore, Store, open_store
-from compile_cache.sync import Uploader, restore
+from compile_cache.sync import RestoreOptions, Uploader, restore
+from compile_cache.trust import TrustPolicy
 from compile_cache.verify import verify_entry
 from tests.conftest import Boot, boot
 from tests.s3server import apply_s3_env, free_ports
@@ -78,7 +79,7 @@ def good(tiny_seeded_store: Path, tmp_path_factory: pytest.TempPathFactory) -> G
     m = Manifest.from_bytes(data)
     st.put_conditional(name, m.to_bytes(KEY), token)  # exactly what an uploader with COMPILE_CACHE_SIGNING_KEY writes
     m = Manifest.from_bytes(st.read(name))
-    r = restore(st, key, {"inductor": d / "cold"}, factors=m.factors, signing_key=KEY, require_signed=True)
+    r = restore(st, key, {"inductor": d / "cold"}, factors=m.factors, trust=TrustPolicy(KEY, require_signed=True))
     assert r.status == "hit", r.reason
     return Good(d / "store", key, m, d / "cold")
 
@@ -185,8 +186,8 @@ def restore_then_upload(
     nothing was placed in the dirs; copy in what a cold compile writes; run the background upload."""
     key, factors, store = key or e.key, factors or e.good.factors, store or e.store
     r = restore(
-        store, key, roots, factors=factors, signing_key=signing_key, require_signed=require_signed,
-        timeout_s=timeout_s, max_bytes=max_bytes, max_files=max_files,
+        store, key, roots, factors=factors, trust=TrustPolicy(signing_key, require_signed=require_signed),
+        options=RestoreOptions(timeout_s, max_bytes, max_files),
     )
     assert r.status in ("error", "rejected"), (r.status, r.reason)
     assert_nothing_placed(roots)
@@ -296,7 +297,7 @@ def assert_healed(e: Entry, tmp_path: Path) -> None:
     entry verifies and the next container's restore is a hit. The damaged object stays for `prune`."""
     assert e.object not in {s.object for s in Manifest.from_bytes(e.store.read(e.mname)).segments}
     assert verify_entry(e.store, e.key, signing_key=KEY, require_signed=True).ok
-    r = restore(e.store, e.key, {"inductor": tmp_path / "next"}, factors=e.good.factors, signing_key=KEY)
+    r = restore(e.store, e.key, {"inductor": tmp_path / "next"}, factors=e.good.factors, trust=TrustPolicy(KEY))
     assert r.status == "hit", r.reason
     assert r.files == len(e.good.manifest.files())
 
@@ -458,7 +459,7 @@ def test_archive_bomb_over_the_caps(entry: Entry, tmp_path: Path) -> None:
     publish_crafted(entry, tmp_path, craft(many), [fe(f"inductor/k/{i}", b"x") for i in range(50)])
     out = restore_then_upload(entry, {"inductor": tmp_path / "c"}, max_files=10, upload=False)
     assert out.status == "rejected" and "caps" in out.reason
-    assert any("caps" in p for p in verify_entry(entry.store, entry.key, max_files=10).problems)
+    assert any("caps" in p for p in verify_entry(entry.store, entry.key, options=RestoreOptions(max_files=10)).problems)
 
 
 # -- local faults: disk full, read-only -----------------------------------------------------------------------------

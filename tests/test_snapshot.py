@@ -414,3 +414,14 @@ def test_a_deadline_stops_the_upload_between_segments(tmp_path: Path, monkeypatc
     monkeypatch.setattr("compile_cache.sync.SEGMENT_MAX_UNPACKED_BYTES", 10**6)
     r = up.upload()
     assert r is not None and r.complete and r.segments == 1 and r.files == 2 and up.pending() == {}
+
+
+def test_restore_options_defaults_are_the_settings_defaults() -> None:
+    """A restore called without options (scripts, tools) applies the caps and deadline a boot applies by default."""
+    from compile_cache.config import Settings
+    from compile_cache.sync import RestoreOptions
+
+    defaults = Settings.model_construct()
+    assert RestoreOptions.from_settings(defaults) == RestoreOptions()
+    custom = defaults.model_copy(update={"restore_timeout_s": 5.0, "max_restore_bytes": 10, "max_restore_files": 3})
+    assert RestoreOptions.from_settings(custom) == RestoreOptions(timeout_s=5.0, max_bytes=10, max_files=3)

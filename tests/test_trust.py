@@ -27,7 +27,7 @@ from compile_cache.manifest import MAX_MANIFEST_BYTES, Manifest, Segment, object
 from compile_cache.snapshot import pack, sha256_file
 from compile_cache.stores import LocalStore, Store, open_store
 from compile_cache.stores.s3 import S3Store
-from compile_cache.sync import Uploader, restore
+from compile_cache.sync import RestoreOptions, Uploader, restore
 from compile_cache.trust import TrustPolicy, warn_if_unverified
 from compile_cache.verify import verify_entry
 from tests import test_faults as tf
@@ -223,7 +223,7 @@ def test_an_oversized_manifest_is_refused_before_it_is_read(
     e = Entry(store, entry.key, entry.good, entry.raw_put, entry.secrets)
     for cap in (64 * 1024, MAX_MANIFEST_BYTES):
         n0 = counted()
-        r = restore_with(e, TrustPolicy(KEY), roots(tmp_path, f"r{cap}"), max_manifest_bytes=cap)
+        r = restore_with(e, TrustPolicy(KEY), roots(tmp_path, f"r{cap}"), options=RestoreOptions(max_manifest_bytes=cap))
         n = counted() - n0
         assert r.status == "rejected" and "too large" in r.reason and f"cap of {cap} bytes" in r.reason, r.reason
         assert n <= cap + 64 * 1024, (cap, n)  # at most the cap (an S3 Range) and the headers: never the manifest
