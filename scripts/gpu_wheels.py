@@ -31,6 +31,7 @@ PACKAGES = (
     "botocore",
     "s3transfer",
     "jmespath",
+    "diffusers",  # the diffusion example (pure Python; its other needs come with the image's transformers)
 )
 # manylinux tags pip matches exactly: list the ones these packages ship for.
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",

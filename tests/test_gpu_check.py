@@ -128,3 +128,57 @@ def test_a_skipped_run_keeps_every_key_and_the_chart_still_draws(tmp_path: Path)
     res = {"device": "cpu", "torch": "x", "triton": None, "cuda": None, "timestamp": "t", "runs": [row], "table1": []}
     _chart(tmp_path / "c.png", res)
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_diffusion_is_registered_for_the_gpu_and_named_on_cpu() -> None:
+    from compile_cache.tools.gpucheck import default_models
+
+    diffusion = MODELS["diffusion"]
+    assert diffusion.needs == ("diffusers",) and diffusion.unavailable() == ""  # diffusers is a dev requirement
+    assert default_models("gpu") == ["llm", "diffusion"]
+    assert default_models("cpu") == ["llm"]  # its cold boots cost minutes here: `--cpu --models diffusion`
+    assert diffusion.sizes["gpu"].batches == (1, 8) and diffusion.sizes["gpu"].table1_batches == ()
+
+
+def test_a_model_is_skipped_whole_when_the_budget_is_spent(tmp_path: Path) -> None:
+    import time
+
+    from compile_cache.tools.gpucheck import RUNS, Check, _check_model
+
+    c = Check(tmp_path, tmp_path, "gpu", time.monotonic() - 1)
+    c.result = {"runs": []}
+    _check_model(c, MODELS["diffusion"], RUNS, False)  # no weights made, no boot started
+    assert [(r["model"], r["strategy"], r["mode"]) for r in c.result["runs"]] == [
+        ("diffusion", r.strategy, r.mode) for r in RUNS]
+    assert all(r["skipped"].startswith("budget") and r["warm_cache"] is None for r in c.result["runs"])
+    assert not list(tmp_path.glob("weights-*"))
+
+
+def test_the_diffusion_check_runner_batches_images_of_one_prompt(tmp_path: Path) -> None:
+    """The batched denoiser on B images equals the served example's denoiser on each image alone (eager, tiny
+    config), and the check runner declares both parts at every batch, with a dynamic batch dim for export."""
+    weights = tmp_path / "w"
+    subprocess.run([sys.executable, "examples/diffusion/model.py", "--config", "tiny", "--out", str(weights)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    code = """
+import os, sys, torch
+sys.path.insert(0, "examples/diffusion")
+from check import CheckRunner
+r = CheckRunner()
+parts = r.load()
+assert sorted(parts) == ["decoder", "denoiser"], parts
+for name, p in parts.items():
+    assert [e.label.split()[0] for e in p.examples] == ["batch=1", "batch=2"], name
+    assert p.export_spec.dynamic_dims[0][0].name == "batch" and p.export_spec.example_args[0].shape[0] == 2
+lat, t, cond = parts["denoiser"].examples[1].args
+assert lat.shape == (2, 4, 6, 6) and cond.shape[0] == 2
+with torch.no_grad():
+    got = parts["denoiser"].module(lat, t, cond)
+    one = [r.pipe.denoiser(lat[i:i + 1], t, cond) for i in range(2)]
+assert got.shape == lat.shape and torch.allclose(got, torch.cat(one), atol=1e-5), (got - torch.cat(one)).abs().max()
+print("ok")
+"""
+    env = {**os.environ, "DIFFUSION_WEIGHTS_DIR": str(weights), "GPU_CHECK_BATCHES": "2,1", "GPU_CHECK_LATENT": "6",
+           "GPU_CHECK_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    cp = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert cp.returncode == 0 and cp.stdout.strip() == "ok", cp.stderr[-3000:]

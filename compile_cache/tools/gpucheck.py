@@ -44,7 +44,7 @@ from .bench import overhead_removed, percentiles
 from .benchboot import MARKER
 from .gpucheck_models import MODELS, ROOT, CheckModel
 
-__all__ = ["main", "RUN_KEYS", "TOP_KEYS", "RUNS", "foreign_gpu_fault"]
+__all__ = ["main", "RUN_KEYS", "TOP_KEYS", "RUNS", "foreign_gpu_fault", "default_models"]
 
 # gpu_check.json's keys: an interface (add keys, never rename one).
 TOP_KEYS = ("device", "torch", "triton", "cuda", "runs", "table1")
@@ -365,6 +365,13 @@ def _chart(path: Path, res: dict[str, Any]) -> None:
 # -- the driver ------------------------------------------------------------------------------------------------------
 def _check_model(c: Check, model: CheckModel, runs: tuple[Run, ...], all_modes: bool) -> None:
     size = model.sizes[c.kind]
+    if c.left() < FIRST_RUN_NEED_S:  # a model after others: no eager boot to be cut off by the budget mid-way
+        _say(f"{model.name}: skipped, {c.left():.0f}s left of the budget")
+        c.result["runs"] += [_unmeasured(model, run, skipped=f"budget: {c.left():.0f}s left before this model, a "
+                                                               f"run needs about {FIRST_RUN_NEED_S:.0f}s")
+                             for run in runs]
+        c.save()
+        return
     wdir = c.work / f"weights-{model.name}"
     t = time.monotonic()
     model.make_weights(wdir, size.weights)
@@ -437,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="where gpu_check.json and gpu_check.png go")
     ap.add_argument("--cpu", action="store_true", help="the same code paths on CPU, at the smallest sizes")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated, of {', '.join(MODELS)} (default: all on a GPU; with --cpu: "
+                         f"{', '.join(default_models('cpu'))})")
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"stop starting boots past this (default: {GPU_BUDGET_S:.0f} on a GPU, none with --cpu)")
     ap.add_argument("--all-modes", action="store_true", help="with --cpu: boot the modes that share the default's")
@@ -445,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     kind = "cpu" if args.cpu else "gpu"
-    wanted = [m for m in args.models.split(",") if m]
+    if args.models is None:
+        wanted = default_models(kind)
+    else:
+        wanted = [m for m in args.models.split(",") if m]
     unknown = sorted(set(wanted) - set(MODELS))
     if unknown:
         ap.error(f"unknown model(s) {unknown}; registered: {', '.join(MODELS)}")
@@ -502,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     _say(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.png'} in {c.result['elapsed_s']:.0f}s")
     return rc
+
+
+def default_models(kind: str) -> list[str]:
+    """``--models``' default: every registered model on a GPU; on CPU those cheap enough there (``cpu_default``)."""
+    return [n for n, m in MODELS.items() if kind == "gpu" or m.cpu_default]
 
 
 def _has_cuda() -> bool:

@@ -5,8 +5,8 @@ sizes), how to make random weights at a size, and the sizes: ``gpu`` (big enough
 that every boot of the check fits its time budget) and ``cpu`` (the smallest that runs the same code paths). A
 runner that also has ``generate(parts, batch)`` and ``table1_modes()`` gets the Table 1 cells.
 
-To add a model (the diffusion example, say): write its check runner, then ``register(CheckModel(...))`` below. An
-entry whose files are not in this tree yet is listed as unavailable, not an error.
+To add a model: write its check runner, then ``register(CheckModel(...))`` below. An entry whose files are not in
+this tree yet, or whose ``needs`` are not installed, is listed as unavailable, not an error.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class CheckModel:
     make_weights: Callable[[Path, str], None]  # (directory, Size.weights) -> random weights written there
     sizes: dict[str, Size]  # "gpu" and "cpu"
     needs: tuple[str, ...] = ()  # modules the runner imports beyond the framework's (e.g. "diffusers")
+    cpu_default: bool = True  # in ``--cpu``'s default --models (False: too slow there; named with --models)
 
     def unavailable(self) -> str:
         """Why this model cannot run here ("" when it can)."""
@@ -93,4 +94,24 @@ register(CheckModel(
         "cpu": Size("tiny", batches=(1, 2), latency_batches=(1, 2), table1_batches=(1, 2),
                     env={"GPU_CHECK_PROMPT": "4", "GPU_CHECK_TOKENS": "3"}),
     },
+))
+
+
+# The diffusion example: the UNet denoiser (one guided step) and the VAE decoder, B images of one prompt. On the GPU,
+# the example's own config (UNet and VAE blocks 32/64, 32x32 latents) at batch 1 and 8: 4 static graphs under jit,
+# 2 packages with a dynamic batch dim under export; it runs after the LLM, in what is left of the budget. On CPU,
+# the tiny config (blocks 16, 8x8 latents) at batch 1 and 2, and not in --cpu's default models (`make test` runs
+# those): `scripts/gpu_check --cpu --models diffusion` took 247 s on 2 shared cores (cold boots: jit 147 s for 4
+# graphs, export 65 s), more than the whole LLM check (about 180 s). docs/gpu.md has the figures.
+register(CheckModel(
+    name="diffusion",
+    runner="examples/diffusion/check.py:CheckRunner",
+    weights_env="DIFFUSION_WEIGHTS_DIR",
+    make_weights=_example_weights("examples/diffusion/model.py"),
+    sizes={
+        "gpu": Size("example", batches=(1, 8), latency_batches=(1, 8), env={"GPU_CHECK_LATENT": "32"}),
+        "cpu": Size("tiny", batches=(1, 2), latency_batches=(1, 2), env={"GPU_CHECK_LATENT": "8"}),
+    },
+    needs=("diffusers",),
+    cpu_default=False,
 ))

@@ -62,6 +62,7 @@ class TinyConfig:
 
 EXAMPLE = TinyConfig()
 TINY = TinyConfig(unet_channels=(16,), vae_channels=(16,), latent_size=8, text_len=8)
+CONFIGS = {"example": EXAMPLE, "tiny": TINY}  # the names ``python model.py --config NAME`` knows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -179,6 +180,24 @@ def ensure_weights(cfg: TinyConfig = EXAMPLE, weights_dir: Path = WEIGHTS_DIR) -
     return path
 
 
+def load_config(weights_dir: Path) -> TinyConfig:
+    """The config the one weights file in ``weights_dir`` was drawn for (as :func:`ensure_weights` recorded it)."""
+    import ast
+
+    from safetensors import safe_open
+
+    files = sorted(Path(weights_dir).glob("diffusion*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{weights_dir}: expected one diffusion*.safetensors (python model.py --config NAME "
+                                f"--out DIR writes it), found {[f.name for f in files]}")
+    with safe_open(str(files[0]), "pt") as f:
+        made_for = (f.metadata() or {}).get("config")
+    if made_for is None:
+        raise ValueError(f"{files[0]}: no config recorded in its metadata (not written by ensure_weights)")
+    fields = ast.literal_eval(made_for)
+    return TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,5 +278,21 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
     return (image[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-if __name__ == "__main__":  # write the example's weights ahead of time (load() writes them too when missing)
-    print(ensure_weights())
+def main(argv: list[str] | None = None) -> int:
+    """Write a config's weights ahead of time (load() writes the example's too when missing); print their path.
+
+    python examples/diffusion/model.py [--config example|tiny] [--out DIR]   (default: the example's, in weights/)
+    """
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="example")
+    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    args = ap.parse_args(argv)
+    sys.stdout.write(f"{ensure_weights(CONFIGS[args.config], args.out)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
