@@ -31,15 +31,14 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..metrics import write_json_atomic
+from .benchboot import BootFailed, spawn
 
 __all__ = ["main", "REQUIRED_KEYS", "break_even", "overhead_removed", "percentiles"]
 
@@ -172,29 +171,15 @@ def _run_boot(name: str, env: dict[str, str], work: Path, logs: Path, args: argp
         "COMPILE_CACHE_LOG_FILE": str(d / "log.txt"),
     }
     log = logs / f"{name}.log"
-    cmd = [sys.executable, "-m", "compile_cache.tools.benchboot", "--predictor", args.predictor]
-    cmd += ["--batches", ",".join(map(str, BATCHES))]
+    cmd = ["--predictor", args.predictor, "--batches", ",".join(map(str, BATCHES))]
     if name in _REQUESTS_IN:
         cmd += ["--requests", str(args.requests)]
     if name in _LATENCY_IN:
         cmd += ["--latency-iters", str(args.latency_iters)]
-    with open(log, "w") as err:
-        spawned = time.monotonic()
-        cmd += ["--spawned-at", repr(spawned)]
-        try:
-            cp = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=BOOT_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"{name} boot timed out after {BOOT_TIMEOUT_S}s; its log: {log}") from e
-    from .benchboot import MARKER
-
-    line = next((ln for ln in reversed(cp.stdout.splitlines()) if ln.startswith(MARKER)), None)
-    if cp.returncode != 0 or line is None:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise BenchError(f"{name} boot failed (exit {cp.returncode}); the end of {log}:\n{tail}")
-    import json
-
-    r: dict[str, Any] = json.loads(line[len(MARKER) :])
-    r["wall_s"] = round(time.monotonic() - spawned, 3)
+    try:
+        r = spawn(cmd, env=env, log=log, timeout=BOOT_TIMEOUT_S)
+    except BootFailed as e:
+        raise BenchError(f"{name} boot {e}") from e
     write_json_atomic(logs / f"{name}.json", r)  # the raw result beside the boot's log
     return r
 

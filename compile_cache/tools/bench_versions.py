@@ -20,10 +20,8 @@ keys, so a renamed file would count as a model change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import write_json_atomic
+from .benchboot import BootFailed, spawn
 
 __all__ = ["main", "perturb_weights", "REQUIRED_KEYS", "VERSION_KEYS"]
 
@@ -150,23 +149,11 @@ def _boot(name: str, predictor: str, env: dict[str, str], work: Path, logs: Path
     d.mkdir(parents=True)
     env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(d / "inductor"), "COMPILE_CACHE_METRICS_FILE": str(d / "metrics.json"),
            "COMPILE_CACHE_LOG_FILE": str(d / "log.txt")}
-    from . import benchboot
-
-    module, marker = benchboot.__name__, benchboot.MARKER
-    log = logs / f"{name}.log"
-    with open(log, "w") as err:
-        spawned = time.monotonic()
-        cmd = [sys.executable, "-m", module, "--predictor", predictor, "--check-eager", "--spawned-at", repr(spawned)]
-        try:
-            cp = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=BOOT_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"{name} boot timed out after {BOOT_TIMEOUT_S}s; its log: {log}") from e
-    line = next((ln for ln in reversed(cp.stdout.splitlines()) if ln.startswith(marker)), None)
-    if cp.returncode != 0 or line is None:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise BenchError(f"{name} boot failed (exit {cp.returncode}); the end of {log}:\n{tail}")
-    r: dict[str, Any] = json.loads(line[len(marker) :])
-    r["wall_s"] = round(time.monotonic() - spawned, 3)
+    try:
+        r = spawn(["--predictor", predictor, "--check-eager"], env=env, log=logs / f"{name}.log",
+                  timeout=BOOT_TIMEOUT_S)
+    except BootFailed as e:
+        raise BenchError(f"{name} boot {e}") from e
     write_json_atomic(logs / f"{name}.json", r)
     return r
 

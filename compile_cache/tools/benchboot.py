@@ -31,9 +31,11 @@ import inspect
 import json
 import os
 import re
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["example_batch", "select_example", "served_parts", "main"]
@@ -446,6 +448,31 @@ def _device() -> dict[str, Any]:
     else:
         d["device"] = f"cpu ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
     return d
+
+
+class BootFailed(RuntimeError):
+    """A boot timed out, exited non-zero or printed no result; the message carries the end of its log."""
+
+
+def spawn(args: Sequence[str], *, env: Mapping[str, str], log: Path, timeout: float, cwd: Path | None = None,
+          tail_lines: int = 15) -> dict[str, Any]:
+    """One boot: this module in a new process with ``args`` (``--spawned-at`` added), stderr to ``log``. Returns
+    its result line, parsed, with ``wall_s``; BootFailed if it timed out, failed or printed no result."""
+    with open(log, "w") as err:
+        spawned = time.monotonic()
+        cmd = [sys.executable, "-m", "compile_cache.tools.benchboot", *args, "--spawned-at", repr(spawned)]
+        try:
+            cp = subprocess.run(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=err, text=True,
+                                timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise BootFailed(f"timed out after {timeout:.0f}s; its log: {log}") from e
+    line = next((ln for ln in reversed(cp.stdout.splitlines()) if ln.startswith(MARKER)), None)
+    if cp.returncode != 0 or line is None:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-tail_lines:])
+        raise BootFailed(f"failed (exit {cp.returncode}); the end of {log}:\n{tail}")
+    r: dict[str, Any] = json.loads(line[len(MARKER):])
+    r["wall_s"] = round(time.monotonic() - spawned, 3)
+    return r
 
 
 def main(argv: Sequence[str] | None = None) -> int:

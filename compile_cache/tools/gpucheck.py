@@ -41,7 +41,7 @@ from ..metrics import write_json_atomic
 from ..stores import LocalStore
 from ..sync import read_manifest, restore
 from .bench import overhead_removed, percentiles
-from .benchboot import MARKER
+from .benchboot import BootFailed, spawn
 from .gpucheck_models import MODELS, ROOT, CheckModel
 
 __all__ = ["main", "RUN_KEYS", "TOP_KEYS", "RUNS", "foreign_gpu_fault", "default_models"]
@@ -141,23 +141,14 @@ class Check:
             "TRITON_CACHE_DIR": str(d / "triton"),
             **env,
         }
-        cmd = [sys.executable, "-m", "compile_cache.tools.benchboot", "--predictor", model.runner, "--per-part", *flags]
         timeout = max(1.0, self.left())
-        log = d / "stderr.txt"
-        t = time.monotonic()
         _say(f"{label}: booting ({timeout:.0f}s left)")
-        with open(log, "w") as err:
-            try:
-                cp = subprocess.run([*cmd, "--spawned-at", repr(time.monotonic())], cwd=ROOT, env=full,
-                                    stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired as e:
-                raise CheckError(f"{label}: the boot ran past the check's budget ({timeout:.0f}s)") from e
-        line = next((ln for ln in reversed(cp.stdout.splitlines()) if ln.startswith(MARKER)), None)
-        if cp.returncode != 0 or line is None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-            raise CheckError(f"{label}: boot failed (exit {cp.returncode}); the end of its stderr:\n{tail}")
-        r: dict[str, Any] = json.loads(line[len(MARKER):])
-        r["wall_s"] = round(time.monotonic() - t, 2)
+        try:
+            r = spawn(["--predictor", model.runner, "--per-part", *flags], env=full, log=d / "stderr.txt",
+                      timeout=timeout, cwd=ROOT, tail_lines=25)
+        except BootFailed as e:
+            raise CheckError(f"{label}: boot {e}") from e
+        r["wall_s"] = round(r["wall_s"], 2)
         self.phase(label, r["wall_s"])
         r["dir"] = d
         m = r["metrics"]
