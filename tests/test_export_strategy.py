@@ -86,7 +86,8 @@ def test_a_changed_key_tries_the_export_again(failed_export: tuple[Path, dict], 
     shutil.copytree(d / "store", store)
     shutil.copytree(d / "ind", ind)  # the old key's record is right here too: it is not this key's
     b = boot(UNEXPORTABLE, {"TORCHINDUCTOR_CACHE_DIR": str(ind), "COMPILE_CACHE_URL": str(store),
-                            "COMPILE_CACHE_STRATEGY": "export", "COMPILE_CACHE_MODEL_VERSION": "tiny-2"},
+                            "COMPILE_CACHE_STRATEGY": "export", "COMPILE_CACHE_MODEL_VERSION": "tiny-2",
+                            "COMPILE_CACHE_KEY_BY_VERSION": "1"},  # a version label is in the key only so
              {"batch": 4})
     assert b.metrics["key"] != cold["key"]
     assert b.export_attempts == 1 and "export FAILED" in b.stderr
