@@ -11,13 +11,14 @@ this tree yet, or whose ``needs`` are not installed, is listed as unavailable, n
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Size", "CheckModel", "MODELS", "register", "ROOT"]
+__all__ = ["Size", "CheckModel", "MODELS", "register", "ROOT", "env_ints"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +53,18 @@ class CheckModel:
 
         missing = [m for m in self.needs if importlib.util.find_spec(m) is None]
         return f"not installed: {', '.join(missing)}" if missing else ""
+
+
+def env_ints(name: str, default: str) -> list[int]:
+    """A check runner's size setting: ``name`` from the environment (``default`` if unset) as positive integers."""
+    raw = os.environ.get(name, default)
+    try:
+        out = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected comma-separated positive integers") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"{name}={raw!r}: expected comma-separated positive integers")
+    return out
 
 
 MODELS: dict[str, CheckModel] = {}

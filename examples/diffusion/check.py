@@ -23,22 +23,12 @@ from pathlib import Path
 import torch
 
 from compile_cache import CompileConfig, Dim, Example, ExportSpec, Part
+from compile_cache.tools.gpucheck_models import env_ints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import LATENT_CHANNELS, Denoiser, Pipeline, load_config  # noqa: E402
 
 from predict import Runner  # noqa: E402
-
-
-def _ints(name: str, default: str) -> list[int]:
-    raw = os.environ.get(name, default)
-    try:
-        out = [int(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected comma-separated positive integers") from None
-    if not out or min(out) < 1:
-        raise ValueError(f"{name}={raw!r}: expected comma-separated positive integers")
-    return out
 
 
 class BatchDenoiser(Denoiser):
@@ -61,12 +51,12 @@ class CheckRunner(Runner):
     compile_config = CompileConfig(strategy="jit", dynamic=False)
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
-        self.batches = sorted(set(_ints("GPU_CHECK_BATCHES", "1,2")))
+        self.batches = sorted(set(env_ints("GPU_CHECK_BATCHES", "1,2")))
         want = os.environ.get("GPU_CHECK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(want)
         weights_dir = Path(weights) if weights else Path(os.environ.get("DIFFUSION_WEIGHTS_DIR", "weights"))
         cfg = load_config(weights_dir)
-        (self.latent,) = _ints("GPU_CHECK_LATENT", str(cfg.latent_size))
+        (self.latent,) = env_ints("GPU_CHECK_LATENT", str(cfg.latent_size))
         self.pipe = pipe = Pipeline(cfg, weights_dir)
         denoiser = BatchDenoiser(pipe.denoiser.unet, cfg.guidance_scale).eval().to(self.device)
         decoder = pipe.decoder.to(self.device)

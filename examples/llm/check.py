@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from compile_cache import CompileConfig, Dim, Example, ExportSpec, Part
+from compile_cache.tools.gpucheck_models import env_ints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import Decode, Prefill, load_model, new_cache  # noqa: E402
@@ -36,26 +37,15 @@ TABLE1_MODES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _ints(name: str, default: str) -> list[int]:
-    raw = os.environ.get(name, default)
-    try:
-        out = [int(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected comma-separated positive integers") from None
-    if not out or min(out) < 1:
-        raise ValueError(f"{name}={raw!r}: expected comma-separated positive integers")
-    return out
-
-
 class CheckRunner(Runner):
     # jit by default (the check sets COMPILE_CACHE_STRATEGY=export for the export runs); static shapes: one graph
     # per declared batch size, so the warm boot has a fixed list of graphs to find.
     compile_config = CompileConfig(strategy="jit", dynamic=False)
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
-        self.batches = sorted(set(_ints("GPU_CHECK_BATCHES", "1,2")))
-        (self.prompt,) = _ints("GPU_CHECK_PROMPT", "8")
-        (self.tokens,) = _ints("GPU_CHECK_TOKENS", "4")
+        self.batches = sorted(set(env_ints("GPU_CHECK_BATCHES", "1,2")))
+        (self.prompt,) = env_ints("GPU_CHECK_PROMPT", "8")
+        (self.tokens,) = env_ints("GPU_CHECK_TOKENS", "4")
         if self.prompt < 2:
             raise ValueError("GPU_CHECK_PROMPT must be >= 2 (torch.export specializes a size of 1)")
         want = os.environ.get("GPU_CHECK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
