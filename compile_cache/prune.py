@@ -116,7 +116,8 @@ def plan_prune(
 
     ``keep``: keep the entries of the ``keep`` newest model versions. Versions are labels (docs/versions.md): an
     entry serves every label its manifest lists (versions that compile the same share one), and is kept if any of
-    them is kept; a version's age is the newest ``updated_at`` among its entries. ``older_than_s``: drop entries
+    them is kept; a version's age is when an entry first listed it (a shared entry's newer activity does not
+    make its older labels new). ``older_than_s``: drop entries
     not updated for that long. With both, an entry goes only if both rules say so (outside the newest versions
     *and* old), so the newest versions survive however old they are. With neither, no entry goes and only orphans
     are collected. Objects go only when no remaining manifest lists them: a seeded entry lists the segments it
@@ -131,7 +132,7 @@ def plan_prune(
         for e in good:
             assert e.manifest is not None
             for v, first_used in e.manifest.labels().items():
-                newest[v] = max(newest.get(v, 0.0), e.manifest.updated_at, first_used)
+                newest[v] = max(newest.get(v, 0.0), first_used)  # when that version was pushed, not the entry's
         kept_versions = set(sorted(newest, key=lambda v: newest[v], reverse=True)[:keep])
         rules.append({e.key for e in good if e.manifest and not set(e.manifest.labels()) & kept_versions})
     if older_than_s is not None:
