@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .metrics import write_json_atomic
 
 __all__ = ["ExportFailure", "failure_path", "read_failure", "record_failure", "is_failure_record", "SUFFIX"]
 
@@ -136,25 +136,12 @@ def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFa
     )
     path = failure_path(package)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, rec.to_bytes())
+        write_json_atomic(path, asdict(rec))  # ".incomplete" until renamed: the snapshot never ships a half record
     except OSError as e:
         log.warning("cannot record the export failure in %s (%s): the next boot will try exporting again", path, e)
         return None
     log.info("export failure recorded in %s: boots of this key skip the export", path)
     return rec
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # ".incomplete" is a suffix the snapshot never ships: a half-written record is never uploaded
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe(rec: ExportFailure) -> dict[str, Any]:

@@ -132,9 +132,7 @@ def diff_factors(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
 
 
 def split_key(name: str) -> tuple[str, str, str]:
-    """(lineage, model part, fingerprint) of a key ``<lineage>.<model part>.<summary>.<fingerprint>``; empty
-    strings for what a key of another layout does not have."""
-    parts = name.split(".")
-    if len(parts) < 4:
-        return "", "", parts[-1] if len(parts) > 1 else ""
-    return parts[0], parts[1], parts[-1]
+    """(lineage, model part, fingerprint) of a key ``<lineage>.<model part>.<summary>.<fingerprint>`` (the summary
+    has dots of its own: the torch version). Only keys with a lineage have this layout; every runtime key does."""
+    lineage, part, _ = (name.split(".", 2) + ["", ""])[:3]
+    return lineage, part, name.rsplit(".", 1)[-1]

@@ -143,7 +143,6 @@ class JitStrategy:
     from the restored cache dir). A compile or a first compiled call that fails serves eager."""
 
     name = "jit"
-    kind = "jit"
 
     def wrap(self, plan: Plan, fn: Callable[..., Any], cache_dir: Path) -> Callable[..., Any]:
         return fn
@@ -152,7 +151,7 @@ class JitStrategy:
         fn, why_eager = compile_model(plan.module, plan.cfg)
         kind = "jit"
         if not why_eager:
-            fn, kind = self.wrap(plan, fn, cache_dir), self.kind
+            fn, kind = self.wrap(plan, fn, cache_dir), self.name
         model = CompiledModel(fn, plan.module, plan.cfg, name=plan.name, kind=kind)
         if not plan.cfg.enable:  # eager by choice has nothing to warm: its boot is load + serve
             return Prepared(model, "jit")
@@ -169,7 +168,6 @@ class PrecompileStrategy(JitStrategy):
     loads them and traces nothing; a call none accepts goes through the jit function (docs/restore-strategies.md)."""
 
     name = "precompile"
-    kind = "precompile"
 
     def wrap(self, plan: Plan, fn: Callable[..., Any], cache_dir: Path) -> Callable[..., Any]:
         from .precompile import Precompiled
@@ -179,10 +177,9 @@ class PrecompileStrategy(JitStrategy):
 
 def chain(cfg: CompileConfig) -> list[Strategy]:
     """The strategies a part tries, in order."""
-    jit: Strategy = PrecompileStrategy() if cfg.jit_restore == "precompile" else JitStrategy()
     if cfg.enable and cfg.strategy == "export":
-        return [ExportStrategy(), JitStrategy()]
-    return [jit]
+        return [ExportStrategy(), JitStrategy()]  # jit_restore is the jit strategy's setting, not its fallback's
+    return [PrecompileStrategy() if cfg.jit_restore == "precompile" else JitStrategy()]
 
 
 def prepare(plan: Plan, cache_dir: Path) -> Prepared:

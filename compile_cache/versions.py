@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .key import fingerprint_of
+
 __all__ = [
     "ModelVersion",
     "identify",
@@ -60,7 +62,7 @@ class ModelVersion:
 
 
 def model_part(factors: Mapping[str, str]) -> str:
-    return "m" + hashlib.sha256("\n".join(f"{k}={factors[k]}" for k in sorted(factors)).encode()).hexdigest()[:12]
+    return "m" + fingerprint_of(factors)
 
 
 def _rel(p: Path, base: Path) -> str:
