@@ -30,6 +30,8 @@ import pytest
 _READY_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 5.0
 _GRPC_OFFSET = 10_000  # weed uses P + 10000 for gRPC next to each HTTP port P
+_MAX_VOLUMES = 2000  # volumes are sparse files, created on demand: a high cap costs no disk
+_VOLUME_SIZE_MB = 64  # the largest object a test writes is a few MB; the filer chunks larger ones
 
 
 def weed_binary() -> str:
@@ -147,6 +149,10 @@ def _start(base: Path) -> SeaweedServer:
         "-s3.autoCreateBucket=false",
         "-s3.allowDeleteBucketNotEmpty=false",
         "-volume.preStopSeconds=0",
+        # Every bucket is a collection with volumes of its own, and the default volume budget is free disk / 1 GiB:
+        # on a small disk the suite's buckets run out of volumes and PutObject answers HTTP 500.
+        f"-volume.max={_MAX_VOLUMES}",
+        f"-master.volumeSizeLimitMB={_VOLUME_SIZE_MB}",
         f"-filer.localSocket={base / 'filer.sock'}",
         f"-s3.localSocket={base / 's3.sock'}",
         f"-master.port={master}",

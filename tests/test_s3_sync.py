@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from compile_cache.manifest import Manifest, manifest_name
 from compile_cache.stores import open_store
 from compile_cache.sync import restore
 from tests.conftest import ROOT, boot
-from tests.s3server import apply_s3_env
+from tests.s3server import SeaweedServer, apply_s3_env
 from tests.tiny_predictor import close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
@@ -278,3 +280,22 @@ def test_restore_benchmark_drops_each_steps_page_cache(tmp_path: Path) -> None:
     finally:
         if disk != tmp_path:
             shutil.rmtree(disk)
+
+
+def test_the_test_server_has_volumes_for_hundreds_of_buckets(seaweed: SeaweedServer) -> None:
+    """Each S3 test takes a fresh bucket, and SeaweedFS gives each bucket volumes of its own. With weed's default
+    budget (free disk / 1 GiB) a CI disk ran out after a few dozen buckets and PutObject answered HTTP 500.
+    Measured on the shared server: what three buckets cost, against what is left."""
+    def free_volumes() -> int:
+        url = f"http://127.0.0.1:{seaweed.ports['master']}/dir/status"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(json.load(r)["Topology"]["Free"])
+
+    client = seaweed.client()
+    before = free_volumes()
+    for _ in range(3):
+        bucket = seaweed.make_bucket(f"t-{uuid.uuid4().hex[:16]}")
+        client.put_object(Bucket=bucket, Key="cc/object", Body=b"x" * 4096)
+    after = free_volumes()
+    per_bucket = max(1, before - after) / 3
+    assert after / per_bucket >= 300, (before, after)  # the full suite makes under 60

@@ -269,11 +269,9 @@ def test_a_new_label_on_a_shared_entry_is_recorded_once(store: Store, tmp_path: 
     assert not plan.entries
 
 
-def test_prune_ranks_a_shared_entrys_labels_by_when_each_was_pushed(tmp_path: Path) -> None:
+def test_prune_ranks_a_shared_entrys_labels_by_when_each_was_pushed(store: Store, tmp_path: Path) -> None:
     """r1 then r3 on one shared entry, r2 (another entry) in between: keep=2 keeps r3 and r2, so both entries stay.
-    Ranked by the shared entry's last update instead, r1 and r3 would take both places and r2's entry would go.
-    The ranking reads manifests only: one local store (each S3 case costs the shared test server a bucket)."""
-    store = LocalStore(tmp_path / "store")
+    Ranked by the shared entry's last update instead, r1 and r3 would take both places and r2's entry would go."""
     shared = publish(store, "lin", "m1", {"fxgraph/a": b"x"}, tmp_path, label="r1")
     time.sleep(1.1)  # S3's LastModified has a 1 s resolution
     other = publish(store, "lin", "m2", {"fxgraph/b": b"y"}, tmp_path, label="r2")
