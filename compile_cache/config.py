@@ -154,7 +154,7 @@ class Settings(BaseModel):
     jit_restore: Literal["dir", "precompile"] | None = Field(
         None,
         alias="COMPILE_CACHE_JIT_RESTORE",
-        description="dir | precompile (jit strategy: also keep AOT-precompiled functions per shape; experimental)",
+        description="precompile | dir (jit strategy: what a warm boot restores; docs/restore-strategies.md)",
     )
     on_new_shape: Literal[_ON_NEW_SHAPE] | None = Field(  # type: ignore[valid-type]
         None,
@@ -267,10 +267,11 @@ class CompileConfig(BaseModel):
     memory_format: Literal[_MEMORY_FORMATS] = "contiguous"  # type: ignore[valid-type]
     # Attention kernel for F.scaled_dot_product_attention during compile, warm-up and calls; None = torch's choice.
     sdpa_backend: Literal[_SDPA_BACKENDS] | None = None  # type: ignore[valid-type]
-    # strategy="jit": what a warm boot restores. "dir": the Inductor cache dir (Dynamo still traces every shape);
-    # "precompile": also AOT-precompiled functions per shape, no tracing — 2.2x faster warm boot on the example,
-    # experimental (compile_cache/precompile.py, docs/restore-strategies.md).
-    jit_restore: Literal["dir", "precompile"] = "dir"
+    # strategy="jit": what a warm boot restores. "precompile": AOT-precompiled functions per shape on top of the
+    # Inductor cache dir, so no Dynamo tracing, for each part where they round-trip (else that part uses the dir
+    # alone); "dir": the cache dir only, Dynamo traces every shape with its full guards (compile_cache/precompile.py,
+    # docs/restore-strategies.md). Not a cache factor: both read and write the same entry.
+    jit_restore: Literal["dir", "precompile"] = "precompile"
     # After setup, a call whose shape no warm-up example (jit) or export dim (export) declared: "eager" serves it
     # uncompiled (logged once per shape, counted as request_path_eager_calls), "compile" compiles it on the request
     # path (seconds to minutes on a real model), "error" fails that prediction. Not a cache factor: it changes no
@@ -351,6 +352,4 @@ class CompileConfig(BaseModel):
             "compile.memory_format": self.memory_format,
             "compile.sdpa_backend": str(self.sdpa_backend),
         }
-        if self.jit_restore != "dir":  # an entry of its own; keys of the default stay what they were
-            f["compile.jit_restore"] = self.jit_restore
         return f

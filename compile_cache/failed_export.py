@@ -70,9 +70,11 @@ def failure_path(package: Path) -> Path:
 
 
 def is_failure_record(path: str) -> bool:
-    """Whether a cache-entry file path (``inductor/aoti/<name>.failed.json``) is one of these records."""
+    """Whether a cache-entry file path (``inductor/aoti/<name>.failed.json``, or a part's failed precompile:
+    ``inductor/precompile/<stem>/precompile.failed.json``) is one of these records."""
     parts = path.split("/")
-    return len(parts) >= 2 and parts[-2] == "aoti" and parts[-1].endswith(SUFFIX)
+    return parts[-1].endswith(SUFFIX) and ((len(parts) >= 2 and parts[-2] == "aoti") or
+                                           (len(parts) >= 3 and parts[-3] == "precompile"))
 
 
 def _torch_version() -> str:
@@ -90,7 +92,7 @@ def read_failure(package: Path) -> ExportFailure | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        log.warning("cannot read the export failure record %s (%s): exporting again", path, e)
+        log.warning("cannot read the failure record %s (%s): trying again", path, e)
         return None
     try:
         rec = ExportFailure.from_bytes(data)
@@ -98,7 +100,7 @@ def read_failure(package: Path) -> ExportFailure | None:
         log.warning("ignoring %s: %s", path, e)
         return None
     if rec.torch != _torch_version():
-        log.info("export failure record %s is from torch %s, this is %s: exporting again", path.name, rec.torch,
+        log.info("failure record %s is from torch %s, this is %s: trying again", path.name, rec.torch,
                  _torch_version())
         return None
     return rec
@@ -122,7 +124,7 @@ def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFa
     boot goes on either way)."""
     transient = _transient(exc)
     if transient is not None:
-        log.info("export failure not remembered: caused by %s (%s), the next boot tries again",
+        log.info("%s failure not remembered: caused by %s (%s), the next boot tries again", stage,
                  type(transient).__name__, transient)
         return None
     text = str(exc).strip() or type(exc).__name__
@@ -138,9 +140,9 @@ def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFa
     try:
         write_json_atomic(path, asdict(rec))  # ".incomplete" until renamed: the snapshot never ships a half record
     except OSError as e:
-        log.warning("cannot record the export failure in %s (%s): the next boot will try exporting again", path, e)
+        log.warning("cannot record the %s failure in %s (%s): the next boot will try again", stage, path, e)
         return None
-    log.info("export failure recorded in %s: boots of this key skip the export", path)
+    log.info("%s failure recorded in %s: boots of this key skip it", stage, path)
     return rec
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from cog import BasePredictor, BaseRunner
 
 from . import log as logmod
-from .compiler import Example, cache_roots, counts
+from .compiler import Example, cache_roots, counts, prewarm_inductor
 from .config import CompileConfig, Settings
 from .export import ExportSpec
 from .key import CacheKey, environment_factors
@@ -102,6 +102,7 @@ class CompiledRunner(BaseRunner):
         t_start = time.monotonic()
         settings = Settings.from_env()  # a bad value raises here: fail fast
         self.settings, self.cfg = settings, self.compile_config.with_overrides(settings)
+        head_start = prewarm_inductor() if self.cfg.enable else None  # overlaps load() and the restore
         roots = cache_roots()
         logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
         m = self.metrics = BootMetrics()
@@ -125,9 +126,13 @@ class CompiledRunner(BaseRunner):
         self.uploader = self._restore(settings, key, roots)
 
         # 4. compile: each part by its own strategy, falling back alone
+        if head_start is not None:
+            head_start.join()  # its probe is cached per process: one at a time
         t, before = time.monotonic(), counts()
         for plan in plans:
             plan.seeded = m.cache == "seeded"
+            if plan.seeded and m.seeded_from:
+                plan.seed_stem = m.seeded_from if self._single else f"{m.seeded_from}-{plan.name}"
         served = {plan.name: self._prepare(plan, roots["inductor"]) for plan in plans}
         m.compile_s = time.monotonic() - t
         self._record_counts(before)
@@ -253,6 +258,9 @@ class CompiledRunner(BaseRunner):
             "request_path_eager_calls": 0,
             "eager_fallback": why_eager,
         }
+        pc = getattr(p.model.fn, "precompiled_counts", None)
+        if pc is not None:  # jit_restore="precompile": what served this part's warm-up
+            m.parts[plan.name]["precompiled"] = pc()
         m.warmup += [{"part": plan.name, **w} for w in p.warmup]
         if why_eager:
             m.eager_fallback = "; ".join(x for x in (m.eager_fallback, why_eager if self._single

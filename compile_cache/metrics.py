@@ -76,6 +76,7 @@ class BootMetrics:
             per_part.append(
                 f"    part {name}: {p['strategy']}  {p['compile_s']:.2f}s  fx graph hits {p['fxgraph_hits']}"
                 f"  misses {p['fxgraph_misses']}" + (f"  EAGER ({p['eager_fallback']})" if p["eager_fallback"] else "")
+                + _precompiled(p.get("precompiled"))
             )
             per_part += [f"      warm-up {x['shape']}: {x['s']:.2f}s" for x in self.warmup if x.get("part") == name]
         w = "\n".join(per_part)
@@ -114,3 +115,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _precompiled(pc: dict[str, Any] | None) -> str:
+    if not pc:
+        return ""
+    line = f"  precompiled: loaded {pc['loaded']}, adopted {pc['adopted']}, built {pc['built']}"
+    return line + (f" (jit for the rest: {pc['fallback']})" if pc["fallback"] else "")

@@ -1,29 +1,43 @@
-"""``jit_restore="precompile"``: AOT-precompiled functions, one per input shape, kept in the Inductor cache dir.
+"""AOT-precompiled functions, one per input shape, kept in the Inductor cache dir: how the jit strategy restores.
 
 The dir snapshot alone saves Inductor's work but a warm boot still traces every shape with Dynamo; a precompiled
 function (``torch.compile(...).aot_compile``, saved with ``save_compiled_function``) skips that too. Measured on the
 example's four warm-up shapes: 3.6 s instead of 8.0 s, with the dir restored (without it, 19 s: the kernels are
 rebuilt) — docs/restore-strategies.md, scripts/restore_strategies.py. The files live under the Inductor cache dir,
-so the snapshot ships them with the kernels they need.
+so the snapshot ships them with the kernels they need, and a part they do not work for still has the dir.
 
-Experimental in torch 2.13, and it shows:
+Default (``jit_restore="precompile"``) where it round-trips, per part:
 
-- Guards: transformers models leave guards that cannot be serialized (ID_MATCH on torch functions and on code
-  objects transformers inspects: ``PackageError``). Only the portable ones are kept (tensor shapes, dtypes and
-  strides; global grad state). The cache key (predictor code, weights, pinned requirements) stands in for the rest.
-- Grad mode: a precompiled function fails its guards under ``inference_mode`` (measured, even when built under it):
-  built and called under ``no_grad``, outside inference mode.
-- ``fullgraph``: a model with a graph break cannot be precompiled. It, and any call precompiling fails for, goes
-  through the ordinary jit function (which the dir snapshot keeps warm).
+- **Round trip.** A function is kept only if, saved and loaded back, it gives the eager model's output on the
+  example it was built from (:func:`same_outputs`). Else, and when precompiling fails (a graph break: ``fullgraph``;
+  a guard that cannot be saved), the part is served by the ordinary jit function and the dir snapshot, and the
+  failure is written down (``<dir>/precompile.failed.json``, compile_cache/failed_export.py): later boots of the
+  key go straight to the jit function.
+- **Guards.** Models such as transformers' leave guards that cannot be serialized (ID_MATCH on torch functions and
+  on code objects: ``PackageError``). Only the portable ones are kept (tensor shapes, dtypes and strides; global
+  grad state). What the dropped guards stood for is checked another way: the cache key covers the project's code,
+  config files, weight structure and pinned requirements, and a loaded function is used only if every source it
+  traced still reads the same (:func:`changed_source`, as torch's own precompile packages check). What is left
+  unchecked: Python state changed at run time that the traced code reads (a flag flipped between requests);
+  ``jit_restore="dir"`` keeps Dynamo's full guards.
+- **Grad mode**: a precompiled function fails its guards under ``inference_mode`` (measured, even when built under
+  it): built and called under ``no_grad``, outside inference mode.
+- **Seeds.** A new version seeded from an earlier one (same lineage and environment) adopts the seed's function for
+  a shape when its traced sources are unchanged and its output on the warm-up example equals this version's eager
+  output; else it precompiles its own.
 
 A call no precompiled function accepts is precompiled then and saved, so the next boot has it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 import logging
 import os
 import re
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -34,13 +48,17 @@ import torch
 
 from .compiler import describe_args
 from .config import CompileConfig
+from .failed_export import read_failure, record_failure
 
-__all__ = ["Precompiled"]
+__all__ = ["Precompiled", "changed_source", "same_outputs"]
 
 log = logging.getLogger("compile_cache")
 
 _STAGING = ".staging"  # a dot-dir: snapshots skip it, so a half-written file is never uploaded
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_RESTARTS = 3  # Dynamo's own restart limit is of this order; a trace that keeps restarting is a failure
+_REF = ".ref"  # <dir>/<name>.ref holds "<seed stem>/<name>.bin": a seed's function this key adopted
+_RECORD = "precompile.pt2"  # failed_export names its record after this: <dir>/precompile.failed.json
 
 
 def aot_compile_enabled() -> Any:
@@ -53,32 +71,142 @@ def aot_compile_enabled() -> Any:
     return contextlib.nullcontext()
 
 
+def changed_source(fn: Any) -> str:
+    """"" if every source ``fn`` traced reads the same now as when it was traced, else the first that does not
+    (module and lines). torch records each inlined function's lines and their sha256 (``SourceInfo``); its own
+    precompile packages refuse to load when one differs, and this applies the same rule to ``aot_compile``
+    functions, whose loader does not check."""
+    info = fn.source_info() if hasattr(fn, "source_info") else None
+    if info is None:
+        return "no record of the traced sources"
+    lines: dict[str, list[str]] = {}
+    for src in sorted(info.inlined_sources, key=lambda s: (s.module, s.firstlineno)):
+        try:
+            if src.module not in lines:
+                module = sys.modules.get(src.module) or importlib.import_module(src.module)
+                lines[src.module] = inspect.getsourcelines(module)[0]
+        except (ImportError, OSError, TypeError) as e:
+            return f"{src.module} (cannot read it: {type(e).__name__})"
+        text = "".join(lines[src.module][src.firstlineno - 1 : src.lastlineno - 1])
+        if hashlib.sha256(text.encode()).hexdigest() != src.checksum:
+            return f"{src.module} lines {src.firstlineno}-{src.lastlineno - 1}"
+    return ""
+
+
+def _tolerance(t: torch.Tensor) -> tuple[float, float]:
+    """(rtol, atol): float32 and wider differ between compiled and eager by reordered sums (~1e-6 measured on the
+    examples); half types by their rounding."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return 2e-2, 2e-2
+    return 1e-4, 1e-4
+
+
+def same_outputs(got: Any, want: Any) -> str:
+    """"" if two outputs (tensors in any nest of tuples, lists and dicts) match, else what differs."""
+    from torch.utils._pytree import tree_flatten
+
+    a, spec_a = tree_flatten(got)
+    b, spec_b = tree_flatten(want)
+    if spec_a != spec_b:
+        return f"output structure {spec_a} != {spec_b}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return f"output {i}: {x.dtype}{list(x.shape)} != {y.dtype}{list(y.shape)}"
+            if x.is_floating_point() or x.is_complex():
+                rtol, atol = _tolerance(y)
+                if not torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
+                    diff = (x.double() - y.double()).abs().max().item()
+                    return f"output {i}: max abs diff {diff:.3g} (rtol {rtol:g}, atol {atol:g})"
+            elif not torch.equal(x, y):
+                return f"output {i}: values differ"
+        elif x != y:
+            return f"output {i}: {x!r} != {y!r}"
+    return ""
+
+
 class Precompiled:
     """A callable over the precompiled functions in ``directory``: the first whose guards accept the inputs serves
-    the call; none does → precompile these inputs and save; that fails → ``fallback`` (the jit function)."""
+    the call; none does → adopt the seed's (``seed_dir``) or precompile these inputs and save; that fails →
+    ``fallback`` (the jit function) from then on."""
 
     def __init__(self, module: Callable[..., Any], fallback: Callable[..., Any], cfg: CompileConfig,
-                 directory: Path) -> None:
+                 directory: Path, seed_dir: Path | None = None) -> None:
         self.module, self.fallback, self.cfg, self.dir = module, fallback, cfg, directory
         # A bound method is compiled, so the module is the functions' first argument (and their guards' too).
         self._prefix: tuple[Any, ...] = (module,) if isinstance(module, torch.nn.Module) else ()
         self._target = module.forward if isinstance(module, torch.nn.Module) else module
+        self._globals: dict[str, Any] | None = getattr(inspect.unwrap(self._target), "__globals__", None)
         self._lock = threading.Lock()
         self.broken = ""  # why precompiling was given up: every later call goes to the fallback
+        self.fns: list[Any] = []
+        self.candidates: list[tuple[Path, Any]] = []  # the seed's functions, not yet shown to fit this version
+        self.loaded = self.built = self.adopted = 0
+        self.policy = "compile"  # warm-up precompiles what it meets; serve() applies on_new_shape
         if cfg.mode not in (None, "default"):  # torch.compile takes mode or options, and the guard filter is one
             self.broken = f"mode={cfg.mode!r} cannot be combined with precompile"
-            log.warning("precompile: %s; serving through the jit function", self.broken)
-        self.fns: list[Any] = []
-        self.loaded = self.built = 0
-        self.policy = "compile"  # warm-up precompiles what it meets; serve() applies on_new_shape
-        for path in sorted(directory.glob("*.bin")) if directory.is_dir() else []:
+            log.info("precompile: %s; serving through the jit function and the cache dir", self.broken)
+            return
+        self.fns = [fn for _, fn in self._load(directory)]
+        self.loaded = len(self.fns)
+        log.info("precompile: %d function(s) loaded from %s", self.loaded, directory)
+        failed = read_failure(directory / _RECORD)
+        if failed is not None:  # the functions that did work still serve; no shape is tried again
+            self.broken = f"it failed for this key before ({failed.reason})"
+            log.warning("precompile: no new function: %s; other shapes go through the jit function", self.broken)
+        elif seed_dir is not None and seed_dir != directory:
+            self.candidates = self._load(seed_dir)
+            if self.candidates:
+                log.info("precompile: %d function(s) of the seed %s to try", len(self.candidates), seed_dir.name)
+
+    def _load(self, directory: Path) -> list[tuple[Path, Any]]:
+        """(file, function) for each function saved in ``directory``: its own ``.bin`` files, and the seeds' files
+        its ``.ref`` files name (an adopted function stays in the seed's entry; this key's entry only points)."""
+        out = []
+        for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+            if entry.suffix == _REF:
+                try:
+                    path = directory.parent / Path(entry.read_text().strip())
+                except OSError as e:
+                    log.warning("precompile: cannot read %s (%s)", entry.name, e)
+                    continue
+                if path.parent.parent != directory.parent or not path.is_file():
+                    log.warning("precompile: %s names %s, which is not here; its shape is precompiled again",
+                                entry.name, path)
+                    continue
+            elif entry.suffix == ".bin":
+                path = entry
+            else:
+                continue
             try:
                 with open(path, "rb") as f:
-                    self.fns.append(torch.compiler.load_compiled_function(f, external_data={"model": module}))
-                self.loaded += 1
+                    fn = self._load_one(f)
             except Exception as e:  # a file from another torch, or damaged: rebuilt on first use of its shape
                 log.warning("precompile: cannot load %s (%s: %s); it will be rebuilt", path.name, type(e).__name__, e)
-        log.info("precompile: %d function(s) loaded from %s", self.loaded, directory)
+                continue
+            changed = changed_source(fn)
+            if changed:  # the guards that would have caught the change were not saved: this check stands for them
+                log.warning("precompile: %s traced %s, which has changed since: not used (its shape is precompiled "
+                            "again on first use)", path.name, changed)
+                continue
+            out.append((path, fn))
+        return out
+
+    def _load_one(self, f: Any) -> Any:
+        # The traced function's globals: a function traced with a dynamic dim refers to some of them (``torch``)
+        # and loads only with them ("Missing required external references"; the LLM example's prefill).
+        return torch.compiler.load_compiled_function(f, f_globals=self._globals, external_data={"model": self.module})
+
+    def precompiled_counts(self) -> dict[str, Any]:
+        """For the part's metrics: functions loaded from this key's entry, adopted from the seed's, built now, and
+        why the rest (if any) goes through the jit function."""
+        return {"loaded": self.loaded, "adopted": self.adopted, "built": self.built, "fallback": self.broken}
+
+    def ready(self, *args: Any, **kwargs: Any) -> bool:
+        """Whether a loaded function serves these inputs. It was loaded with its kernels, and its first call costs
+        what later ones do (docs/restore-strategies.md), so warm-up has nothing left to do for them."""
+        with torch.inference_mode(False), torch.no_grad():
+            return any(fn.guard_check(*self._prefix, *args, **kwargs) for fn in self.fns)
 
     def serve(self, policy: str) -> None:
         """Setup is done. Under "eager" or "error" a call no precompiled function accepts runs uncompiled instead of
@@ -86,6 +214,9 @@ class Precompiled:
         from .watch import run_only
 
         self.policy = policy
+        for path, _ in self.candidates:  # seeds are tried on warm-up shapes only; those left were not used
+            _unread(path)
+        self.candidates = []
         if policy != "compile":
             self.fallback = run_only(self.fallback) or self.fallback
 
@@ -101,35 +232,106 @@ class Precompiled:
             if self.policy != "compile":
                 mark_new_shape()
                 return self.module(*args, **kwargs)
-            rec = current()
-            seen = rec.compiles if rec is not None else 0
-            fn = self._build(args, kwargs)
-            if fn is not None and rec is not None and rec.compiles == seen:
-                rec.compiles += 1  # aot_compile may bypass Dynamo's compile callbacks; fullgraph: one graph
-            return self.fallback(*args, **kwargs) if fn is None else fn(*self._prefix, *args, **kwargs)
+            with self._lock:
+                adopted = self._adopt(args, kwargs)
+                if adopted is not None:
+                    return adopted[1]
+                rec = current()
+                seen = rec.compiles if rec is not None else 0
+                built = self._build(args, kwargs)
+                if built is not None and rec is not None and rec.compiles == seen:
+                    rec.compiles += 1  # aot_compile may bypass Dynamo's compile callbacks; fullgraph: one graph
+            return self.fallback(*args, **kwargs) if built is None else built[1]
 
-    def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        with self._lock:
-            cfg = self.cfg
-            # a new dict each time: torch.compile pops guard_filter_fn out of the options it is given
-            options = {**cfg.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
+    def _adopt(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+        """A seed's function whose guards accept these inputs and whose output equals this version's eager output
+        (the weights may differ: they are inputs, not constants); copied into this key's dir."""
+        for i, (path, fn) in enumerate(self.candidates):
+            if not fn.guard_check(*self._prefix, *args, **kwargs):
+                continue
+            del self.candidates[i]
             try:
-                with aot_compile_enabled():
-                    compiled = torch.compile(self._target, backend=cfg.backend, dynamic=cfg.dynamic, fullgraph=True,
-                                             options=options)
-                if not hasattr(compiled, "aot_compile"):
-                    raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
-                fn = compiled.aot_compile((args, kwargs))
-                name = f"{_UNSAFE.sub('_', describe_args(args, kwargs))}-{uuid.uuid4().hex[:8]}.bin"
+                out = fn(*self._prefix, *args, **kwargs)
+                differs = same_outputs(out, self.module(*args, **kwargs))
+            except Exception as e:
+                differs = f"it raised {type(e).__name__}: {e}"
+            if differs:
+                log.info("precompile: the seed's %s does not fit this version (%s): precompiling", path.name, differs)
+                _unread(path)
+                return None
+            try:  # a reference, not a copy: the new version's entry keeps the seed's object and uploads a line
                 staging = self.dir / _STAGING
                 staging.mkdir(parents=True, exist_ok=True)
-                fn.save_compiled_function(str(staging / name), external_data={"model": self.module})
-                os.replace(staging / name, self.dir / name)
-            except Exception as e:  # a graph break (fullgraph), an unserialisable guard, a full disk ...
-                self.broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("precompile FAILED for %s (%s): serving through the jit function from now on",
-                            describe_args(args, kwargs), self.broken)
-                return None
+                ref = staging / (path.stem + _REF)
+                ref.write_text(f"{path.parent.name}/{path.name}\n")
+                os.replace(ref, self.dir / ref.name)
+            except OSError as e:  # served all the same; the next boot adopts it again
+                log.warning("precompile: cannot keep the seed's %s (%s)", path.name, e)
+            log.info("precompile: adopted the seed's %s for %s", path.name, describe_args(args, kwargs))
             self.fns.append(fn)
-            self.built += 1
-            return fn
+            self.adopted += 1
+            return fn, out
+        return None
+
+    def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+        """Precompile these inputs, save, load back, and keep the loaded function only if it gives the eager
+        output: what serves is what the next boot will load."""
+        cfg = self.cfg
+        # a new dict each time: torch.compile pops guard_filter_fn out of the options it is given
+        options = {**cfg.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
+        name = f"{_UNSAFE.sub('_', describe_args(args, kwargs))}-{uuid.uuid4().hex[:8]}.bin"
+        staging = self.dir / _STAGING
+        try:
+            with aot_compile_enabled():
+                compiled = torch.compile(self._target, backend=cfg.backend, dynamic=cfg.dynamic, fullgraph=True,
+                                         options=options)
+            if not hasattr(compiled, "aot_compile"):
+                raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
+            fn = _aot_compile(compiled, args, kwargs)
+            staging.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(staging / name), external_data={"model": self.module})
+            with open(staging / name, "rb") as f:
+                loaded = self._load_one(f)
+            out = loaded(*self._prefix, *args, **kwargs)
+            differs = same_outputs(out, self.module(*args, **kwargs))
+            if differs:
+                raise RoundTripError(f"saved and loaded back, it differs from eager: {differs}")
+            os.replace(staging / name, self.dir / name)
+        except Exception as e:  # a graph break (fullgraph), an unserialisable guard, a full disk ...
+            (staging / name).unlink(missing_ok=True)
+            self.broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("precompile FAILED for %s (%s): serving through the jit function from now on",
+                        describe_args(args, kwargs), self.broken)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            record_failure(self.dir / _RECORD, e, stage="precompile")
+            return None
+        self.fns.append(loaded)
+        self.built += 1
+        return loaded, out
+
+
+def _unread(path: Path) -> None:
+    """Mark a seed's file as not used by this version: a seeded upload keeps only the seed's files this boot read
+    (compile_cache/sync.py, mark_unread)."""
+    try:
+        os.utime(path, ns=(0, path.stat().st_mtime_ns))
+    except OSError:
+        pass
+
+
+def _aot_compile(compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``compiled.aot_compile``, tracing again when Dynamo asks to: under ``torch.compile`` a RestartAnalysis
+    (e.g. ``TensorifyScalarRestartAnalysis`` with a dynamic dim) re-traces with what the first pass learned, but
+    ``aot_compile`` raises it instead (measured: the LLM example's prefill, torch 2.13; the second try succeeds)."""
+    from torch._dynamo.exc import RestartAnalysis
+
+    for _ in range(_RESTARTS):
+        try:
+            return compiled.aot_compile((args, kwargs))
+        except RestartAnalysis as e:
+            log.info("precompile: Dynamo restarted the trace (%s): tracing again", type(e).__name__)
+    return compiled.aot_compile((args, kwargs))
+
+
+class RoundTripError(RuntimeError):
+    """A precompiled function that, saved and loaded back, does not give the eager output."""

@@ -4,8 +4,8 @@
 
 - ``export``: an AOTInductor package built by torch.export, kept in the Inductor cache dir (so in the store); one
   package serves every shape inside the export spec's dims, and loading it runs no Dynamo.
-- ``precompile`` (``jit`` with ``jit_restore="precompile"``): AOT-precompiled functions per warm-up shape, kept in the
-  cache dir, in front of the ``jit`` function (compile_cache/precompile.py).
+- ``precompile`` (``jit`` with ``jit_restore="precompile"``, the default): AOT-precompiled functions per warm-up
+  shape, kept in the cache dir, in front of the ``jit`` function (compile_cache/precompile.py).
 - ``jit``: ``torch.compile`` with the Inductor cache dir restored, then one warm-up call per example.
 
 A part falls back alone: export -> jit -> eager. ``jit`` always returns: a compile that fails serves eager and says why.
@@ -42,6 +42,7 @@ class Plan:
     examples: Callable[[], Sequence[Example]] = list  # called when a strategy needs them (after load())
     stem: str = ""  # the file name stem of this part's artifacts in the cache dir (the key, plus the part's name)
     seeded: bool = False  # the cache dir holds a seed: another version's entry of the same lineage and environment
+    seed_stem: str = ""  # the seed's stem for this part, when seeded
 
     def warmup_examples(self) -> list[Example]:
         try:
@@ -172,7 +173,8 @@ class PrecompileStrategy(JitStrategy):
     def wrap(self, plan: Plan, fn: Callable[..., Any], cache_dir: Path) -> Callable[..., Any]:
         from .precompile import Precompiled
 
-        return Precompiled(plan.module, fn, plan.cfg, cache_dir / "precompile" / plan.stem)
+        seed = cache_dir / "precompile" / plan.seed_stem if plan.seeded and plan.seed_stem else None
+        return Precompiled(plan.module, fn, plan.cfg, cache_dir / "precompile" / plan.stem, seed)
 
 
 def chain(cfg: CompileConfig) -> list[Strategy]:

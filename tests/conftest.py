@@ -21,6 +21,12 @@ import pytest  # noqa: E402
 
 PYTHON = str(Path(sys.executable))
 
+# The jit strategy's default restore is "precompile" (no Dynamo on a warm boot). Tests of the store, the lifecycle
+# and the runtime count Dynamo's and the FX-graph cache's work to show what a boot restored, so they pin "dir",
+# in this process and in every boot it starts. The precompile path has its own tests (test_precompile.py,
+# test_versions.py), which set it explicitly.
+os.environ.setdefault("COMPILE_CACHE_JIT_RESTORE", "dir")
+
 
 @dataclass
 class Boot:

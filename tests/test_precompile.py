@@ -18,11 +18,12 @@ TARGET = "tests.tiny_predictor:Predictor"
 ENV = {"COMPILE_CACHE_JIT_RESTORE": "precompile", "COMPILE_CACHE_ON_NEW_SHAPE": "compile"}
 
 
-def test_setting_overrides_the_config_and_keys_its_own_entry() -> None:
-    cfg = CompileConfig().with_overrides(Settings.from_env({"COMPILE_CACHE_JIT_RESTORE": "PRECOMPILE"}))
-    assert cfg.jit_restore == "precompile" and cfg.cache_factors()["compile.jit_restore"] == "precompile"
-    # the default adds no factor: the keys of existing "dir" entries do not change
-    assert "compile.jit_restore" not in CompileConfig().cache_factors()
+def test_precompile_is_the_jit_default_and_shares_the_dir_entry() -> None:
+    assert CompileConfig().jit_restore == "precompile"
+    cfg = CompileConfig().with_overrides(Settings.from_env({"COMPILE_CACHE_JIT_RESTORE": "DIR"}))
+    assert cfg.jit_restore == "dir"
+    # one entry for both: the precompiled functions sit in the cache dir beside the kernels they need
+    assert cfg.cache_factors() == CompileConfig().cache_factors()
 
 
 @pytest.fixture(scope="module")

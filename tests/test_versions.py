@@ -21,6 +21,7 @@ from compile_cache.stores import LocalStore, Store
 from compile_cache.sync import Uploader, read_manifest, restore_or_seed
 from compile_cache.versions import identify, local_sources, weights_digest
 from tests.conftest import ROOT, boot
+from tests.tiny_predictor import BATCHES
 from tests.tiny_versions_predictor import eager, write_weights
 
 FACTORS = {"compile_cache.format": "2", "torch": "2.13.0", "python": "cpython-3.11.7", "device": "cpu",
@@ -320,13 +321,15 @@ def test_a_reweighted_version_restores_the_old_entry_and_matches_its_own_eager(v
     assert b.store_calls.get("list") is None  # a hit lists nothing
 
 
-def code_change(tmp_path: Path, old: str = "SCALE = 1.0", new: str = "SCALE = 2.0", name: str = "v3") -> str:
-    """A copy of the predictor with other post-processing (same file name: see tiny_versions_predictor)."""
+def code_change(tmp_path: Path, old: str = "SCALE = 1.0", new: str = "SCALE = 2.0", name: str = "v3",
+                extra: str = "") -> str:
+    """A copy of the predictor with other post-processing (same file name: see tiny_versions_predictor), and
+    ``extra`` code at its end."""
     src = (ROOT / "tests" / "tiny_versions_predictor.py").read_text()
     assert src.count(old) == 1
     d = tmp_path / name
     d.mkdir()
-    (d / "tiny_versions_predictor.py").write_text(src.replace(old, new))
+    (d / "tiny_versions_predictor.py").write_text(src.replace(old, new) + extra)
     return f"{d}/tiny_versions_predictor.py:Predictor"
 
 
@@ -350,6 +353,50 @@ def test_a_code_only_version_is_seeded_and_uploads_only_a_manifest(v1: dict, tmp
     seed, _ = read_manifest(LocalStore(store), v1["key"])
     assert manifest is not None and seed is not None
     assert {s.sha256 for s in manifest.segments} <= {s.sha256 for s in seed.segments} and manifest.segments
+
+
+PRECOMPILE = {"COMPILE_CACHE_JIT_RESTORE": "precompile"}  # the jit default (tests/conftest.py pins "dir")
+
+
+def precompiled(b: Any) -> dict[str, Any]:
+    return b.metrics["parts"]["model"]["precompiled"]
+
+
+def test_precompiled_functions_follow_new_weights_and_code_only_versions(tmp_path: Path) -> None:
+    """jit with precompiled functions: v1 builds one per shape; re-weighted, the same entry's functions serve the
+    new weights (they are inputs, not constants); a code-only version adopts the seed's functions (traced sources
+    unchanged, output equal to its own eager) by reference; a model change adopts none and builds its own."""
+    w1 = write_weights(tmp_path / "w1" / "tiny")
+    w2 = write_weights(tmp_path / "w2" / "tiny", perturb=0.05)
+    store = str(tmp_path / "store")
+    cold = tiny_boot(store, w1, tmp_path / "i1", **PRECOMPILE)
+    assert cold.metrics["cache"] == "miss" and precompiled(cold) == {"loaded": 0, "adopted": 0,
+                                                                      "built": len(BATCHES), "fallback": ""}
+
+    hit = tiny_boot(store, w2, tmp_path / "i2", **PRECOMPILE)
+    assert hit.metrics["cache"] == "hit" and hit.metrics["compiles"] == 0 and hit.metrics["bytes_uploaded"] == 0
+    assert precompiled(hit)["loaded"] == len(BATCHES) and precompiled(hit)["built"] == 0
+    assert close(hit.outputs[0], eager(w2, 4)) and not close(hit.outputs[0], eager(w1, 4))
+
+    code = tiny_boot(store, w2, tmp_path / "i3", target=code_change(tmp_path), **PRECOMPILE)
+    m = code.metrics
+    assert m["cache"] == "seeded" and m["seeded_from"] == cold.metrics["key"] and m["compiles"] == 0
+    assert precompiled(code) == {"loaded": 0, "adopted": len(BATCHES), "built": 0, "fallback": ""}
+    assert close(code.outputs[0], [[2 * x for x in row] for row in eager(w2, 4)])
+    # References, not copies: one small new object (the .ref files), the seed's objects kept by the manifest.
+    assert code.store_calls.get("put_immutable") == 1 and m["bytes_uploaded"] < 4000
+    again = tiny_boot(store, w2, tmp_path / "i4", target=code_change(tmp_path, name="v3b"), **PRECOMPILE)
+    assert again.metrics["cache"] == "hit" and again.metrics["compiles"] == 0
+    assert precompiled(again)["loaded"] == len(BATCHES) and again.metrics["bytes_uploaded"] == 0
+
+    # The model's forward changes (a module of the copy's own): the seed's functions traced other code.
+    tanh = code_change(tmp_path, "return load_model(WEIGHTS_DIR)", "return Tanh(load_model(WEIGHTS_DIR))", "v4",
+                       extra="\n\nclass Tanh(torch.nn.Module):\n    def __init__(self, m):\n        super().__init__()\n"
+                       "        self.m = m\n\n    def forward(self, x):\n        return torch.tanh(self.m(x))\n")
+    changed = tiny_boot(store, w2, tmp_path / "i5", target=tanh, **PRECOMPILE)
+    assert changed.metrics["cache"] == "seeded" and precompiled(changed)["adopted"] == 0
+    assert precompiled(changed)["built"] == len(BATCHES) and changed.metrics["parts"]["model"]["request_path_eager_calls"] == 0
+    assert close(changed.outputs[0], torch.tanh(torch.tensor(eager(w2, 4))).tolist())
 
 
 def test_a_reweighted_version_under_export_loads_the_package_with_its_own_weights(tmp_path: Path) -> None:
