@@ -5,6 +5,7 @@ shape and a model with a graph break all still get correct answers."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,53 @@ def test_graph_break_serves_through_the_jit_function(tmp_path: Path) -> None:
              {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_DISABLE": "1"}, {"batch": 4})
     assert "precompile FAILED" in b.stderr and b.metrics["eager_fallback"] == ""
     assert close(b.outputs[0], eager(4))
+
+
+def test_a_function_that_does_not_round_trip_is_refused_and_remembered(tmp_path: Path) -> None:
+    """Saved and loaded back, the function must give the eager output; this one cannot (random numbers). The part
+    serves through the jit function, the failure is shipped in the entry, and the next boot does not try again."""
+    env = {**ENV, "COMPILE_CACHE_URL": str(tmp_path / "store")}
+    first = boot("tests.tiny_predictor:NoisyPredictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "i1")},
+                 {"batch": 4})
+    pc = first.metrics["parts"]["model"]["precompiled"]
+    assert pc["built"] == 0 and "differs from eager" in pc["fallback"], pc
+    assert first.metrics["eager_fallback"] == "" and first.metrics["compiles"] >= len(BATCHES)  # jit serves
+    assert first.stderr.count("precompile FAILED") == 1
+    second = boot("tests.tiny_predictor:NoisyPredictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "i2")},
+                  {"batch": 4})
+    pc = second.metrics["parts"]["model"]["precompiled"]
+    assert second.metrics["cache"] == "hit" and "failed for this key before" in pc["fallback"], pc
+    assert "precompile FAILED" not in second.stderr and pc["built"] == 0
+    assert second.metrics["fxgraph_misses"] == 0 and second.metrics["fxgraph_hits"] >= len(BATCHES)  # the dir
+
+
+def test_a_function_whose_traced_source_changed_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch records of the traced code (each inlined function's lines and their sha256) is checked against
+    the source as it reads now: a library or project module edited since the function was traced is caught, one
+    edited elsewhere in the file (same lines) is not a change."""
+    import importlib
+    import linecache
+
+    from torch._dynamo.package import SourceInfo
+
+    from compile_cache.precompile import changed_source
+
+    mod_file = tmp_path / "traced_mod.py"
+    mod_file.write_text("def f(x):\n    return x + 1\n\n\nOTHER = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("traced_mod")
+    info = SourceInfo(inlined_sources=set())
+    info.add_code(mod.f.__code__)
+
+    class Traced:  # what changed_source reads of an AOT-compiled function
+        def source_info(self) -> SourceInfo:
+            return info
+
+    assert changed_source(Traced()) == ""
+    mod_file.write_text("def f(x):\n    return x + 1\n\n\nOTHER = 2\n")  # elsewhere in the file
+    linecache.checkcache(str(mod_file))
+    assert changed_source(Traced()) == ""
+    mod_file.write_text("def f(x):\n    return x + 2\n\n\nOTHER = 2\n")  # the traced function itself
+    linecache.checkcache(str(mod_file))
+    assert changed_source(Traced()) == "traced_mod lines 1-2"
+    monkeypatch.delitem(sys.modules, "traced_mod")

@@ -94,6 +94,20 @@ class UnexportablePredictor(Predictor):
         return DataDependent().eval()
 
 
+class Noisy(TinyMLP):
+    """Output plus fresh noise: compiled code draws other random numbers than eager, so a precompiled function
+    never reproduces the eager output (its round trip fails; the jit function serves)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + torch.rand_like(y)
+
+
+class NoisyPredictor(Predictor):
+    def load(self, weights=None):  # type: ignore[no-untyped-def]
+        return Noisy().eval()
+
+
 class TinyCNN(torch.nn.Module):
     """Two conv + BatchNorm blocks in eval mode: BatchNorm's ``num_batches_tracked`` buffers are lifted by
     torch.export but never read, and its 8-element weights and running stats are what Inductor would inline."""

@@ -153,7 +153,8 @@ class Check:
         r["dir"] = d
         m = r["metrics"]
         _say(f"{label}: {r['wall_s']:.1f}s wall, setup {m['total_s']:.2f}s, cache {m['cache']}, strategy "
-             f"{m['strategy']}, fx graph hits {m['fxgraph_hits']} misses {m['fxgraph_misses']}")
+             f"{m['strategy']}, fx graph hits {m['fxgraph_hits']} misses {m['fxgraph_misses']}, precompiled "
+             f"built {_precompiled(m, 'built')} loaded {_precompiled(m, 'loaded')}")
         return r
 
 
@@ -204,6 +205,11 @@ def _row(model: CheckModel, run: Run, eager: dict[str, Any], cold: dict[str, Any
         "cold_fxgraph_misses": mc["fxgraph_misses"],
         "warm_fxgraph_hits": mw["fxgraph_hits"],
         "warm_fxgraph_misses": mw["fxgraph_misses"],
+        # jit_restore="precompile" (the jit default): functions built cold, loaded warm (no Dynamo, no FX graphs)
+        "cold_precompiled_built": _precompiled(mc, "built"),
+        "warm_precompiled_loaded": _precompiled(mw, "loaded"),
+        "warm_precompiled_fallback": "; ".join(p["precompiled"]["fallback"] for p in mw.get("parts", {}).values()
+                                               if p.get("precompiled", {}).get("fallback")),
         "warm_triton_compiles": len(compiled_here),
         "warm_triton_kernels": {"present": len(present), "restored_from_store": len(present & restored),
                                 "written_by_fx_bundle": len(ctr.get("triton_emitted", []))},
@@ -517,3 +523,7 @@ def _has_cuda() -> bool:
     cp = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                         capture_output=True, text=True, timeout=300)
     return cp.stdout.strip() == "True"
+
+
+def _precompiled(metrics: dict[str, Any], what: str) -> int:
+    return sum(p.get("precompiled", {}).get(what, 0) for p in metrics.get("parts", {}).values())
