@@ -124,6 +124,12 @@ def run_only(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     run = getattr(torch._dynamo, "run", None)
     if run is None:
         return None
+    # A compiled module is run through its compiled forward: run() of the module itself wraps a module whose own
+    # forward Dynamo skips (nn.Sequential, torch.nn's containers) in a new frame whose guards never match, so every
+    # call would run eager and count as a new shape (measured, torch 2.13: TinyMLP hits either way, Sequential only
+    # this way).
+    if isinstance(fn, torch._dynamo.eval_frame.OptimizedModule):
+        return run(fn.forward)  # type: ignore[no-any-return]
     return run(fn)  # type: ignore[no-any-return]
 
 

@@ -209,3 +209,14 @@ def test_concurrent_predictions_are_correct_and_each_counts_its_own_compiles(tin
     assert counted["new-7"] >= 1 and counted["new-9"] >= 1, counted
     m = metrics(tmp_path)
     assert m["request_path_compiles"] == sum(counted.values()) and m["request_path_eager_calls"] == 0
+
+
+def test_a_sequential_model_serves_its_declared_shapes_compiled(tmp_path: Path) -> None:
+    """After setup the jit function runs in Dynamo's run-only mode; for an nn.Sequential that once ran every
+    request eager and reported each as a shape nobody declared."""
+    b = boot("tests.tiny_predictor:SequentialPredictor",
+             {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_DISABLE": "1"},
+             *({"batch": n} for n in BATCHES))
+    assert b.metrics["compiles"] == len(BATCHES) and b.metrics["eager_fallback"] == ""
+    assert b.metrics["request_path_eager_calls"] == 0 and b.request_path_compiles == 0
+    assert "declared nowhere" not in b.stderr

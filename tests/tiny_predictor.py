@@ -157,3 +157,10 @@ class BatchNormPredictor(CompiledPredictor):
 
     def predict(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:
         return self.model(images(batch)).tolist()
+
+
+class SequentialPredictor(Predictor):
+    """The model is an nn.Sequential: torch.nn containers are compiled through another frame than their forward."""
+
+    def load(self, weights=None):  # type: ignore[no-untyped-def]
+        return torch.nn.Sequential(TinyMLP(), torch.nn.Tanh()).eval()
