@@ -3,46 +3,23 @@ DIFFUSION_WEIGHTS_DIR): ``scripts/predict``'s way of running it (CogServer.in_pr
 own input schema) boots cold, then warm in a new container (fresh Inductor dir, the same local store). Warm: every
 part served by its strategy with nothing compiled (an export part's package restored, none built; a jit part's FX
 graphs all hits), no request-path compile, and the PNG equal to the eager pipeline's within the tolerance
-examples/diffusion/README.md states. One cold boot (two small exports) and one warm boot.
+examples/diffusion/README.md states. One cold boot (two small exports) and one warm boot, shared with
+tests/test_diffusion_example.py (tests/diffusion_boots.py); about 50 s on 2 busy cores.
 """
 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
-import json
-import sys
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-from compile_cache.tools.cogrun import CogServer
-from tests.conftest import ROOT
+from tests.diffusion_boots import PIXEL_TOLERANCE, REQUESTS, example_model
 
-EXAMPLE_DIR = ROOT / "examples" / "diffusion"
-REF = f"{EXAMPLE_DIR / 'predict.py'}:Runner"
-READY_S = 600.0
+M = example_model()
 PARTS = ("decoder", "denoiser")
-PIXEL_TOLERANCE = 1  # max |runtime - eager| per 8-bit channel value (examples/diffusion/README.md, "Tolerance")
-REQUESTS = [{"prompt": "a red fox", "steps": 3, "seed": 7}, {"prompt": "a lighthouse at dusk", "steps": 2, "seed": 1}]
-
-
-def _model() -> ModuleType:
-    name = "diffusion_example_model"  # the name tests/test_diffusion_example.py loads it under: one module either way
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE_DIR / "model.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-M = _model()
 
 
 def png_pixels(output: Any) -> torch.Tensor:
@@ -57,30 +34,8 @@ def png_pixels(output: Any) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def boots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("diffusion-runtime")
-    M.ensure_weights(M.TINY, d / "weights")  # what `python model.py --config tiny --out DIR` writes
-    store = f"file://{d / 'store'}"
-    out: dict[str, Any] = {"weights": d / "weights"}
-    for name in ("cold", "warm"):
-        root = d / name  # a new container: its own empty TORCHINDUCTOR_CACHE_DIR, the same store
-        env = {"DIFFUSION_WEIGHTS_DIR": str(d / "weights"), "COMPILE_CACHE_URL": store,
-               "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "COMPILE_CACHE_METRICS_FILE": str(root / "m.json"),
-               "COMPILE_CACHE_LOG_FILE": str(root / "log.txt")}
-        b: dict[str, Any] = {}
-        with CogServer.in_project(REF, env=env, log_path=root / "server.log") as srv:
-            srv.wait_ready(READY_S)
-            b["resps"] = []
-            for inputs in REQUESTS:
-                code, resp = srv.predict(inputs)
-                assert code == 200 and resp["status"] == "succeeded", resp
-                b["resps"].append(resp)
-            b["logs"] = srv.wait_ready(30)["setup"]["logs"]
-            assert srv.shutdown("post") == 0
-        b["metrics"] = json.loads((root / "m.json").read_text())
-        b["log"] = (root / "log.txt").read_text()
-        out[name] = b
-    return out
+def boots(diffusion_boots: dict[str, Any]) -> dict[str, Any]:
+    return diffusion_boots  # one cold + one warm boot per session (tests/diffusion_boots.py)
 
 
 def test_cold_boot_compiles_each_part_and_uploads(boots: dict[str, Any]) -> None:
