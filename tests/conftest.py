@@ -1,4 +1,5 @@
-"""Shared fixtures. The real S3 server (SeaweedFS) fixtures live in tests/s3server.py."""
+"""Shared fixtures. The real S3 server (SeaweedFS) fixtures live in tests/s3server.py, the diffusion example's boots in
+the real Cog runtime in tests/diffusion_boots.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.s3server", "tests.diffusion_boots"]
 
 
 import json  # noqa: E402

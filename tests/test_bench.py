@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from compile_cache.tools.bench import REQUIRED_KEYS, break_even, overhead_removed, percentiles
+from compile_cache.tools.bench import REPO_ROOT, REQUIRED_KEYS, break_even, overhead_removed, percentiles, repo_relative
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +26,20 @@ def test_arithmetic() -> None:
     assert break_even(31.0, 1.0, 11.0, 9.9) == math.ceil(30.0 / 0.0011)
     assert break_even(0.5, 1.0, 11.0, 9.9) == 0  # compiled boot no slower: pays from the first request
     assert break_even(31.0, 1.0, 9.0, 9.9) is None  # compiled not faster: never pays back
+
+
+def test_paths_are_recorded_relative_to_the_checkout() -> None:
+    assert REPO_ROOT == ROOT
+    assert repo_relative(str(ROOT)) == "."
+    assert repo_relative(f"{ROOT / 'examples' / 'llm' / 'predict.py'}:Runner") == "examples/llm/predict.py:Runner"
+    assert repo_relative("/tmp/bench-out") == "/tmp/bench-out"  # outside the checkout: as given
+    # The committed results carry no worktree path: they say how to rerun them from any checkout.
+    committed = sorted((ROOT / "docs" / "bench").glob("*/bench.json"))
+    assert committed
+    for path in committed:
+        r = json.loads(path.read_text())
+        assert r["cwd"] == "." and (ROOT / r["predictor"].partition(":")[0]).is_file(), path
+        assert str(ROOT) not in path.read_text(), path
 
 
 def test_bench_quick_tiny(tmp_path: Path) -> None:
@@ -59,6 +73,7 @@ def test_bench_quick_tiny(tmp_path: Path) -> None:
     assert r["boots"]["cold"]["fxgraph_hits"] == 0 and r["boots"]["warm"]["fxgraph_hits"] > 0
     assert r["strategy"] in ("jit", "export") and isinstance(r["torch_version"], str)
     assert isinstance(r["machine"]["nproc"], int) and r["command"].startswith("python -m compile_cache bench")
+    assert r["cwd"] == "." and r["predictor"] == "tests/tiny_predictor.py:Predictor"  # run from the checkout's root
     # The tiny model declares batches 1 and 4: the b16 figures say which batch they are at.
     assert r["latency_examples"]["b16"]["batch"] == 4
 

@@ -1,6 +1,7 @@
 """The diffusion example (examples/diffusion/): its eager pipeline, its two compile units under torch.compile and
-under the export strategy's build, and its Cog files. On the TINY config (one block per side, 8x8 latents): the
-example's own size is measured by the bench, not here.
+as the export strategy's packages, and its Cog files. On the TINY config (one block per side, 8x8 latents): the
+example's own size is measured by the bench, not here. The packages are the ones the runtime's cold boot built
+(tests/diffusion_boots.py, shared with tests/test_diffusion_example_runtime.py): the units are exported once.
 
 Tolerance (stated in examples/diffusion/README.md): the PNG's 8-bit pixels differ from the eager pipeline's by at
 most 1 (rounding of float differences of ~1e-6), on every pixel.
@@ -9,32 +10,17 @@ most 1 (rounding of float differences of ~1e-6), on every pixel.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.diffusion_boots import EXAMPLE_DIR, PIXEL_TOLERANCE, example_model
 
-EXAMPLE_DIR = ROOT / "examples" / "diffusion"
-PIXEL_TOLERANCE = 1  # max |compiled - eager| per 8-bit channel value
-
-
-def _load_model_module():  # type: ignore[no-untyped-def]
-    # By file, under its own name: other examples have a model.py too.
-    spec = importlib.util.spec_from_file_location("diffusion_example_model", EXAMPLE_DIR / "model.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-M = _load_model_module()
+M = example_model()
 
 
 @pytest.fixture(scope="module")
@@ -122,31 +108,33 @@ def test_compiled_units_match_eager(pipe, compiled, prompt: str, steps: int, see
 
 # -- the export strategy's build -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def packages(pipe, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """Each unit through the export strategy's own build (weights kept out) and load; ~1-2 min here for both."""
-    from compile_cache.export import ExportedModel, ExportSpec, build_package
+def packages(pipe, diffusion_boots):  # type: ignore[no-untyped-def]
+    """Each unit's package as the export strategy built it (weights kept out) in the runtime's cold boot of the tiny
+    config (tests/diffusion_boots.py: the session's one export of the two units), loaded here on this module's
+    units: ``{name: (package path, ExportedModel)}``."""
+    from compile_cache.export import ExportedModel, ExportSpec
 
-    d = tmp_path_factory.mktemp("diffusion-aoti")
     latents, t, cond = pipe.denoise_example()
     out = {}
     for name, unit, args in (("denoiser", pipe.denoiser, (latents, t, cond)), ("decoder", pipe.decoder, (latents,))):
-        spec = ExportSpec(args)
-        info = build_package(unit, spec, d / f"{name}.pt2", keep_weights_out=True)
-        out[name] = (info, ExportedModel.load(spec, d / f"{name}.pt2", unit, keep_weights_out=True))
+        (path,) = (diffusion_boots["cold"]["inductor"] / "aoti").glob(f"*-{name}.pt2")
+        out[name] = (path, ExportedModel.load(ExportSpec(args), path, unit, keep_weights_out=True))
     return out
 
 
 @pytest.mark.parametrize("name", ["denoiser", "decoder"])
 def test_each_unit_exports_with_its_weights_out(pipe, packages, name: str) -> None:  # type: ignore[no-untyped-def]
-    info, model = packages[name]
+    from compile_cache.export import package_metadata
+
+    path, model = packages[name]
     unit = pipe.denoiser if name == "denoiser" else pipe.decoder
-    assert info["keep_weights_out"] and info["metadata"]["compile_cache.keep_weights_out"] == "1"
+    assert package_metadata(path)["compile_cache.keep_weights_out"] == "1"
     # Every parameter and buffer the unit has is a constant loaded from the model, none baked into the code (the
     # load checks that too): GroupNorm and LayerNorm have no num_batches_tracked-style buffers to bake.
     names = {n for n, _ in unit.named_parameters()} | {n for n, _ in unit.named_buffers()}
-    assert set(model.runner.constant_fqns) == set(info["constant_fqns"]) == names
+    assert set(model.runner.constant_fqns) == names
     weights = sum(p.numel() * p.element_size() for p in unit.parameters())
-    assert info["package_bytes"] < weights + 4_000_000  # code (~2 MB here), not code plus a copy of the weights
+    assert path.stat().st_size < weights + 4_000_000  # code (~2 MB here), not code plus a copy of the weights
     args = pipe.denoise_example() if name == "denoiser" else pipe.denoise_example()[:1]
     with torch.inference_mode():
         assert (model(*args) - unit(*args)).abs().max() < 1e-4

@@ -202,6 +202,20 @@ def _machine() -> dict[str, Any]:
     }
 
 
+# The checkout this bench runs from: bench.json names paths inside it relative to it, so a committed result
+# (docs/bench/) says how to rerun it from any checkout and does not carry one engineer's worktree path.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_relative(text: str) -> str:
+    """``text`` with this checkout's absolute path taken out: the root itself -> ``.``, a path under it -> relative
+    (also inside a ``FILE.py:CLASS`` reference). Paths elsewhere (``--out /tmp/x``) stay as they are."""
+    root = str(REPO_ROOT)
+    if text == root:
+        return "."
+    return text.replace(root + os.sep, "")
+
+
 def _load_avg() -> list[float] | None:
     """1/5/15-minute load averages: on a shared machine, how much the timings were disturbed."""
     try:
@@ -281,14 +295,14 @@ def _summarize(boots: dict[str, dict[str, Any]], args: argparse.Namespace, argv:
         {
             "strategy": m["warm"]["strategy"],
             "strategy_requested": args.strategy,
-            "predictor": args.predictor,
+            "predictor": repo_relative(args.predictor),
             "torch_version": torch.__version__,
             "torch_threads": threads,
             "threads_requested": args.threads,
             "machine": {**_machine(), "load_avg_before": args.load_before, "load_avg_after": _load_avg()},
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python -m compile_cache bench " + shlex.join(argv),
-            "cwd": os.getcwd(),
+            "command": "python -m compile_cache bench " + shlex.join(repo_relative(a) for a in argv),
+            "cwd": repo_relative(os.getcwd()),  # relative to the checkout ("." for its root)
             "env_passed": args.env_passed,
             "requests": args.requests,
             "latency_iters": args.latency_iters,

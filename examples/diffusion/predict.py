@@ -7,10 +7,15 @@ Both parts use the ``export`` strategy: one AOTInductor package each, code only 
 Every request has the same shapes (one image, fixed size; the number of steps only changes how often the denoiser
 runs), so one example per part covers all requests. The pipeline itself, its random weights and its stand-in text
 conditioning are in model.py.
+
+Weights: the example's own (``weights/`` beside this file, drawn on first load), or ``DIFFUSION_WEIGHTS_DIR``'s when
+it is set: a directory with one ``diffusion*.safetensors`` written by ``python model.py --config NAME --out DIR``,
+served at the config recorded in it (the tests serve the tiny config this way).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,21 +27,27 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # model.py sits beside this file, wherever the runtime is started from
     sys.path.insert(0, str(HERE))
 
-from model import EXAMPLE, WEIGHTS_DIR, Pipeline, generate, to_png  # noqa: E402
+from model import EXAMPLE, WEIGHTS_DIR, Pipeline, generate, load_config, to_png  # noqa: E402
 
 from compile_cache import CompileConfig, CompiledRunner, Example, ExportSpec, Part  # noqa: E402
 
 MAX_STEPS = 50
+WEIGHTS_ENV = os.environ.get("DIFFUSION_WEIGHTS_DIR") or None
 
 
 class Runner(CompiledRunner):
     # Both units export with their weights kept out (tests/test_diffusion_example.py); jit stays one env var away
     # (COMPILE_CACHE_STRATEGY=jit). Static shapes: every request brings the same ones.
     compile_config = CompileConfig(strategy="export", dynamic=False)
-    weights_dir = "weights"
+    # The weights served are part of the model version (the cache key): DIFFUSION_WEIGHTS_DIR's when it is set.
+    weights_dir = WEIGHTS_ENV or "weights"
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
-        self.pipe = pipe = Pipeline(EXAMPLE, Path(weights) if weights else WEIGHTS_DIR)
+        if WEIGHTS_ENV and not weights:  # another config's weights: its sizes are read from the file
+            d = Path(WEIGHTS_ENV)
+            self.pipe = pipe = Pipeline(load_config(d), d)
+        else:
+            self.pipe = pipe = Pipeline(EXAMPLE, Path(weights) if weights else WEIGHTS_DIR)
         latents, t, cond = pipe.denoise_example()
         return {
             "denoiser": Part(pipe.denoiser, examples=[Example((latents, t, cond), label="one step")],
