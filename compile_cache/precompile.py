@@ -50,7 +50,7 @@ from .compiler import describe_args
 from .config import CompileConfig
 from .failed_export import read_failure, record_failure
 
-__all__ = ["Precompiled", "changed_source", "same_outputs"]
+__all__ = ["Precompiled", "changed_source", "same_outputs", "state_digest"]
 
 log = logging.getLogger("compile_cache")
 
@@ -58,6 +58,10 @@ _STAGING = ".staging"  # a dot-dir: snapshots skip it, so a half-written file is
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _RESTARTS = 3  # Dynamo's own restart limit is of this order; a trace that keeps restarting is a failure
 _REF = ".ref"  # <dir>/<name>.ref holds "<seed stem>/<name>.bin": a seed's function this key adopted
+# Where the weights were read from and which hub commit: provenance, not something traced code computes with (a
+# version's weights live in another directory than its seed's)
+_PROVENANCE = frozenset({"_name_or_path", "name_or_path", "_commit_hash"})
+_STATE = ".state"  # <name>.state beside <name>.bin: state_digest() at build time
 _RECORD = "precompile.pt2"  # failed_export names its record after this: <dir>/precompile.failed.json
 
 
@@ -91,6 +95,51 @@ def changed_source(fn: Any) -> str:
         if hashlib.sha256(text.encode()).hexdigest() != src.checksum:
             return f"{src.module} lines {src.firstlineno}-{src.lastlineno - 1}"
     return ""
+
+
+def _plain(v: Any, depth: int = 0) -> str | None:
+    """A value's repr if it is plain data a trace could bake into code (numbers, strings, dtypes, and containers
+    and config objects of them), else None: tensors, modules, functions and other objects are left out."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)):
+        return repr(v)
+    if depth >= 4:
+        return None
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = [_plain(x, depth + 1) for x in v]
+        if any(x is None for x in items):
+            return None
+        return f"{type(v).__name__}[{','.join(sorted(items) if isinstance(v, (set, frozenset)) else items)}]"
+    if isinstance(v, dict):
+        items = [(str(k), _plain(x, depth + 1)) for k, x in v.items() if str(k) not in _PROVENANCE]
+        return None if any(x is None for _, x in items) else "{" + ",".join(f"{k}:{x}" for k, x in sorted(items)) + "}"
+    to_dict = getattr(v, "to_dict", None)  # a transformers config: what its model reads while tracing
+    if callable(to_dict) and not isinstance(v, torch.nn.Module):
+        try:
+            return _plain(to_dict(), depth + 1)
+        except Exception:  # noqa: BLE001 - not a config after all
+            return None
+    return None
+
+
+def state_digest(module: Any, fn: Any) -> str:
+    """What a trace of ``module`` may have baked in besides its code: every module's plain attributes (flags,
+    sizes, its config), and the plain globals of every module whose source ``fn`` traced (constants the traced code
+    reads). Equal digests and unchanged traced sources (:func:`changed_source`) let a seeded version adopt the seed's
+    function without running it."""
+    lines: list[str] = []
+    mods = module.named_modules() if isinstance(module, torch.nn.Module) else []
+    for name, m in mods:
+        for k, v in sorted(vars(m).items()):
+            if k in ("_parameters", "_buffers", "_modules") or k in _PROVENANCE or (r := _plain(v)) is None:
+                continue
+            lines.append(f"attr {name}.{k}={r}")
+    info = fn.source_info() if hasattr(fn, "source_info") else None
+    for mod_name in sorted({s.module for s in info.inlined_sources} if info is not None else ()):
+        g = getattr(sys.modules.get(mod_name), "__dict__", {})
+        for k, v in sorted(g.items()):
+            if not k.startswith("__") and (r := _plain(v)) is not None:
+                lines.append(f"global {mod_name}.{k}={r}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:
@@ -206,7 +255,16 @@ class Precompiled:
         """Whether a loaded function serves these inputs. It was loaded with its kernels, and its first call costs
         what later ones do (docs/restore-strategies.md), so warm-up has nothing left to do for them."""
         with torch.inference_mode(False), torch.no_grad():
-            return any(fn.guard_check(*self._prefix, *args, **kwargs) for fn in self.fns)
+            if any(fn.guard_check(*self._prefix, *args, **kwargs) for fn in self.fns):
+                return True
+            # A seed's function for these inputs, traced from the same sources with the same baked state: adopted
+            # without running it. Otherwise the call goes through __call__, which checks it against eager.
+            for i, (path, fn) in enumerate(self.candidates):
+                if fn.guard_check(*self._prefix, *args, **kwargs) and _read_state(path) == state_digest(self.module, fn):
+                    del self.candidates[i]
+                    self._keep(path, fn, args, kwargs, "same sources and state")
+                    return True
+            return False
 
     def serve(self, policy: str) -> None:
         """Setup is done. Under "eager" or "error" a call no precompiled function accepts runs uncompiled instead of
@@ -259,19 +317,22 @@ class Precompiled:
                 log.info("precompile: the seed's %s does not fit this version (%s): precompiling", path.name, differs)
                 _unread(path)
                 return None
-            try:  # a reference, not a copy: the new version's entry keeps the seed's object and uploads a line
-                staging = self.dir / _STAGING
-                staging.mkdir(parents=True, exist_ok=True)
-                ref = staging / (path.stem + _REF)
-                ref.write_text(f"{path.parent.name}/{path.name}\n")
-                os.replace(ref, self.dir / ref.name)
-            except OSError as e:  # served all the same; the next boot adopts it again
-                log.warning("precompile: cannot keep the seed's %s (%s)", path.name, e)
-            log.info("precompile: adopted the seed's %s for %s", path.name, describe_args(args, kwargs))
-            self.fns.append(fn)
-            self.adopted += 1
+            self._keep(path, fn, args, kwargs, "output equals eager")
             return fn, out
         return None
+
+    def _keep(self, path: Path, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], why: str) -> None:
+        try:  # a reference, not a copy: the new version's entry keeps the seed's object and uploads a line
+            staging = self.dir / _STAGING
+            staging.mkdir(parents=True, exist_ok=True)
+            ref = staging / (path.stem + _REF)
+            ref.write_text(f"{path.parent.name}/{path.name}\n")
+            os.replace(ref, self.dir / ref.name)
+        except OSError as e:  # served all the same; the next boot adopts it again
+            log.warning("precompile: cannot keep the seed's %s (%s)", path.name, e)
+        log.info("precompile: adopted the seed's %s for %s (%s)", path.name, describe_args(args, kwargs), why)
+        self.fns.append(fn)
+        self.adopted += 1
 
     def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
         """Precompile these inputs, save, load back, and keep the loaded function only if it gives the eager
@@ -296,6 +357,9 @@ class Precompiled:
             differs = same_outputs(out, self.module(*args, **kwargs))
             if differs:
                 raise RoundTripError(f"saved and loaded back, it differs from eager: {differs}")
+            state = staging / (name.removesuffix(".bin") + _STATE)
+            state.write_text(state_digest(self.module, loaded) + "\n")
+            os.replace(state, self.dir / state.name)
             os.replace(staging / name, self.dir / name)
         except Exception as e:  # a graph break (fullgraph), an unserialisable guard, a full disk ...
             (staging / name).unlink(missing_ok=True)
@@ -308,6 +372,14 @@ class Precompiled:
         self.fns.append(loaded)
         self.built += 1
         return loaded, out
+
+
+def _read_state(path: Path) -> str:
+    """The state digest saved beside a function when it was built ("" if none: then it is checked by running)."""
+    try:
+        return path.with_name(path.name.removesuffix(".bin") + _STATE).read_text().strip()
+    except OSError:
+        return ""
 
 
 def _unread(path: Path) -> None:

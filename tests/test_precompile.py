@@ -114,3 +114,53 @@ def test_a_function_whose_traced_source_changed_is_not_used(tmp_path: Path, monk
     linecache.checkcache(str(mod_file))
     assert changed_source(Traced()) == "traced_mod lines 1-2"
     monkeypatch.delitem(sys.modules, "traced_mod")
+
+
+def test_the_state_digest_sees_flags_configs_and_constants_but_not_where_weights_came_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a seed's function may have baked in besides code: a module's plain attributes (a config object's values
+    too) and the plain globals of the modules it traced. The weights' directory is not part of it."""
+    import importlib
+
+    import torch
+    from torch._dynamo.package import SourceInfo
+
+    from compile_cache.precompile import state_digest
+
+    (tmp_path / "baked_mod.py").write_text("LIMIT = 3\n\n\ndef f(x):\n    return x.clamp(max=LIMIT)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("baked_mod")
+    info = SourceInfo(inlined_sources=set())
+    info.add_code(mod.f.__code__)
+
+    class Traced:
+        def source_info(self) -> SourceInfo:
+            return info
+
+    class Config:
+        def __init__(self, eps: float) -> None:
+            self.eps, self._name_or_path = eps, "/weights/v1"
+
+        def to_dict(self) -> dict:
+            return dict(vars(self))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.config, self.scale = Config(1e-5), 2.0
+
+    base = state_digest(Net(), Traced())
+    assert state_digest(Net(), Traced()) == base  # weights differ (random init): not part of it
+    moved = Net()
+    moved.config._name_or_path = "/weights/v2"
+    assert state_digest(moved, Traced()) == base
+    flag = Net()
+    flag.lin.scale = 3.0
+    assert state_digest(flag, Traced()) != base
+    eps = Net()
+    eps.config.eps = 1e-6
+    assert state_digest(eps, Traced()) != base
+    monkeypatch.setattr(mod, "LIMIT", 4)
+    assert state_digest(Net(), Traced()) != base
+    monkeypatch.delitem(sys.modules, "baked_mod")

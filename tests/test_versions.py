@@ -382,12 +382,21 @@ def test_precompiled_functions_follow_new_weights_and_code_only_versions(tmp_pat
     m = code.metrics
     assert m["cache"] == "seeded" and m["seeded_from"] == cold.metrics["key"] and m["compiles"] == 0
     assert precompiled(code) == {"loaded": 0, "adopted": len(BATCHES), "built": 0, "fallback": ""}
+    assert code.stderr.count("(same sources and state)") == len(BATCHES)  # adopted without running them
     assert close(code.outputs[0], [[2 * x for x in row] for row in eager(w2, 4)])
     # References, not copies: one small new object (the .ref files), the seed's objects kept by the manifest.
     assert code.store_calls.get("put_immutable") == 1 and m["bytes_uploaded"] < 4000
     again = tiny_boot(store, w2, tmp_path / "i4", target=code_change(tmp_path, name="v3b"), **PRECOMPILE)
     assert again.metrics["cache"] == "hit" and again.metrics["compiles"] == 0
     assert precompiled(again)["loaded"] == len(BATCHES) and again.metrics["bytes_uploaded"] == 0
+
+    # load() sets an attribute the model does not read: the state differs, so each function is run against this
+    # version's eager output before it is adopted.
+    noted = tiny_boot(store, w2, tmp_path / "i6", **PRECOMPILE, target=code_change(
+        tmp_path, "return load_model(WEIGHTS_DIR)", "m = load_model(WEIGHTS_DIR)\n        m.note = 'v5'\n        return m",
+        "v5"))
+    assert noted.metrics["cache"] == "seeded" and precompiled(noted)["adopted"] == len(BATCHES)
+    assert noted.stderr.count("(output equals eager)") == len(BATCHES) and noted.metrics["compiles"] == 0
 
     # The model's forward changes (a module of the copy's own): the seed's functions traced other code.
     tanh = code_change(tmp_path, "return load_model(WEIGHTS_DIR)", "return Tanh(load_model(WEIGHTS_DIR))", "v4",
