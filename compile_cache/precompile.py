@@ -61,6 +61,7 @@ _REF = ".ref"  # <dir>/<name>.ref holds "<seed stem>/<name>.bin": a seed's funct
 # Where the weights were read from and which hub commit: provenance, not something traced code computes with (a
 # version's weights live in another directory than its seed's)
 _PROVENANCE = frozenset({"_name_or_path", "name_or_path", "_commit_hash"})
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, tuple, frozenset, torch.dtype, torch.device)
 _STATE = ".state"  # <name>.state beside <name>.bin: state_digest() at build time
 _RECORD = "precompile.pt2"  # failed_export names its record after this: <dir>/precompile.failed.json
 
@@ -110,8 +111,10 @@ def _plain(v: Any, depth: int = 0) -> str | None:
             return None
         return f"{type(v).__name__}[{','.join(sorted(items) if isinstance(v, (set, frozenset)) else items)}]"
     if isinstance(v, dict):
-        items = [(str(k), _plain(x, depth + 1)) for k, x in v.items() if str(k) not in _PROVENANCE]
-        return None if any(x is None for _, x in items) else "{" + ",".join(f"{k}:{x}" for k, x in sorted(items)) + "}"
+        items = [(_plain(k, depth + 1), _plain(x, depth + 1)) for k, x in v.items() if k not in _PROVENANCE]
+        if any(k is None or x is None for k, x in items):
+            return None
+        return "{" + ",".join(f"{k}:{x}" for k, x in sorted(items)) + "}"  # type: ignore[type-var]
     to_dict = getattr(v, "to_dict", None)  # a transformers config: what its model reads while tracing
     if callable(to_dict) and not isinstance(v, torch.nn.Module):
         try:
@@ -121,25 +124,34 @@ def _plain(v: Any, depth: int = 0) -> str | None:
     return None
 
 
-def state_digest(module: Any, fn: Any) -> str:
+def state_digest(module: Any, fn: Any, attrs: list[str] | None = None) -> str:
     """What a trace of ``module`` may have baked in besides its code: every module's plain attributes (flags,
     sizes, its config), and the plain globals of every module whose source ``fn`` traced (constants the traced code
     reads). Equal digests and unchanged traced sources (:func:`changed_source`) let a seeded version adopt the seed's
-    function without running it."""
-    lines: list[str] = []
-    mods = module.named_modules() if isinstance(module, torch.nn.Module) else []
-    for name, m in mods:
-        for k, v in sorted(vars(m).items()):
-            if k in ("_parameters", "_buffers", "_modules") or k in _PROVENANCE or (r := _plain(v)) is None:
-                continue
-            lines.append(f"attr {name}.{k}={r}")
+    function without running it. ``attrs``: the attribute part taken earlier (:func:`attribute_lines`)."""
+    lines = list(attribute_lines(module) if attrs is None else attrs)
     info = fn.source_info() if hasattr(fn, "source_info") else None
     for mod_name in sorted({s.module for s in info.inlined_sources} if info is not None else ()):
         g = getattr(sys.modules.get(mod_name), "__dict__", {})
         for k, v in sorted(g.items()):
-            if not k.startswith("__") and (r := _plain(v)) is not None:
+            # immutable values only: a module's dicts and lists are caches more often than constants (inspect's
+            # map of loaded modules differs from process to process)
+            if not k.startswith("__") and isinstance(v, _IMMUTABLE) and (r := _plain(v)) is not None:
                 lines.append(f"global {mod_name}.{k}={r}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def attribute_lines(module: Any) -> list[str]:
+    """The plain attributes of ``module`` and its submodules. Taken as ``load()`` left them, before any call: a
+    model may set attributes of its own on its first forward (transformers does), and the state to compare across
+    versions is the one each process starts from."""
+    lines: list[str] = []
+    for name, m in module.named_modules() if isinstance(module, torch.nn.Module) else []:
+        for k, v in sorted(vars(m).items()):
+            if k in ("_parameters", "_buffers", "_modules") or k in _PROVENANCE or (r := _plain(v)) is None:
+                continue
+            lines.append(f"attr {name}.{k}={r}")
+    return lines
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:
@@ -186,6 +198,7 @@ class Precompiled:
         self._prefix: tuple[Any, ...] = (module,) if isinstance(module, torch.nn.Module) else ()
         self._target = module.forward if isinstance(module, torch.nn.Module) else module
         self._globals: dict[str, Any] | None = getattr(inspect.unwrap(self._target), "__globals__", None)
+        self._attrs = attribute_lines(module)  # before any call: see attribute_lines
         self._lock = threading.Lock()
         self.broken = ""  # why precompiling was given up: every later call goes to the fallback
         self.fns: list[Any] = []
@@ -260,7 +273,8 @@ class Precompiled:
             # A seed's function for these inputs, traced from the same sources with the same baked state: adopted
             # without running it. Otherwise the call goes through __call__, which checks it against eager.
             for i, (path, fn) in enumerate(self.candidates):
-                if fn.guard_check(*self._prefix, *args, **kwargs) and _read_state(path) == state_digest(self.module, fn):
+                same_state = _read_state(path) == state_digest(self.module, fn, self._attrs)
+                if same_state and fn.guard_check(*self._prefix, *args, **kwargs):
                     del self.candidates[i]
                     self._keep(path, fn, args, kwargs, "same sources and state")
                     return True
@@ -358,7 +372,7 @@ class Precompiled:
             if differs:
                 raise RoundTripError(f"saved and loaded back, it differs from eager: {differs}")
             state = staging / (name.removesuffix(".bin") + _STATE)
-            state.write_text(state_digest(self.module, loaded) + "\n")
+            state.write_text(state_digest(self.module, loaded, self._attrs) + "\n")
             os.replace(state, self.dir / state.name)
             os.replace(staging / name, self.dir / name)
         except Exception as e:  # a graph break (fullgraph), an unserialisable guard, a full disk ...
