@@ -146,6 +146,11 @@ class CompiledRunner(BaseRunner):
             model.serve()  # from now on a new shape gets the part's on_new_shape
 
         # 5. upload what is new, in the background; flush the rest at exit
+        if self.uploader is not None and all(p["eager_fallback"] for p in m.parts.values()):
+            # Nothing compiled: what the cache dir gained is Inductor's own probing (setup starts its CPU ISA probe
+            # before load()), not worth an entry that would make the next boot a "hit" on nothing.
+            log.info("no part compiled: nothing uploaded")
+            self.uploader = None
         m.total_s = time.monotonic() - t_start
         if self.uploader is not None:
             m.upload_state = "running"
