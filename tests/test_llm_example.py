@@ -124,3 +124,16 @@ def test_greedy_batch_rows_are_each_prompts_greedy(lm) -> None:  # type: ignore[
     assert rows[0] != rows[1]  # the rows are not one prompt's tokens repeated
     with pytest.raises(ValueError, match="one length"):
         M.greedy_batch(M.Prefill(lm), M.Decode(lm), [prompts[0], tok.encode("x")], 4, lm.config, BOUNDS)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_part_examples_are_tensors_of_their_own(batch: int) -> None:
+    """Warm-up inputs must not be views: Dynamo guards on a view's base, and a graph warmed up on one is missed by
+    every request (at batch 1, ``expand(...).contiguous()`` returned a view and prefill was served eager)."""
+    cfg = M.tiny_config()
+    pre, dec = M.part_examples(cfg, BOUNDS, 13, batch)
+    assert [tuple(t.shape[:2]) for t in pre[:2]] == [(batch, 13), (batch,)] and pre[1].tolist() == [13] * batch
+    assert dec[0].shape == (batch, 1) and dec[1].tolist() == [13]
+    for t in (*pre, *dec):
+        assert t._base is None and t.is_contiguous() and not t.is_inference()
+    assert pre[2].shape == (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, BOUNDS.max_len, 16)

@@ -200,10 +200,11 @@ def prefill_inputs(prompt_ids: Sequence[int], bounds: Bounds, *, bucketed: bool)
 def part_examples(config: LlamaConfig, bounds: Bounds, prompt_len: int,
                   batch: int = 1) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Warm-up inputs of both parts at ``batch`` rows, each with its own zeroed cache: prefill of a prompt of
-    ``prompt_len`` BOS tokens (unpadded), and decode of one token at position ``prompt_len``."""
+    ``prompt_len`` BOS tokens (unpadded), and decode of one token at position ``prompt_len``. Every tensor is its own
+    (``repeat``, not ``expand(...).contiguous()``, which at one row returns a view): Dynamo guards on a view's base,
+    so a graph warmed up on a view misses every request's ordinary tensor (measured: batch-1 prefill served eager)."""
     ids, length = prefill_inputs([BOS] * prompt_len, bounds, bucketed=False)
-    prefill_args = (ids.expand(batch, -1).contiguous(), length.expand(batch).contiguous(),
-                    *new_cache(config, bounds.max_len, batch))
+    prefill_args = (ids.repeat(batch, 1), length.repeat(batch), *new_cache(config, bounds.max_len, batch))
     decode_args = (torch.zeros(batch, 1, dtype=torch.long), torch.tensor([prompt_len]),
                    *new_cache(config, bounds.max_len, batch))
     return prefill_args, decode_args
