@@ -22,7 +22,7 @@ help:
 	@echo "make test                                     the whole test suite"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
 	@echo "make bench-versions BENCH_OUT=dir             new versions (weights, code, model) against one store"
-	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 (small Llama, cold vs warm, ~20 min)"
+	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 on the LLM example (cold vs warm, ~30 min)"
 	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
 	@echo "make gpu-wheels                               wheels the GPU machine lacks, into .whl/ (for scripts/gpu_check)"
 	@echo "make gpu-check BENCH_OUT=dir [GPU_CHECK_ARGS=--cpu]  the cache proven on this GPU (docs/gpu.md)"

@@ -98,3 +98,42 @@ def test_make_weights_writes_what_load_model_reads(lm, tmp_path: Path) -> None: 
         assert n == m and torch.equal(a, b), n  # same seed, same bytes
     with pytest.raises(FileNotFoundError, match="make_weights.py"):
         M.load_model(tmp_path / "nothing")
+
+
+def test_served_parts_keep_the_kv_cache_writes(lm) -> None:  # type: ignore[no-untyped-def]
+    """The parts as the framework serves them uncompiled (COMPILE_CACHE_COMPILE=0, or a part left eager): its wrapper
+    copies inference-tensor inputs to ordinary ones, so a cache made inside greedy's inference mode would be copied
+    and the parts' writes lost (the text then differs from eager's). greedy makes the cache outside inference mode."""
+    from compile_cache import CompileConfig
+    from compile_cache.compiler import CompiledModel
+
+    off = CompileConfig(enable=False)
+    prefill = CompiledModel(M.Prefill(lm), M.Prefill(lm), off, name="prefill")
+    decode = CompiledModel(M.Decode(lm), M.Decode(lm), off, name="decode")
+    ids = M.ByteTokenizer().encode(PROMPTS[0])
+    got = M.greedy(prefill, decode, ids, BOUNDS.max_new, lm.config, BOUNDS, stop_at_eos=False)
+    assert got == _eager(lm, PROMPTS[0])
+
+
+def test_greedy_batch_rows_are_each_prompts_greedy(lm) -> None:  # type: ignore[no-untyped-def]
+    tok = M.ByteTokenizer()
+    prompts = [tok.encode(p) for p in ("Hello, world", "Goodbye, all", "Hello, world")]  # one length: 13 tokens
+    rows = M.greedy_batch(M.Prefill(lm), M.Decode(lm), prompts, BOUNDS.max_new, lm.config, BOUNDS, bucketed=False,
+                          stop_at_eos=False)
+    assert rows == [_eager(lm, p, bucketed=False) for p in ("Hello, world", "Goodbye, all", "Hello, world")]
+    assert rows[0] != rows[1]  # the rows are not one prompt's tokens repeated
+    with pytest.raises(ValueError, match="one length"):
+        M.greedy_batch(M.Prefill(lm), M.Decode(lm), [prompts[0], tok.encode("x")], 4, lm.config, BOUNDS)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_part_examples_are_tensors_of_their_own(batch: int) -> None:
+    """Warm-up inputs must not be views: Dynamo guards on a view's base, and a graph warmed up on one is missed by
+    every request (at batch 1, ``expand(...).contiguous()`` returned a view and prefill was served eager)."""
+    cfg = M.tiny_config()
+    pre, dec = M.part_examples(cfg, BOUNDS, 13, batch)
+    assert [tuple(t.shape[:2]) for t in pre[:2]] == [(batch, 13), (batch,)] and pre[1].tolist() == [13] * batch
+    assert dec[0].shape == (batch, 1) and dec[1].tolist() == [13]
+    for t in (*pre, *dec):
+        assert t._base is None and t.is_contiguous() and not t.is_inference()
+    assert pre[2].shape == (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, BOUNDS.max_len, 16)

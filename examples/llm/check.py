@@ -99,7 +99,8 @@ class CheckRunner(Runner):
     @torch.inference_mode()
     def generate(self, parts: Mapping[str, Callable[..., torch.Tensor]], batch: int) -> torch.Tensor:
         """Greedy: prefill the batch's prompt, then ``tokens - 1`` decode steps; the ``[batch, tokens]`` ids."""
-        k, v = self._cache(batch)
+        with torch.inference_mode(False):  # as model.greedy_batch does: a served part copies inference tensors
+            k, v = self._cache(batch)
         length = torch.full((batch,), self.prompt, dtype=torch.long, device=self.device)
         token = parts["prefill"](self.prompt_ids(batch), length, k, v).argmax(-1, keepdim=True)
         out = [token]

@@ -197,23 +197,57 @@ def prefill_inputs(prompt_ids: Sequence[int], bounds: Bounds, *, bucketed: bool)
     return torch.tensor([ids], dtype=torch.long), torch.tensor([n], dtype=torch.long)
 
 
-@torch.inference_mode()
+def part_examples(config: LlamaConfig, bounds: Bounds, prompt_len: int,
+                  batch: int = 1) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Warm-up inputs of both parts at ``batch`` rows, each with its own zeroed cache: prefill of a prompt of
+    ``prompt_len`` BOS tokens (unpadded), and decode of one token at position ``prompt_len``. Every tensor is its own
+    (``repeat``, not ``expand(...).contiguous()``, which at one row returns a view): Dynamo guards on a view's base,
+    so a graph warmed up on a view misses every request's ordinary tensor (measured: batch-1 prefill served eager)."""
+    ids, length = prefill_inputs([BOS] * prompt_len, bounds, bucketed=False)
+    prefill_args = (ids.repeat(batch, 1), length.repeat(batch), *new_cache(config, bounds.max_len, batch))
+    decode_args = (torch.zeros(batch, 1, dtype=torch.long), torch.tensor([prompt_len]),
+                   *new_cache(config, bounds.max_len, batch))
+    return prefill_args, decode_args
+
 def greedy(prefill: Fn, decode: Fn, prompt_ids: Sequence[int], max_new_tokens: int, config: LlamaConfig,
            bounds: Bounds, *, bucketed: bool = True, stop_at_eos: bool = True) -> list[int]:
     """Greedy generation: up to ``max_new_tokens`` new token ids (stopping after EOS when ``stop_at_eos``).
 
     ``prefill`` and ``decode`` are the parts as called (eager modules, compiled ones, or exported packages)."""
+    return greedy_batch(prefill, decode, [prompt_ids], max_new_tokens, config, bounds, bucketed=bucketed,
+                        stop_at_eos=stop_at_eos)[0]
+
+
+@torch.inference_mode()
+def greedy_batch(prefill: Fn, decode: Fn, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 config: LlamaConfig, bounds: Bounds, *, bucketed: bool = True,
+                 stop_at_eos: bool = True) -> list[list[int]]:
+    """Greedy generation for a batch of prompts of one length (the parts share one position per step across rows):
+    up to ``max_new_tokens`` new ids per prompt. With ``stop_at_eos`` a row ends after its EOS, and generation stops
+    once every row has ended. One prompt: exactly :func:`greedy`."""
+    if not prompts or len({len(p) for p in prompts}) != 1:
+        lengths = [len(p) for p in prompts]
+        raise ValueError(f"greedy_batch takes one or more prompts of one length, got lengths {lengths}")
     if not 1 <= max_new_tokens <= bounds.max_new:
         raise ValueError(f"max_new_tokens is {max_new_tokens}; this model takes 1 to {bounds.max_new}")
-    ids, length = prefill_inputs(prompt_ids, bounds, bucketed=bucketed)
-    k, v = new_cache(config, bounds.max_len)
-    token = prefill(ids, length, k, v).argmax(-1, keepdim=True)  # [1, 1]
-    out = [int(token)]
-    n = len(prompt_ids)
+    rows = [prefill_inputs(p, bounds, bucketed=bucketed) for p in prompts]
+    ids, length = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    # The cache is made outside inference mode, as the parts' warm-up examples are: a served jit/eager part copies an
+    # inference-tensor input to an ordinary one before the call (Dynamo guards on the difference), and the parts'
+    # writes would then go into that copy, not into this cache.
+    with torch.inference_mode(False):
+        k, v = new_cache(config, bounds.max_len, len(prompts))
+    token = prefill(ids, length, k, v).argmax(-1, keepdim=True)  # [B, 1]
+    steps, ended = [token], token[:, 0] == EOS
+    n = len(prompts[0])
     for i in range(max_new_tokens - 1):
-        if stop_at_eos and out[-1] == EOS:
+        if stop_at_eos and bool(ended.all()):
             break
         position = torch.tensor([n + i], dtype=torch.long)
         token = decode(token, position, k, v).argmax(-1, keepdim=True)
-        out.append(int(token))
+        steps.append(token)
+        ended |= token[:, 0] == EOS
+    out = torch.cat(steps, 1).tolist()
+    if stop_at_eos:
+        out = [row[: row.index(EOS) + 1] if EOS in row else row for row in out]
     return out
