@@ -110,7 +110,8 @@ def _metrics(p: Any) -> dict[str, Any]:
         "setup_compile_s": round(m.compile_s, 3),  # the framework's: every part's compile + warm-up
         "request_path_compiles": m.request_path_compiles, "request_path_eager_calls": m.request_path_eager_calls,
         "parts": {n: {k: v for k, v in d.items() if k in ("strategy", "compile_s", "fxgraph_hits", "fxgraph_misses",
-                                                           "eager_fallback")} for n, d in m.parts.items()},
+                                                           "eager_fallback", "precompiled")}
+                  for n, d in m.parts.items()},
     }
 
 
