@@ -205,6 +205,7 @@ class CompiledModel:
         self.request_path_eager_calls = 0
         self._lock = threading.Lock()
         self._eager_shapes: set[str] = set()
+        self._warned_inference_copy = False
         # (event, shape, n): event "compile" or "eager"; the lifecycle records it in the metrics and on the prediction
         self.on_request: Callable[[str, str, int], None] | None = None
         self._sdpa = sdpa_backend(cfg)
@@ -275,6 +276,11 @@ class CompiledModel:
             if not isinstance(x, torch.Tensor):
                 return x
             if copy_inference and x.is_inference():
+                if not self._warned_inference_copy:
+                    self._warned_inference_copy = True
+                    log.warning("part %r: an input %s was made under torch.inference_mode: it is copied for the call "
+                                "(Dynamo guards on the difference), so the part's in-place writes to it (a KV cache) "
+                                "are lost; make it outside inference mode", self.name, describe_args((x,), {}))
                 x = x.clone()
             return x.contiguous(memory_format=fmt) if fmt is not None and x.dim() == 4 else x
 

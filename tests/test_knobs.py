@@ -329,3 +329,24 @@ def test_max_autotune_results_are_shipped_and_reused(tmp_path: Path) -> None:
         shutil.copy2(src, dest)
     r2 = _autotune_boot(second)
     assert not any(k.startswith("benchmarking") for k in r2["bench"]), r2
+
+
+def test_an_inference_tensor_input_is_copied_and_the_loss_of_its_writes_is_said_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A part's in-place write to an input made under inference mode lands in the copy the call gets (a KV cache
+    made that way stops being updated): the first such call says so."""
+    def write(cache: torch.Tensor) -> torch.Tensor:
+        cache.add_(1)
+        return cache
+
+    m = CompiledModel(write, lambda cache: cache, CompileConfig(), name="decode")
+    with torch.inference_mode():
+        inf = torch.zeros(2)
+    ordinary = torch.zeros(2)
+    with caplog.at_level(logging.WARNING, logger="compile_cache"):
+        m(inf)
+        m(inf)
+        m(ordinary)
+    assert inf.tolist() == [0.0, 0.0] and ordinary.tolist() == [1.0, 1.0]
+    warned = [r for r in caplog.records if "made under torch.inference_mode" in r.getMessage()]
+    assert len(warned) == 1 and "'decode'" in warned[0].getMessage()
