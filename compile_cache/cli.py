@@ -247,9 +247,12 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
         _say(f"  {k.ljust(width)}  {m.factors[k]}")
     for f in failures:
         what = f"{f['stage']} failed: {f['error']}: {f['reason']}" if "reason" in f else f"unreadable: {f['unreadable']}"
-        _say(f"export FAILED  {what}")
+        kind = "precompile" if f.get("stage") == "precompile" else "export"
+        skipped = ("precompiling new shapes: they go through the jit function" if kind == "precompile"
+                   else "the export")
+        _say(f"{kind} FAILED  {what}")
         _say(f"               recorded {_when(f.get('at', 0))} under torch {f.get('torch', '?')} in {f['path']};"
-             " boots of this key skip the export (a new key tries again)")
+             f" boots of this key skip {skipped} (a new key tries again)")
     _say("segments (objects)")
     for s in m.segments:
         who = f"written by {s.written_by or '?'} at {_when(s.written_at)}"

@@ -4,14 +4,16 @@ shape and a model with a graph break all still get correct answers."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from compile_cache.config import CompileConfig, Settings
-from tests.conftest import boot
+from tests.conftest import ROOT, boot
 from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
@@ -81,6 +83,11 @@ def test_a_function_that_does_not_round_trip_is_refused_and_remembered(tmp_path:
     pc = second.metrics["parts"]["model"]["precompiled"]
     assert second.metrics["cache"] == "hit" and "failed for this key before" in pc["fallback"], pc
     assert "precompile FAILED" not in second.stderr and pc["built"] == 0
+    cp = subprocess.run([sys.executable, "-m", "compile_cache", "inspect", first.metrics["key"]], cwd=ROOT,
+                        env={**os.environ, **env, "COMPILE_CACHE_PROGRESS": "0"}, capture_output=True, text=True,
+                        timeout=120)
+    line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("precompile FAILED"))
+    assert "RoundTripError" in line and "differs from eager" in line, cp.stdout
     assert second.metrics["fxgraph_misses"] == 0 and second.metrics["fxgraph_hits"] >= len(BATCHES)  # the dir
 
 
