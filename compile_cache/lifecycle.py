@@ -102,7 +102,10 @@ class CompiledRunner(BaseRunner):
         t_start = time.monotonic()
         settings = Settings.from_env()  # a bad value raises here: fail fast
         self.settings, self.cfg = settings, self.compile_config.with_overrides(settings)
-        head_start = prewarm_inductor() if self.cfg.enable else None  # overlaps load() and the restore
+        # Inductor's one-off import and CPU ISA probe, for jit parts only (an export package loads without them, and
+        # the probe costs seconds when its files are missing): started before load() when the runner's config says
+        # jit, else after load() if a part does.
+        head_start = prewarm_inductor() if _uses_jit(self.cfg) else None
         roots = cache_roots()
         logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
         m = self.metrics = BootMetrics()
@@ -113,6 +116,8 @@ class CompiledRunner(BaseRunner):
         loaded = self.load(weights)
         plans = self._resolve_parts(loaded, settings)
         m.load_s = time.monotonic() - t
+        if head_start is None and any(_uses_jit(plan.cfg) for plan in plans):
+            head_start = prewarm_inductor()
 
         # 2. key: what compiles (not weight values, not the version's label: docs/versions.md), one for every part
         self.version = version = self.identify_version(settings, plans)
@@ -437,3 +442,7 @@ class CompiledPredictor(CompiledRunner, BasePredictor):
     """The older spelling: a ``predict()`` subclass of this keeps working (Cog runs ``predict()`` through
     ``run()``, and logs its own deprecation warnings for ``BasePredictor`` and ``predict()``). New code: subclass
     :class:`CompiledRunner` and write ``run()``."""
+
+
+def _uses_jit(cfg: CompileConfig) -> bool:
+    return cfg.enable and cfg.strategy == "jit"

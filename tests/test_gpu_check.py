@@ -83,7 +83,7 @@ def test_table1_modes_at_each_batch(check: tuple[dict[str, Any], Path, str]) -> 
     assert cells == {(b, m) for b in (1, 2) for m in ("eager", "compile-decode", "compile-prefill+decode")}
     for c in r["table1"]:
         assert c["same_tokens_as_eager"] is True and c["tokens"] == 3, c
-        assert c["total_s"] > c["warm_setup_s"] >= 0, c
+        assert c["total_s"] >= c["warm_setup_s"] >= 0, c  # generation itself may round to 0.000 s
 
 
 def test_a_foreign_gpu_entry_is_refused_naming_the_factor(check: tuple[dict[str, Any], Path, str]) -> None:
