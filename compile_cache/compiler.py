@@ -167,9 +167,10 @@ def compile_model(model: Callable[..., Any], cfg: CompileConfig) -> tuple[Callab
 def prewarm_inductor() -> threading.Thread:
     """Start, in a background thread, the one-off work a process pays before its first compiled function runs:
     importing Inductor's code cache, and probing the CPU's vector ISA (torch builds and loads a test program per
-    ISA, in subprocesses). Measured on the example (torch 2.13, 2 vCPUs): 3.6 s for the first precompiled function
-    loaded, 0.17 s for each next one; 1.3 s of it waiting on the probe's subprocesses. Started before ``load()``, it
-    overlaps the model load and the restore instead of following them."""
+    ISA, in subprocesses). Measured on the example (torch 2.13, 2 vCPUs, scripts/precompile_load.py): 1.55 s for the
+    first precompiled function loaded, 0.05 s for each next one. Started for jit parts only, before ``load()`` where the
+    config allows, it overlaps the model load and the restore instead of following them (docs/restore-strategies.md).
+    """
 
     def work() -> None:
         try:

@@ -273,8 +273,9 @@ class Precompiled:
             # A seed's function for these inputs, traced from the same sources with the same baked state: adopted
             # without running it. Otherwise the call goes through __call__, which checks it against eager.
             for i, (path, fn) in enumerate(self.candidates):
-                same_state = _read_state(path) == state_digest(self.module, fn, self._attrs)
-                if same_state and fn.guard_check(*self._prefix, *args, **kwargs):
+                if not fn.guard_check(*self._prefix, *args, **kwargs):  # cheap: the digest only for its shape
+                    continue
+                if _read_state(path) == state_digest(self.module, fn, self._attrs):
                     del self.candidates[i]
                     self._keep(path, fn, args, kwargs, "same sources and state")
                     return True
