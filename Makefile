@@ -10,6 +10,7 @@ WEIGHTS := weights/all-MiniLM-L6-v2/model.safetensors
 TEXT ?=
 JSON ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 GPU_CHECK_ARGS ?=
@@ -19,7 +20,7 @@ GPU_CHECK_ARGS ?=
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
 	@echo "make predict JSON=1                           the same, the raw output as one JSON line on stdout"
-	@echo "make test                                     the whole test suite"
+	@echo "make test [TEST_WORKERS=0]                    the whole test suite (files in parallel; 0: one process)"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
 	@echo "make bench-versions BENCH_OUT=dir             new versions (weights, code, model) against one store"
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 on the LLM example (cold vs warm, ~30 min)"
@@ -48,8 +49,10 @@ weights: $(WEIGHTS)
 predict: $(STAMP) $(WEIGHTS)
 	$(BIN)/python scripts/predict $(if $(JSON),--json) $(if $(TEXT),-i text="$(TEXT)")
 
+# Test files run in parallel, a worker per core up to 4, each file in one worker (its module fixtures once); tests
+# marked `serial` (they bound wall time) run while no other test does (tests/conftest.py). TEST_WORKERS=0: one process.
 test: $(STAMP) $(WEIGHTS)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS) tests
 
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT) $(BENCH_ARGS)

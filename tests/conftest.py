@@ -1,5 +1,5 @@
-"""Shared fixtures. The real S3 server (SeaweedFS) fixtures live in tests/s3server.py, the diffusion example's boots in
-the real Cog runtime in tests/diffusion_boots.py."""
+"""Shared fixtures (the real S3 server's, SeaweedFS, live in tests/s3server.py), and what lets make test run the test
+files in parallel."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-pytest_plugins = ["tests.s3server", "tests.diffusion_boots"]
+pytest_plugins = ["tests.s3server"]
 
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,6 +32,50 @@ PYTHON = str(Path(sys.executable))
 # in this process and in every boot it starts. The precompile path has its own tests (test_precompile.py,
 # test_versions.py), which set it explicitly.
 os.environ.setdefault("COMPILE_CACHE_JIT_RESTORE", "dir")
+
+
+# -- running in parallel ---------------------------------------------------------------------------------------------
+# make test runs pytest-xdist with --dist loadfile: one worker runs a whole file, so its module fixtures (the cold
+# compiles) run once.
+_LOCKS = "PYTEST_SERIAL_LOCKS"  # the lock files' dir: made by the controller, inherited by the workers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "serial: a test that bounds wall time (a deadline, Cog's 10 s shutdown window): it runs while no "
+        "other worker runs a test, so a neighbour's compile cannot eat its budget")
+    if not hasattr(config, "workerinput") and _LOCKS not in os.environ:  # the controller, before workers start
+        os.environ[_LOCKS] = tempfile.mkdtemp(prefix="compile-cache-test-locks-")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_LOCKS), ignore_errors=True))
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A ``serial`` test holds a lock every other test (in every xdist worker) shares, around its whole protocol
+    (the fixtures it sets up and tears down included). A turnstile first, so that the other workers' shared locks
+    cannot starve a waiting serial test."""
+    locks = Path(os.environ[_LOCKS])
+    turnstile, lock = locks / "turnstile", locks / "lock"
+    if item.get_closest_marker("serial"):
+        with contextlib.ExitStack() as held:
+            with _flock(turnstile, fcntl.LOCK_EX):
+                held.enter_context(_flock(lock, fcntl.LOCK_EX))
+            yield
+    else:
+        with _flock(turnstile, fcntl.LOCK_EX):
+            pass
+        with _flock(lock, fcntl.LOCK_SH):
+            yield
 
 
 @dataclass
@@ -73,3 +122,4 @@ def tiny_seeded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert b.metrics["cache"] == "miss" and b.metrics["fxgraph_misses"] > 0
     return d / "store"
+

@@ -1,7 +1,13 @@
 """The diffusion example (examples/diffusion/): its eager pipeline, its two compile units under torch.compile and
-as the export strategy's packages, and its Cog files. On the TINY config (one block per side, 8x8 latents): the
-example's own size is measured by the bench, not here. The packages are the ones the runtime's cold boot built
-(tests/diffusion_boots.py, shared with tests/test_diffusion_example_runtime.py): the units are exported once.
+as the export strategy's packages, its Cog files, and the example in the real Cog runtime. On the TINY config (one
+block per side, 8x8 latents, served through DIFFUSION_WEIGHTS_DIR): the example's own size is measured by the bench,
+not here.
+
+In the runtime, ``scripts/predict``'s way of running it (CogServer.in_project: cwd the example's dir, its own input
+schema) boots cold, then warm in a new container (fresh Inductor dir, the same local store). Warm: every part served
+by its strategy with nothing compiled (an export part's package restored, none built; a jit part's FX graphs all
+hits), no request-path compile, and the PNG equal to the eager pipeline's within the tolerance. The packages the
+unit tests load are the ones that cold boot built: the units are exported once (about 50 s on 2 busy cores).
 
 Tolerance (stated in examples/diffusion/README.md): the PNG's 8-bit pixels differ from the eager pipeline's by at
 most 1 (rounding of float differences of ~1e-6), on every pixel.
@@ -10,15 +16,42 @@ most 1 (rounding of float differences of ~1e-6), on every pixel.
 from __future__ import annotations
 
 import ast
+import base64
+import importlib.util
+import io
 import json
 import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
+from compile_cache.tools.cogrun import CogServer
 from tests.conftest import ROOT
-from tests.diffusion_boots import EXAMPLE_DIR, PIXEL_TOLERANCE, example_model
+
+EXAMPLE_DIR = ROOT / "examples" / "diffusion"
+REF = f"{EXAMPLE_DIR / 'predict.py'}:Runner"
+READY_S = 600.0
+PIXEL_TOLERANCE = 1  # max |compiled - eager| per 8-bit channel value (examples/diffusion/README.md, "Tolerance")
+REQUESTS = [{"prompt": "a red fox", "steps": 3, "seed": 7}, {"prompt": "a lighthouse at dusk", "steps": 2, "seed": 1}]
+PARTS = ("decoder", "denoiser")
+
+
+def example_model() -> ModuleType:
+    """examples/diffusion/model.py, loaded by file under its own name (other examples have a model.py too)."""
+    name = "diffusion_example_model"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE_DIR / "model.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
 
 M = example_model()
 
@@ -106,11 +139,93 @@ def test_compiled_units_match_eager(pipe, compiled, prompt: str, steps: int, see
     assert (pixels(got) - pixels(want)).abs().max() <= PIXEL_TOLERANCE
 
 
+# -- the example in the real Cog runtime, cold then warm ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def diffusion_boots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """{"weights": dir, "cold"/"warm": {"resps", "logs" (setup logs), "metrics", "log", "inductor" (its cache dir)}}.
+    The TINY weights are served through DIFFUSION_WEIGHTS_DIR; one cold boot (two small exports, ~40 s)."""
+    d = tmp_path_factory.mktemp("diffusion-runtime")
+    M.ensure_weights(M.TINY, d / "weights")  # what `python model.py --config tiny --out DIR` writes
+    store = f"file://{d / 'store'}"
+    out: dict[str, Any] = {"weights": d / "weights"}
+    for name in ("cold", "warm"):
+        root = d / name  # a new container: its own empty TORCHINDUCTOR_CACHE_DIR, the same store
+        env = {"DIFFUSION_WEIGHTS_DIR": str(d / "weights"), "COMPILE_CACHE_URL": store,
+               "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "COMPILE_CACHE_METRICS_FILE": str(root / "m.json"),
+               "COMPILE_CACHE_LOG_FILE": str(root / "log.txt")}
+        b: dict[str, Any] = {"inductor": root / "inductor", "resps": []}
+        with CogServer.in_project(REF, env=env, log_path=root / "server.log") as srv:
+            srv.wait_ready(READY_S)
+            for inputs in REQUESTS:
+                code, resp = srv.predict(inputs)
+                assert code == 200 and resp["status"] == "succeeded", resp
+                b["resps"].append(resp)
+            b["logs"] = srv.wait_ready(30)["setup"]["logs"]
+            assert srv.shutdown("post") == 0
+        b["metrics"] = json.loads((root / "m.json").read_text())
+        b["log"] = (root / "log.txt").read_text()
+        out[name] = b
+    return out
+
+
+def png_pixels(output: Any) -> torch.Tensor:
+    """The runtime's answer for a Path output (a data: URI, no upload URL given) -> [H, W, 3] int16 pixels."""
+    from PIL import Image
+
+    assert isinstance(output, str) and output.startswith("data:image/png;base64,"), str(output)[:80]
+    image = Image.open(io.BytesIO(base64.b64decode(output.split(",", 1)[1])))
+    assert image.format == "PNG" and image.mode == "RGB"
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
+        image.height, image.width, 3).to(torch.int16)
+
+
+def test_cold_boot_compiles_each_part_and_uploads(diffusion_boots: dict[str, Any]) -> None:
+    m = diffusion_boots["cold"]["metrics"]
+    assert m["cache"] == "miss" and m["eager_fallback"] == ""
+    assert sorted(m["parts"]) == list(PARTS)
+    for name, p in m["parts"].items():
+        assert p["strategy"] in ("export", "jit") and not p["eager_fallback"], (name, p)
+    exported = sorted(n for n, p in m["parts"].items() if p["strategy"] == "export")
+    assert sorted(w["part"] for w in m["warmup"] if "package built" in w["shape"]) == exported
+    assert diffusion_boots["cold"]["log"].count("export: built") == len(exported)
+    assert m["bytes_uploaded"] > 0 and m["upload_state"] == "done"
+
+
+def test_warm_boot_restores_every_part_and_compiles_nothing(diffusion_boots: dict[str, Any]) -> None:
+    cold, warm = diffusion_boots["cold"]["metrics"], diffusion_boots["warm"]["metrics"]
+    assert warm["key"] == cold["key"] and warm["cache"] == "hit", warm["cache_reason"]
+    # Each part is served as the cold boot served it (no fallback on the warm boot).
+    assert {n: p["strategy"] for n, p in warm["parts"].items()} == {n: p["strategy"] for n, p in cold["parts"].items()}
+    restored = sorted(w["part"] for w in warm["warmup"] if "package restored" in w["shape"])
+    for name, p in warm["parts"].items():
+        assert p["request_path_compiles"] == 0 and p["request_path_eager_calls"] == 0 and not p["eager_fallback"]
+        if p["strategy"] == "export":
+            assert name in restored, (name, warm["warmup"])  # the package came from the store
+        else:  # jit: Dynamo traces again, every FX graph is found in the restored cache
+            assert p["fxgraph_misses"] == 0 and p["fxgraph_hits"] > 0, (name, p)
+        assert f"part {name}: {p['strategy']}" in diffusion_boots["warm"]["logs"]
+    assert "export: built" not in diffusion_boots["warm"]["log"]  # 0 export attempts: every build logs that line
+    assert not [w for w in warm["warmup"] if "package built" in w["shape"]]
+    assert warm["fxgraph_misses"] == 0 and warm["request_path_compiles"] == 0
+    assert warm["bytes_uploaded"] == 0 and warm["bytes_downloaded"] > 0 and warm["eager_fallback"] == ""
+
+
+@pytest.mark.parametrize("name", ["cold", "warm"])
+def test_png_equals_the_eager_pipelines(diffusion_boots: dict[str, Any], name: str) -> None:
+    pipe = M.Pipeline(M.TINY, diffusion_boots["weights"])
+    got = [png_pixels(r["output"]) for r in diffusion_boots[name]["resps"]]
+    for inputs, px in zip(REQUESTS, got, strict=True):
+        want = M.to_uint8(M.generate(pipe, inputs["prompt"], inputs["steps"], inputs["seed"])).to(torch.int16)
+        assert px.shape == want.shape == (M.TINY.image_size, M.TINY.image_size, 3)
+        assert (px - want).abs().max() <= PIXEL_TOLERANCE, inputs
+    assert (got[0] - got[1]).abs().max() > PIXEL_TOLERANCE  # the inputs reached the pipeline: not all dropped
+
+
 # -- the export strategy's build -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packages(pipe, diffusion_boots):  # type: ignore[no-untyped-def]
     """Each unit's package as the export strategy built it (weights kept out) in the runtime's cold boot of the tiny
-    config (tests/diffusion_boots.py: the session's one export of the two units), loaded here on this module's
+    config (``diffusion_boots``: the module's one export of the two units), loaded here on this module's
     units: ``{name: (package path, ExportedModel)}``."""
     from compile_cache.export import ExportedModel, ExportSpec
 

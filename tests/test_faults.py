@@ -242,6 +242,7 @@ def assert_not_worse(e: Entry, before: dict[str, bytes], *, key: str | None = No
 
 
 # -- store rows: both stores --------------------------------------------------------------------------------------
+@pytest.mark.serial  # bounds wall time
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_store_unreachable(
     kind: str, good: Good, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
@@ -265,6 +266,7 @@ def test_store_unreachable(
     assert not verify_entry(st, good.key, signing_key=KEY).ok
 
 
+@pytest.mark.serial  # bounds wall time
 def test_store_slower_than_the_restore_deadline(entry: Entry, tmp_path: Path) -> None:
     slow = SlowStore(entry.store, delay=1.5)
     roots = {"inductor": tmp_path / "ind"}
@@ -658,6 +660,7 @@ def test_boot_with_a_wrong_s3_secret_403(
     assert {o.name: st.read(o.name) for o in st.list("")} == before
 
 
+@pytest.mark.serial  # bounds wall time
 def test_boot_with_an_s3_store_slower_than_the_deadline(
     good: Good, tmp_path: Path, expected: dict, s3_env: dict[str, str], seaweed: Any
 ) -> None:

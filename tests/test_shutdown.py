@@ -31,6 +31,9 @@ from compile_cache.tools.cogrun import CogServer
 from tests.tiny_predictor import BATCHES, TinyMLP, inputs
 
 ROOT = Path(__file__).resolve().parent.parent
+# Alone under xdist: the runtime kills the worker 10 s into its shutdown, and a neighbour's compile would slow the
+# flush that races it.
+pytestmark = pytest.mark.serial
 # By absolute path, and each container runs in its own directory: the repo's .cog/openapi_schema.json is the
 # example's (input "text") and the runtime would strip the tiny predictor's "batch" input.
 PREDICTOR = f"{ROOT / 'tests' / 'slow_upload.py'}:SlowUploadPredictor"

@@ -243,6 +243,7 @@ def test_s3_wrong_secret(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     assert secret not in msg and s3_env["AWS_SECRET_ACCESS_KEY"] not in msg
 
 
+@pytest.mark.serial  # bounds wall time
 def test_s3_unreachable_endpoint_fails_fast(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     from compile_cache.stores.s3 import S3Store
     from tests.s3server import free_ports
