@@ -164,28 +164,6 @@ def compile_model(model: Callable[..., Any], cfg: CompileConfig) -> tuple[Callab
         return model, f"torch.compile raised {type(e).__name__}: {e}"
 
 
-def prewarm_inductor() -> threading.Thread:
-    """Start, in a background thread, the one-off work a process pays before its first compiled function runs:
-    importing Inductor's code cache, and probing the CPU's vector ISA (torch builds and loads a test program per
-    ISA, in subprocesses). Measured on the example (torch 2.13, 2 vCPUs, scripts/precompile_load.py): 1.55 s for the
-    first precompiled function loaded, 0.05 s for each next one. Started for jit parts only, before ``load()`` where the
-    config allows, it overlaps the model load and the restore instead of following them (docs/restore-strategies.md).
-    """
-
-    def work() -> None:
-        try:
-            import torch._inductor.codecache  # noqa: F401
-            from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-            pick_vec_isa()  # cached for the process
-        except Exception as e:  # only a head start: the compile path does this again and reports what fails
-            log.debug("prewarm: %s: %s", type(e).__name__, e)
-
-    t = threading.Thread(target=work, name="compile_cache-prewarm", daemon=True)
-    t.start()
-    return t
-
-
 class CompiledModel:
     """What ``run()`` calls for one part: the compiled (or eager) callable, run under inference mode, with a watch on
     the request path. Once setup is done (:meth:`serve`), a call whose shape nobody declared gets the part's

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from cog import BasePredictor, BaseRunner
 
 from . import log as logmod
-from .compiler import Example, cache_roots, counts, prewarm_inductor
+from .compiler import Example, cache_roots, counts
 from .config import CompileConfig, Settings
 from .export import ExportSpec
 from .key import CacheKey, environment_factors
@@ -102,10 +102,10 @@ class CompiledRunner(BaseRunner):
         t_start = time.monotonic()
         settings = Settings.from_env()  # a bad value raises here: fail fast
         self.settings, self.cfg = settings, self.compile_config.with_overrides(settings)
-        # Inductor's one-off import and CPU ISA probe, for jit parts only (an export package loads without them, and
-        # the probe costs seconds when its files are missing): started before load() when the runner's config says
-        # jit, else after load() if a part does.
-        head_start = prewarm_inductor() if _uses_jit(self.cfg) else None
+        # Nothing of Inductor starts before the restore: its CPU ISA probe builds programs the entry holds (5.3 s into
+        # an empty cache dir, 0.8 s with them there: scripts/isa_probe.py), and importing Inductor from a thread while
+        # load() imports the model's packages breaks torch._dynamo's circular imports ("partially initialized
+        # module", seen with transformers' BertModel). The compile step pays both, once per process.
         roots = cache_roots()
         logmod.configure(settings.log_file or roots["inductor"] / "compile_cache" / "log.txt")
         m = self.metrics = BootMetrics()
@@ -116,8 +116,6 @@ class CompiledRunner(BaseRunner):
         loaded = self.load(weights)
         plans = self._resolve_parts(loaded, settings)
         m.load_s = time.monotonic() - t
-        if head_start is None and any(_uses_jit(plan.cfg) for plan in plans):
-            head_start = prewarm_inductor()
 
         # 2. key: what compiles (not weight values, not the version's label: docs/versions.md), one for every part
         self.version = version = self.identify_version(settings, plans)
@@ -131,8 +129,6 @@ class CompiledRunner(BaseRunner):
         self.uploader = self._restore(settings, key, roots)
 
         # 4. compile: each part by its own strategy, falling back alone
-        if head_start is not None:
-            head_start.join()  # its probe is cached per process: one at a time
         t, before = time.monotonic(), counts()
         for plan in plans:
             plan.seeded = m.cache == "seeded"
@@ -152,8 +148,8 @@ class CompiledRunner(BaseRunner):
 
         # 5. upload what is new, in the background; flush the rest at exit
         if self.uploader is not None and all(p["eager_fallback"] for p in m.parts.values()):
-            # Nothing compiled: what the cache dir gained is Inductor's own probing (setup starts its CPU ISA probe
-            # before load()), not worth an entry that would make the next boot a "hit" on nothing.
+            # Nothing compiled: whatever the cache dir gained (Inductor's own probing, if a failed compile got that
+            # far) is not worth an entry that would make the next boot a "hit" on nothing.
             log.info("no part compiled: nothing uploaded")
             self.uploader = None
         m.total_s = time.monotonic() - t_start
@@ -442,7 +438,3 @@ class CompiledPredictor(CompiledRunner, BasePredictor):
     """The older spelling: a ``predict()`` subclass of this keeps working (Cog runs ``predict()`` through
     ``run()``, and logs its own deprecation warnings for ``BasePredictor`` and ``predict()``). New code: subclass
     :class:`CompiledRunner` and write ``run()``."""
-
-
-def _uses_jit(cfg: CompileConfig) -> bool:
-    return cfg.enable and cfg.strategy == "jit"

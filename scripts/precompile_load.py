@@ -1,8 +1,9 @@
 """What loading precompiled functions costs a fresh process, and whether their first call costs more than the next.
 
-The figures behind two choices in compile_cache: warm-up only checks a loaded function's guards (its first call
-costs what later ones do), and setup starts Inductor's import and CPU ISA probe early (the first function loaded
-pays them, the next ones do not). On the example (predict.py, its four warm-up shapes):
+The figures behind a choice in compile_cache and a cost it documents: warm-up only checks a loaded function's guards
+(its first call costs what later ones do), and the first function a process loads pays Inductor's import and CPU ISA
+probe, the next ones do not (scripts/isa_probe.py splits that one-off cost). On the example (predict.py, its four
+warm-up shapes):
 
     .venv/bin/python scripts/precompile_load.py             # build in one process, then load and call in another
 
