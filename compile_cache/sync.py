@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CacheError,
@@ -804,24 +804,38 @@ def restore_or_seed(
     of it hits; the export strategy reuses only what it can show is valid (see lifecycle).
 
     A hit costs what :func:`restore` costs: the lineage is listed only on a miss (one bounded listing, at most two
-    manifest reads to explain it). The seed must pass every check an entry of this key would (fingerprint,
-    signature, caps): :func:`restore` runs on it."""
+    manifest reads to explain it), on a helper thread, within what is left of ``options.timeout_s``. The seed must
+    pass every check an entry of this key would (fingerprint, signature, caps): :func:`restore` runs on it."""
     t0 = time.monotonic()
     r = restore(store, key, roots, factors=factors, trust=trust, options=options)
     if r.status != "miss" or not lineage:
         return r
     _, part, fp = split_key(key)
-    try:
-        listed = [e for e in lineage_entries(store, lineage) if e.key != key]
-    except (CacheError, OSError) as e:
-        r.reason = f"no entry; could not list lineage {lineage}: {e}"
+    survey: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            listed = [e for e in lineage_entries(store, lineage) if e.key != key]
+            seeds = [e for e in listed if e.fingerprint == fp]
+            # Nearest: the newest entry of the same environment (what compiles differs), and the newest of the same
+            # model part (the environment differs) or, lacking one, the newest other entry of the lineage.
+            others = [e for e in listed if e.fingerprint != fp]
+            nearest = seeds[:1] + ([e for e in others if e.part == part] or others)[:1]
+            survey["seeds"] = seeds
+            survey["notes"] = [_explain(store, e.key, factors, model_factors or {}) for e in nearest]
+        except Exception as e:  # a cache problem must never fail a boot
+            survey["error"] = e
+
+    th = threading.Thread(target=work, name="compile-cache-lineage", daemon=True)
+    th.start()
+    th.join(max(0.0, options.timeout_s - (time.monotonic() - t0)))
+    if th.is_alive() or "error" in survey:
+        why = (f"exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S={options.timeout_s:g}s" if th.is_alive()
+               else f"{type(survey['error']).__name__}: {survey['error']}")
+        r.reason = f"no entry; could not list lineage {lineage}: {why}"
+        r.seconds = time.monotonic() - t0
         return r
-    seeds = [e for e in listed if e.fingerprint == fp]
-    # Nearest: the newest entry of the same environment (what compiles differs), and the newest of the same model
-    # part (the environment differs) or, lacking one, the newest other entry of the lineage.
-    others = [e for e in listed if e.fingerprint != fp]
-    nearest = seeds[:1] + ([e for e in others if e.part == part] or others)[:1]
-    notes = [_explain(store, e.key, factors, model_factors or {}) for e in nearest]
+    seeds, notes = survey["seeds"], survey["notes"]
     r.reason = "no entry; " + ("nearest " + "; ".join(notes) if notes else f"no other entry of lineage {lineage}")
     if not seed or not seeds:
         return r

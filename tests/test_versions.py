@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from compile_cache.config import CompileConfig
 from compile_cache.key import CacheKey
 from compile_cache.manifest import manifest_name
 from compile_cache.prune import apply_prune, plan_prune
-from compile_cache.stores import Store
-from compile_cache.sync import Uploader, read_manifest, restore_or_seed
+from compile_cache.stores import LocalStore, Store
+from compile_cache.sync import RestoreOptions, Uploader, read_manifest, restore_or_seed
 from compile_cache.versions import identify, local_sources, weights_digest
 from tests.conftest import ROOT, boot
 from tests.tiny_predictor import BATCHES
@@ -202,6 +203,30 @@ def test_a_miss_without_a_seed_names_the_differing_factor(store: Store, tmp_path
     assert not any(roots["inductor"].rglob("*"))
     r = restore_or_seed(store, CacheKey("m1", FACTORS, lineage="new").name, roots, factors=FACTORS, lineage="new")
     assert r.status == "miss" and r.reason == "no entry; no other entry of lineage new"
+
+
+@pytest.mark.serial  # bounds wall time
+def test_a_slow_lineage_listing_stays_within_the_restore_deadline(tmp_path: Path) -> None:
+    """A miss lists the lineage (to explain it, and to seed): a store that lists slowly must not hold the boot past
+    COMPILE_CACHE_RESTORE_TIMEOUT_S. Without the deadline, this call would take the listing's 3 s."""
+    store = LocalStore(tmp_path / "store")
+    publish(store, "lin", "m1", {"fxgraph/a": b"a seed the slow listing hides"}, tmp_path)
+
+    class SlowList(LocalStore):
+        def list(self, prefix: str = "") -> Iterator[Any]:
+            time.sleep(3)
+            return super().list(prefix)
+
+    key = CacheKey("m2", FACTORS, lineage="lin").name
+    t0 = time.monotonic()
+    r = restore_or_seed(SlowList(tmp_path / "store"), key, fresh(tmp_path), factors=FACTORS, lineage="lin",
+                        options=RestoreOptions(timeout_s=0.5))
+    assert time.monotonic() - t0 < 2.5
+    assert r.status == "miss" and not r.seeded_from
+    assert r.reason == "no entry; could not list lineage lin: exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S=0.5s"
+    # The same store, listed in time: the seed is found.
+    r = restore_or_seed(store, key, fresh(tmp_path), factors=FACTORS, lineage="lin")
+    assert r.status == "seeded"
 
 
 def test_a_seeded_versions_first_upload_puts_only_new_objects(store: Store, tmp_path: Path) -> None:
