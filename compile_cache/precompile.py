@@ -372,7 +372,7 @@ class Precompiled:
             differs = same_outputs(out, self.module(*args, **kwargs))
             if differs:
                 raise RoundTripError(f"saved and loaded back, it differs from eager: {differs}")
-            state = staging / (name.removesuffix(".bin") + _STATE)
+            state = _state_path(staging / name)
             state.write_text(state_digest(self.module, loaded, self._attrs) + "\n")
             os.replace(state, self.dir / state.name)
             os.replace(staging / name, self.dir / name)
@@ -389,10 +389,15 @@ class Precompiled:
         return loaded, out
 
 
+def _state_path(path: Path) -> Path:
+    """``<dir>/<name>.bin`` -> ``<dir>/<name>.state``."""
+    return path.with_name(path.name.removesuffix(".bin") + _STATE)
+
+
 def _read_state(path: Path) -> str:
     """The state digest saved beside a function when it was built ("" if none: then it is checked by running)."""
     try:
-        return path.with_name(path.name.removesuffix(".bin") + _STATE).read_text().strip()
+        return _state_path(path).read_text().strip()
     except OSError:
         return ""
 
