@@ -235,7 +235,8 @@ class CompiledModel:
             stack.enter_context(torch.compiler.config.patch(cache_key_tag=tag))
         return stack
 
-    def _convert(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _convert(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any],
+                                                                              list[tuple[torch.Tensor, int]]]:
         """Inputs in the form warm-up compiled for, so that a request never fails Dynamo's guards over form alone.
         Called outside inference mode, for two reasons Dynamo guards on:
 
@@ -245,34 +246,45 @@ class CompiledModel:
         - Inference tensors (another part's output: parts run under inference mode) to ordinary ones, by a copy:
           warm-up examples are ordinary tensors, and Dynamo guards on the difference (measured on torch 2.13: one
           recompile). An export package has no guards: its inputs are left as they are.
+
+        Also returns each such copy with its version counter, for :meth:`_check_copies`.
         """
         fmt = self._fmt
         copy_inference = self.kind != "export"
+        copies: list[tuple[torch.Tensor, int]] = []
         if fmt is None and not copy_inference:
-            return tuple(args), kwargs
+            return tuple(args), kwargs, copies
 
         def one(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
                 return x
             if copy_inference and x.is_inference():
-                if not self._warned_inference_copy:
-                    self._warned_inference_copy = True
-                    log.warning("part %r: an input %s was made under torch.inference_mode: it is copied for the call "
-                                "(Dynamo guards on the difference), so the part's in-place writes to it (a KV cache) "
-                                "are lost; make it outside inference mode", self.name, describe_args((x,), {}))
                 x = x.clone()
+                copies.append((x, x._version))
             return x.contiguous(memory_format=fmt) if fmt is not None and x.dim() == 4 else x
 
         # A caller may itself run under inference mode (a pipeline's loop): copies made there would be inference
         # tensors again.
         with torch.inference_mode(False):
-            return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+            return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}, copies
+
+    def _check_copies(self, copies: list[tuple[torch.Tensor, int]]) -> None:
+        """A part that wrote in place into the copy of an inference-tensor input (a KV cache made under inference
+        mode) lost that write: say so, once per part. An in-place write, eager or compiled, bumps the copy's version
+        counter; inputs only read (token ids, another part's output) leave it as it was."""
+        written = [c for c, version in copies if c._version != version]
+        if written and not self._warned_inference_copy:
+            self._warned_inference_copy = True
+            log.warning("part %r: it wrote in place into an input %s made under torch.inference_mode; such an input "
+                        "is copied for the call (Dynamo guards on the difference), so the write is lost: make it "
+                        "outside inference mode (torch.no_grad() is enough)", self.name,
+                        describe_args((written[0],), {}))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from .export import ShapeOutOfRange
         from .watch import watching
 
-        cargs, ckwargs = self._convert(args, kwargs)
+        cargs, ckwargs, copies = self._convert(args, kwargs)
         with watching() as rec, self._ctx():
             try:
                 out = self.fn(*cargs, **ckwargs)
@@ -281,6 +293,8 @@ class CompiledModel:
                     raise
                 rec.new_shape = True
                 out = self.eager(*cargs, **ckwargs)
+        if copies:
+            self._check_copies(copies)
         if not self.is_compiled:
             return out
         if rec.compiles > 0:
@@ -318,7 +332,7 @@ class CompiledModel:
         ready = getattr(self.fn, "ready", None)  # precompiled functions loaded with their kernels: nothing to warm
         for ex in examples:
             t0 = time.monotonic()
-            cargs, ckwargs = self._convert(ex.args, ex.kwargs or {})
+            cargs, ckwargs, _ = self._convert(ex.args, ex.kwargs or {})
             if ready is not None and ready(*cargs, **ckwargs):
                 timings.append({"shape": f"{ex.describe()} (precompiled, loaded)", "s": round(time.monotonic() - t0, 3)})
                 continue

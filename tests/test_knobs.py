@@ -334,7 +334,8 @@ def test_max_autotune_results_are_shipped_and_reused(tmp_path: Path) -> None:
 def test_an_inference_tensor_input_is_copied_and_the_loss_of_its_writes_is_said_once(
         caplog: pytest.LogCaptureFixture) -> None:
     """A part's in-place write to an input made under inference mode lands in the copy the call gets (a KV cache
-    made that way stops being updated): the first such call says so."""
+    made that way stops being updated): the first such call says so, and a part that only reads such an input
+    does not."""
     def write(cache: torch.Tensor) -> torch.Tensor:
         cache.add_(1)
         return cache
@@ -350,3 +351,10 @@ def test_an_inference_tensor_input_is_copied_and_the_loss_of_its_writes_is_said_
     assert inf.tolist() == [0.0, 0.0] and ordinary.tolist() == [1.0, 1.0]
     warned = [r for r in caplog.records if "made under torch.inference_mode" in r.getMessage()]
     assert len(warned) == 1 and "'decode'" in warned[0].getMessage()
+
+    # An inference-tensor input the part only reads (token ids, another part's output) is copied too, silently.
+    caplog.clear()
+    reader = CompiledModel(lambda ids: ids * 2, lambda ids: ids * 2, CompileConfig(), name="prefill")
+    with caplog.at_level(logging.WARNING, logger="compile_cache"):
+        assert reader(inf).tolist() == [0.0, 0.0]
+    assert not [r for r in caplog.records if "made under torch.inference_mode" in r.getMessage()]
