@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import compile_cache.key
+import compile_cache.factors
 from compile_cache.lifecycle import CompiledRunner
 
 # -- runners outside the repository keep their key -------------------------------------------------------------------
@@ -134,7 +134,7 @@ def _pin_facts(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     monkeypatch.setattr(platform, "python_version", lambda: "3.11.7")
     monkeypatch.setattr(platform, "system", lambda: "Linux")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(compile_cache.key, "__version__", "0.1.0")
+    monkeypatch.setattr(compile_cache.factors, "__version__", "0.1.0")
     for name in [n for n in os.environ if n.startswith(("COMPILE_CACHE_", "TORCHINDUCTOR_"))]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("COMPILE_CACHE_DISABLE", "1")
