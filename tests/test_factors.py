@@ -10,13 +10,32 @@ import platform
 import struct
 import sys
 import textwrap
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 import compile_cache.factors
+from compile_cache.cli import main
+from compile_cache.config import CompileConfig, Settings
+from compile_cache.factors import (
+    ENVIRONMENT,
+    EXCLUDED,
+    LEGACY,
+    MODEL,
+    SETTINGS_EXCLUDED,
+    config_factors,
+    environment_factors,
+    is_environment,
+    settings_field_factor,
+)
+from compile_cache.key import fingerprint_of
 from compile_cache.lifecycle import CompiledRunner
+from compile_cache.manifest import Manifest, manifest_name
+from compile_cache.stores import open_store
+from compile_cache.versions import identify
 
 # -- runners outside the repository keep their key -------------------------------------------------------------------
 # Each runner lives in its own project dir (a tmp dir), imports compile_cache as a library and has local files of its
@@ -178,3 +197,93 @@ def test_runners_outside_the_repository_keep_their_key(module: str, cls: str, so
     runner = _key_of(module, cls, source, tmp_path, monkeypatch)
     factors = json.dumps(dict(runner.key.factors), indent=1, sort_keys=True)
     assert (runner.key.name, runner.key.fingerprint) == (name, fingerprint), factors
+
+
+def test_inspect_diff_env_finds_no_difference_on_the_machine_that_built_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An entry's export spec and parts are the runner's, not the machine's: on the machine that built it,
+    ``inspect --diff-env`` lists no difference; an environment factor that differs is listed alone."""
+    _pin_facts(monkeypatch, tmp_path)
+    keys = [_key_of(m, c, s, tmp_path, monkeypatch).key for m, c, s, _, _ in _EXPECTED]
+    assert any("export.spec" in k.factors for k in keys) and any("part.head.compile.mode" in k.factors for k in keys)
+    store = open_store(str(tmp_path / "store"))
+    for key in keys:
+        m = Manifest(key=key.name, model_version=key.model_version, fingerprint=key.fingerprint, factors=key.factors)
+        store.put_conditional(manifest_name(key.name), m.to_bytes(), None)
+        built_elsewhere = {**key.factors, "cpu.isa": "AVX512"}
+        other = m.model_copy(update={"key": f"{key.name}x", "factors": built_elsewhere,
+                                     "fingerprint": fingerprint_of(built_elsewhere)})
+        store.put_conditional(manifest_name(other.key), other.to_bytes(), None)
+
+    def diff_env(name: str) -> list[str]:
+        capsys.readouterr()
+        assert main(["--store", str(tmp_path / "store"), "inspect", name, "--diff-env", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["diff_env"]
+
+    for key in keys:
+        assert diff_env(key.name) == [], key.name
+        assert diff_env(f"{key.name}x") == ["cpu.isa: AVX512 != AVX2"], key.name
+
+
+# -- every field classified ------------------------------------------------------------------------------------------
+def test_every_settings_field_is_a_config_override_or_excluded_by_name() -> None:
+    unclassified = []
+    for name in Settings.model_fields:
+        try:
+            settings_field_factor(name)
+        except KeyError:
+            unclassified.append(name)
+    assert not unclassified, f"add to factors.SETTINGS_EXCLUDED (with a reason) or override a CompileConfig field: " \
+                             f"{unclassified}"
+    assert set(SETTINGS_EXCLUDED) <= set(Settings.model_fields), "a stale name in SETTINGS_EXCLUDED"
+    assert set(EXCLUDED) <= set(CompileConfig.model_fields), "a stale name in EXCLUDED"
+    assert LEGACY <= set(CompileConfig.model_fields) - set(EXCLUDED)
+
+
+def _away_from_default(name: str) -> object:
+    """A valid value of CompileConfig.<name> other than its default."""
+    info = CompileConfig.model_fields[name]
+    default = info.get_default(call_default_factory=True)
+    annotation = info.annotation
+    choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(choices) == 1:
+        annotation = choices[0]
+    if annotation is bool:
+        return not default
+    if annotation is str:
+        return f"{default}x"
+    if annotation is int or annotation is float:
+        return default + 1
+    if typing.get_origin(annotation) is dict:
+        return {"x": 1}
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(v for v in typing.get_args(annotation) if v != default)
+    pytest.fail(f"CompileConfig.{name}: no value away from the default for {annotation!r}; add its type here")
+
+
+@pytest.mark.parametrize("name", list(CompileConfig.model_fields))
+def test_a_field_away_from_its_default_moves_the_fingerprint_unless_excluded(name: str) -> None:
+    base, other = CompileConfig(), CompileConfig(**{name: _away_from_default(name)})
+    moved = fingerprint_of(config_factors(other)) != fingerprint_of(config_factors(base))
+    assert moved == (name not in EXCLUDED), EXCLUDED.get(name, "a factor")
+
+
+def test_a_field_added_later_is_a_factor_only_away_from_its_default() -> None:
+    class Later(CompileConfig):
+        later_knob: int = 0
+
+    assert set(config_factors(CompileConfig())) == {f"compile.{n}" for n in LEGACY}  # today's factors, every value
+    assert config_factors(Later()) == config_factors(CompileConfig())  # a new field at its default re-keys nothing
+    assert config_factors(Later(later_knob=3)) == {**config_factors(CompileConfig()), "compile.later_knob": "3"}
+    assert fingerprint_of(config_factors(Later(later_knob=3))) != fingerprint_of(config_factors(Later()))
+
+
+def test_environment_and_model_factors_are_the_listed_ones(tmp_path: Path) -> None:
+    env = environment_factors()
+    assert set(env) <= set(ENVIRONMENT) and all(is_environment(k) for k in env)
+    (tmp_path / "predict.py").write_text("x = 1\n")
+    v = identify(predictor_file=tmp_path / "predict.py", weights_dir=None, requirements_files=[], label="v1",
+                 lineage=None, predictor_class="P", key_by_version=True)
+    assert set(v.factors) == set(MODEL)
+    assert not any(is_environment(k) for k in (*MODEL, *(f"compile.{n}" for n in CompileConfig.model_fields)))
