@@ -373,7 +373,7 @@ def _setting(name: str, o: EnvOverride) -> tuple[Any, Any]:
     return typ | None, Field(None, alias=o.env, description=o.doc or " | ".join(words))
 
 
-Settings = create_model(  # type: ignore[call-overload]
+Settings = create_model(
     "Settings",
     __base__=_Settings,
     __module__=__name__,
