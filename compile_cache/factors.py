@@ -114,13 +114,20 @@ def is_environment(name: str) -> bool:
 
 
 # -- config factors (CompileConfig's fields, as ``compile.<field>``) -------------------------------------------------
-# The fields that change generated code were in the key before fields were derived: they are emitted at every value,
-# with the same spellings, so that existing entries keep their key. Every field added since is emitted only where its
-# value differs from its default, so adding one re-keys nothing.
-LEGACY = frozenset(
-    {"enable", "strategy", "backend", "mode", "dynamic", "fullgraph", "options", "inference_mode",
-     "memory_format", "sdpa_backend"}
-)
+# LEGACY: the fields every key of format 2 carries, at every value and spelled as below, so existing entries keep
+# their key. Any other field is a factor only where its value differs from its default: adding one re-keys nothing.
+LEGACY: dict[str, str] = {
+    "enable": "False serves eager: nothing is compiled",
+    "strategy": "jit keeps Inductor's cache dir, export an AOTInductor package",
+    "backend": "the compiler that generates the code",
+    "mode": "autotuning and CUDA graphs change the kernels",
+    "dynamic": "static or symbolic shapes give other graphs",
+    "fullgraph": "where graphs break decides what is compiled",
+    "options": "Inductor's options change its code (freezing folds weights into it)",
+    "inference_mode": "tracing without autograd gives other graphs",
+    "memory_format": "channels_last changes the layouts the kernels are built for",
+    "sdpa_backend": "the attention kernel is traced into the graph",
+}
 EXCLUDED: dict[str, str] = {
     "jit_restore": "both restores read and write the same entry",
     "on_new_shape": "what a call with an undeclared shape gets after setup; it changes no generated code",
