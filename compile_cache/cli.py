@@ -261,7 +261,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
             for f in s.files:
                 _say(f"      {f.path}  {_size(f.size)}")
     if diff is not None:
-        _say("this machine vs the entry (compile.* factors are the predictor's config, not compared)")
+        _say("this machine vs the entry (environment factors only: config, export spec and parts are the runner's)")
         for line in diff or ["same environment: this machine computes the same environment factors"]:
             _say(f"  {line}")
     return 0
@@ -288,11 +288,12 @@ def _export_failures(store: Store, m: Manifest) -> list[dict[str, Any]]:
 
 
 def _diff_env(m: Manifest) -> list[str]:
-    """How this machine's environment factors differ from the entry's (imports torch)."""
-    from .key import environment_factors
+    """How this machine's environment factors differ from the entry's (imports torch). Only the environment is
+    compared: the config, the export spec and the parts are the runner's, and this machine has no runner."""
+    from .factors import environment_factors, is_environment
 
     def env_only(f: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in f.items() if not k.startswith("compile.")}
+        return {k: v for k, v in f.items() if is_environment(k)}
 
     return diff_factors(env_only(m.factors), env_only(environment_factors()))
 

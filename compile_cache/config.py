@@ -9,14 +9,26 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "CompileConfig", "DEFAULT_STORE_URL", "env_table"]
+__all__ = ["Settings", "CompileConfig", "EnvOverride", "DEFAULT_STORE_URL", "env_table", "env_overrides"]
 
 DEFAULT_STORE_URL = "file://.cache/compile-store"
 
@@ -33,7 +45,7 @@ def _invalid(name: str, value: object, accepted: str, reason: str = "") -> Confi
     return ConfigError(f"{name}={value!r} is invalid{why}. Accepted: {accepted}")
 
 
-class Settings(BaseModel):
+class _Settings(BaseModel):
     """Runtime settings. Build with :meth:`from_env`; field aliases are the environment variable names."""
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
@@ -123,45 +135,7 @@ class Settings(BaseModel):
     progress: bool = Field(
         True, alias="COMPILE_CACHE_PROGRESS", description="0/false turns progress bars off (CLI)"
     )
-    # Compile-config overrides (None = keep what the predictor declares).
-    strategy: Literal["jit", "export"] | None = Field(
-        None, alias="COMPILE_CACHE_STRATEGY", description="jit | export"
-    )
-    compile_enable: bool | None = Field(
-        None, alias="COMPILE_CACHE_COMPILE", description="0/false serves eager, 1/true compiles"
-    )
-    backend: str | None = Field(
-        None, alias="COMPILE_CACHE_BACKEND", description="torch.compile backend, e.g. inductor, aot_eager, eager"
-    )
-    mode: Literal[_COMPILE_MODES] | None = Field(  # type: ignore[valid-type]
-        None, alias="COMPILE_CACHE_MODE", description=" | ".join(_COMPILE_MODES)
-    )
-    dynamic: Literal["true", "false", "auto"] | None = Field(
-        None, alias="COMPILE_CACHE_DYNAMIC", description="true | false | auto"
-    )
-    fullgraph: bool | None = Field(None, alias="COMPILE_CACHE_FULLGRAPH", description="0/1")
-    options: dict[str, Any] | None = Field(
-        None, alias="COMPILE_CACHE_OPTIONS", description='a JSON object of Inductor options, e.g. {"freezing": false}'
-    )
-    memory_format: Literal[_MEMORY_FORMATS] | None = Field(  # type: ignore[valid-type]
-        None, alias="COMPILE_CACHE_MEMORY_FORMAT", description=" | ".join(_MEMORY_FORMATS)
-    )
-    sdpa_backend: Literal[(*_SDPA_BACKENDS, "default")] | None = Field(  # type: ignore[valid-type]
-        None,
-        alias="COMPILE_CACHE_SDPA_BACKEND",
-        description=" | ".join(_SDPA_BACKENDS) + " | default (torch chooses)",
-    )
-    jit_restore: Literal["dir", "precompile"] | None = Field(
-        None,
-        alias="COMPILE_CACHE_JIT_RESTORE",
-        description="precompile | dir (jit strategy: what a warm boot restores; docs/restore-strategies.md)",
-    )
-    on_new_shape: Literal[_ON_NEW_SHAPE] | None = Field(  # type: ignore[valid-type]
-        None,
-        alias="COMPILE_CACHE_ON_NEW_SHAPE",
-        description="eager | compile | error: what a call with an undeclared shape gets after setup "
-        "(default eager: served uncompiled, logged once per shape, counted)",
-    )
+    # The compile-config overrides follow, generated from CompileConfig's fields (see Settings below).
 
     @field_validator("url")
     @classmethod
@@ -174,25 +148,8 @@ class Settings(BaseModel):
             raise ValueError("empty path")
         return v
 
-    @field_validator("options", mode="before")
-    @classmethod
-    def _parse_options(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not JSON: {e}") from e
-        if v is not None and not isinstance(v, dict):
-            raise ValueError("not a JSON object")
-        return v
-
-    @field_validator("dynamic", "memory_format", "sdpa_backend", "jit_restore", "on_new_shape", mode="before")
-    @classmethod
-    def _lower(cls, v: Any) -> Any:
-        return v.lower() if isinstance(v, str) else v
-
     @model_validator(mode="after")
-    def _check_trust(self) -> Settings:
+    def _check_trust(self) -> _Settings:
         if self.verify_keys is not None and self.signing_key is None:
             raise ValueError(
                 "COMPILE_CACHE_VERIFY_KEYS is set without COMPILE_CACHE_SIGNING_KEY: it adds earlier keys to the "
@@ -246,37 +203,80 @@ def env_table() -> list[tuple[str, str, str]]:
     return rows
 
 
+@dataclass(frozen=True)
+class EnvOverride:
+    """On a ``CompileConfig`` field: the environment variable that overrides it. The ``Settings`` field, its row in
+    the env table and the override itself (:meth:`CompileConfig.with_overrides`) are derived from this.
+
+    The variable accepts the field's own values (a ``Literal``'s words, case-insensitive; 0/1/true/false for a bool;
+    a JSON object for a dict, which adds to the declared one) and the extra ``words``, each standing for a value."""
+
+    env: str
+    doc: str = ""  # what the env table says the variable accepts; default: the accepted words joined by " | "
+    words: Mapping[str, Any] = field(default_factory=dict)
+    setting: str = ""  # the Settings field's name where it is not the config field's
+
+
+Strategy = Literal["jit", "export"]
+
+
 class CompileConfig(BaseModel):
     """What to compile and how: declared on the predictor class, like TorchServe's ``pt2:`` section.
 
     ``strategy="jit"`` is ``torch.compile`` with the Inductor cache dir restored; ``"export"`` is torch.export plus
-    an AOTInductor package kept in the store (no Dynamo at boot).
+    an AOTInductor package kept in the store (no Dynamo at boot). Every field is a cache key factor unless
+    compile_cache/factors.py excludes it by name.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enable: bool = True
-    strategy: Literal["jit", "export"] = "jit"
-    backend: str = "inductor"
-    mode: Literal[_COMPILE_MODES] | None = None  # type: ignore[valid-type]
-    dynamic: bool | None = None
-    fullgraph: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)
+    # The order of the fields with an EnvOverride is the order of their rows in the env table.
+    strategy: Annotated[Strategy, EnvOverride("COMPILE_CACHE_STRATEGY")] = "jit"
+    enable: Annotated[
+        bool, EnvOverride("COMPILE_CACHE_COMPILE", "0/false serves eager, 1/true compiles", setting="compile_enable")
+    ] = True
+    backend: Annotated[
+        str, EnvOverride("COMPILE_CACHE_BACKEND", "torch.compile backend, e.g. inductor, aot_eager, eager")
+    ] = "inductor"
+    mode: Annotated[Literal[_COMPILE_MODES] | None, EnvOverride("COMPILE_CACHE_MODE")] = None  # type: ignore[valid-type]
+    dynamic: Annotated[
+        bool | None, EnvOverride("COMPILE_CACHE_DYNAMIC", words={"true": True, "false": False, "auto": None})
+    ] = None
+    fullgraph: Annotated[bool, EnvOverride("COMPILE_CACHE_FULLGRAPH", "0/1")] = False
+    options: Annotated[
+        dict[str, Any],
+        EnvOverride("COMPILE_CACHE_OPTIONS", 'a JSON object of Inductor options, e.g. {"freezing": false}'),
+    ] = Field(default_factory=dict)
     inference_mode: bool = True
     # "channels_last": model and 4-D tensor inputs converted before compiling and on every call (helps CNNs).
-    memory_format: Literal[_MEMORY_FORMATS] = "contiguous"  # type: ignore[valid-type]
+    memory_format: Annotated[
+        Literal[_MEMORY_FORMATS], EnvOverride("COMPILE_CACHE_MEMORY_FORMAT")  # type: ignore[valid-type]
+    ] = "contiguous"
     # Attention kernel for F.scaled_dot_product_attention during compile, warm-up and calls; None = torch's choice.
-    sdpa_backend: Literal[_SDPA_BACKENDS] | None = None  # type: ignore[valid-type]
+    sdpa_backend: Annotated[
+        Literal[_SDPA_BACKENDS] | None,  # type: ignore[valid-type]
+        EnvOverride("COMPILE_CACHE_SDPA_BACKEND", " | ".join(_SDPA_BACKENDS) + " | default (torch chooses)",
+                    words={"default": None}),
+    ] = None
     # strategy="jit": what a warm boot restores. "precompile": AOT-precompiled functions per shape on top of the
     # Inductor cache dir, so no Dynamo tracing, for each part where they round-trip (else that part uses the dir
     # alone); "dir": the cache dir only, Dynamo traces every shape with its full guards (compile_cache/precompile.py,
     # docs/restore-strategies.md). Not a cache factor: both read and write the same entry.
-    jit_restore: Literal["dir", "precompile"] = "precompile"
+    jit_restore: Annotated[
+        Literal["dir", "precompile"],
+        EnvOverride("COMPILE_CACHE_JIT_RESTORE",
+                    "precompile | dir (jit strategy: what a warm boot restores; docs/restore-strategies.md)"),
+    ] = "precompile"
     # After setup, a call whose shape no warm-up example (jit) or export dim (export) declared: "eager" serves it
     # uncompiled (logged once per shape, counted as request_path_eager_calls), "compile" compiles it on the request
     # path (seconds to minutes on a real model), "error" fails that prediction. Not a cache factor: it changes no
     # generated code.
-    on_new_shape: Literal[_ON_NEW_SHAPE] = "eager"  # type: ignore[valid-type]
+    on_new_shape: Annotated[
+        Literal[_ON_NEW_SHAPE],  # type: ignore[valid-type]
+        EnvOverride("COMPILE_CACHE_ON_NEW_SHAPE",
+                    "eager | compile | error: what a call with an undeclared shape gets after setup "
+                    "(default eager: served uncompiled, logged once per shape, counted)"),
+    ] = "eager"
     # The model's weight values decide generated code (e.g. the model branches on a weight's value while tracing,
     # or folds weights into constants itself): the key then hashes every weight byte (docs/versions.md).
     key_weight_values: bool = False
@@ -308,28 +308,15 @@ class CompileConfig(BaseModel):
     def with_overrides(self, s: Settings) -> CompileConfig:
         """Apply the environment's overrides (``COMPILE_CACHE_BACKEND`` ...) on top of the declared config."""
         upd: dict[str, Any] = {}
-        if s.strategy is not None:
-            upd["strategy"] = s.strategy
-        if s.compile_enable is not None:
-            upd["enable"] = s.compile_enable
-        if s.backend is not None:
-            upd["backend"] = s.backend
-        if s.mode is not None:
-            upd["mode"] = s.mode
-        if s.dynamic is not None:
-            upd["dynamic"] = {"true": True, "false": False, "auto": None}[s.dynamic]
-        if s.fullgraph is not None:
-            upd["fullgraph"] = s.fullgraph
-        if s.options is not None:
-            upd["options"] = {**self.options, **s.options}
-        if s.memory_format is not None:
-            upd["memory_format"] = s.memory_format
-        if s.sdpa_backend is not None:
-            upd["sdpa_backend"] = None if s.sdpa_backend == "default" else s.sdpa_backend
-        if s.jit_restore is not None:
-            upd["jit_restore"] = s.jit_restore
-        if s.on_new_shape is not None:
-            upd["on_new_shape"] = s.on_new_shape
+        for name, o in env_overrides().items():
+            v = getattr(s, o.setting)
+            if v is None:
+                continue
+            if isinstance(v, dict):  # a JSON object adds to the declared options
+                v = {**getattr(self, name), **v}
+            elif isinstance(v, str):
+                v = o.words.get(v, v)
+            upd[name] = v
         return self.model_copy(update=upd) if upd else self
 
     def bakes_weights(self) -> bool:
@@ -339,17 +326,57 @@ class CompileConfig(BaseModel):
         return self.key_weight_values or bool(freezing)
 
     def cache_factors(self) -> dict[str, str]:
-        """The parts of this config that change generated code: they go into the cache key."""
-        f = {
-            "compile.enable": str(self.enable),
-            "compile.strategy": self.strategy,
-            "compile.backend": self.backend,
-            "compile.mode": str(self.mode),
-            "compile.dynamic": str(self.dynamic),
-            "compile.fullgraph": str(self.fullgraph),
-            "compile.options": json.dumps(self.options, sort_keys=True),
-            "compile.inference_mode": str(self.inference_mode),
-            "compile.memory_format": self.memory_format,
-            "compile.sdpa_backend": str(self.sdpa_backend),
-        }
-        return f
+        """The parts of this config that change generated code: they go into the cache key (factors.py)."""
+        from .factors import config_factors
+
+        return config_factors(self)
+
+
+def env_overrides() -> dict[str, EnvOverride]:
+    """The ``CompileConfig`` fields the environment overrides, by field name, in field order (``setting`` filled in)."""
+    out = {}
+    for name, f in CompileConfig.model_fields.items():
+        for o in f.metadata:
+            if isinstance(o, EnvOverride):
+                out[name] = replace(o, setting=o.setting or name)
+    return out
+
+
+def _lower(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
+
+
+def _json_object(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON: {e}") from e
+    if v is not None and not isinstance(v, dict):
+        raise ValueError("not a JSON object")
+    return v
+
+
+def _setting(name: str, o: EnvOverride) -> tuple[Any, Any]:
+    """The Settings field (type, Field) of one override: None = keep what the predictor declares."""
+    annotation = CompileConfig.model_fields[name].annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:  # X | None: what X accepts
+        annotation = args[0]
+    words = (get_args(annotation) if get_origin(annotation) is Literal else ()) + tuple(o.words)
+    if words:
+        typ: Any = Annotated[Literal[words], BeforeValidator(_lower)]
+    elif get_origin(annotation) is dict:
+        typ = Annotated[annotation, BeforeValidator(_json_object)]
+    else:
+        typ = annotation
+    return typ | None, Field(None, alias=o.env, description=o.doc or " | ".join(words))
+
+
+Settings = create_model(
+    "Settings",
+    __base__=_Settings,
+    __module__=__name__,
+    __doc__=_Settings.__doc__,
+    **{o.setting: _setting(name, o) for name, o in env_overrides().items()},
+)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
-import json
 import signal
 import sys
 import threading
@@ -29,7 +28,8 @@ from . import log as logmod
 from .compiler import Example, cache_roots, counts
 from .config import CompileConfig, Settings
 from .export import ExportSpec
-from .key import CacheKey, environment_factors
+from .factors import environment_factors, runner_factors
+from .key import CacheKey
 from .metrics import BootMetrics
 from .parts import SINGLE_PART, Part, Parts, check_name
 from .stores import open_store
@@ -119,7 +119,7 @@ class CompiledRunner(BaseRunner):
 
         # 2. key: what compiles (not weight values, not the version's label: docs/versions.md), one for every part
         self.version = version = self.identify_version(settings, plans)
-        factors = environment_factors(self._factors(plans))
+        factors = environment_factors(runner_factors(plans, single=self._single))
         self.key = key = CacheKey(version.part, factors, lineage=version.lineage)
         m.key, m.key_s, m.version, m.lineage = key.name, version.seconds, version.label, version.lineage
         for plan in plans:
@@ -194,19 +194,6 @@ class CompiledRunner(BaseRunner):
                     plan.cfg, plan.spec = cfg.model_copy(update={"strategy": "jit"}), None
             plans.append(plan)
         return plans
-
-    def _factors(self, plans: list[Plan]) -> dict[str, str]:
-        """What the key covers besides the environment. One part declared as a module keeps the factor names a
-        single-model runner always had (its entries stay valid); named parts prefix theirs with ``part.<name>.``."""
-        factors: dict[str, str] = {}
-        for plan in plans:
-            f = plan.cfg.cache_factors()
-            if plan.spec is not None:
-                f["export.spec"] = json.dumps(plan.spec.describe(), sort_keys=True)
-            factors.update(f if self._single else {f"part.{plan.name}.{k}": v for k, v in f.items()})
-        if not self._single:  # the key's readable summary names the strategies
-            factors["compile.strategy"] = "+".join(sorted({p.cfg.strategy for p in plans}))
-        return factors
 
     def _restore(self, settings: Settings, key: CacheKey, roots: dict[str, Path]) -> Uploader | None:
         """One restore for every part; returns the uploader of this entry, or None when there is no store. A miss

@@ -12,7 +12,8 @@ result. In short, the model part of the key hashes what decides the generated co
 
 The version users see (``COMPILE_CACHE_MODEL_VERSION``, the predictor's ``model_version``, else the model part) is a
 label: recorded in the manifest, shown by ``ls`` and the timeline, used by ``prune``; it does not move the key, unless
-``COMPILE_CACHE_KEY_BY_VERSION`` asks for a fresh compile per version. The lineage (``COMPILE_CACHE_MODEL_NAME``,
+``COMPILE_CACHE_KEY_BY_VERSION`` asks for a fresh compile per version (``model.version``). factors.MODEL lists these
+factors beside the key's others. The lineage (``COMPILE_CACHE_MODEL_NAME``,
 else derived) groups the versions of one model: a new version seeds from the newest entry of its lineage.
 """
 

@@ -50,7 +50,8 @@ def _precompile_object(i: int) -> str:
 
 # -- worker side ----------------------------------------------------------------------------------------------------
 def _key(store_dir: str, which: str) -> tuple[Any, Any]:
-    from compile_cache.key import CacheKey, environment_factors
+    from compile_cache.factors import environment_factors
+    from compile_cache.key import CacheKey
     from compile_cache.stores import open_store
 
     return open_store(store_dir), CacheKey("restore-strategies", environment_factors({"rs.seed": which}))

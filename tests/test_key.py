@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from compile_cache.config import CompileConfig
-from compile_cache.key import CacheKey, diff_factors, environment_factors, hash_paths
+from compile_cache.factors import environment_factors
+from compile_cache.key import CacheKey, diff_factors
 
 
 def test_key_is_stable_and_readable() -> None:
@@ -37,20 +36,3 @@ def test_compile_config_changes_the_key_but_not_the_version() -> None:
     c = CacheKey("v1", environment_factors(CompileConfig(options={"max_autotune": True}).cache_factors()))
     assert len({a.name, b.name, c.name}) == 3
     assert diff_factors(a.factors, b.factors) == ["compile.dynamic: None != True"]
-
-
-def test_version_hash_follows_content_not_mtime(tmp_path: Path) -> None:
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "a.bin").write_bytes(b"abc")
-    (tmp_path / "predict.py").write_text("x = 1\n")
-    paths = [tmp_path / "predict.py", tmp_path / "w"]
-    h1 = hash_paths(paths, base=tmp_path)
-    (tmp_path / "w" / "a.bin").touch()
-    assert hash_paths(paths, base=tmp_path) == h1  # touching is not a change
-    (tmp_path / "w" / "a.bin").write_bytes(b"abd")
-    h2 = hash_paths(paths, base=tmp_path)
-    assert h2 != h1
-    (tmp_path / "predict.py").write_text("x = 2\n")
-    assert hash_paths(paths, base=tmp_path) not in (h1, h2)
-    (tmp_path / "unrelated.md").write_text("docs")
-    assert hash_paths(paths, base=tmp_path) == hash_paths(paths, base=tmp_path)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from compile_cache.compiler import CompiledModel, Example, compile_model, sdpa_backend
 from compile_cache.config import CompileConfig, Settings
 from compile_cache.errors import ConfigError
-from compile_cache.key import CacheKey, diff_factors, environment_factors
+from compile_cache.factors import environment_factors
+from compile_cache.key import CacheKey, diff_factors
 from compile_cache.snapshot import scan
 from tests.tiny_predictor import TinyMLP, inputs
 
