@@ -453,7 +453,7 @@ def _chart(path: Path, r: dict[str, Any]) -> None:
 
 # -- main ------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import DEFAULT_PREDICTOR
+    from ..predictors import DEFAULT_PREDICTOR
 
     ap = argparse.ArgumentParser(
         prog="python -m compile_cache bench",
