@@ -18,13 +18,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from .config import Settings, env_table
 from .errors import CacheError, ConfigError, StoreError
 from .key import CacheKey, diff_factors
 from .manifest import Manifest, manifest_name
+from .predictors import DEFAULT_PREDICTOR, load_predictor
 from .stores import open_store
 from .stores.base import Store
 
@@ -35,7 +35,6 @@ _URL_ENV = _URL.alias or "COMPILE_CACHE_URL"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 DEFAULT_GRACE = "1h"
-DEFAULT_PREDICTOR = "predict.py:Runner"
 
 
 class _Failure(Exception):
@@ -366,30 +365,6 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 # -- warm ------------------------------------------------------------------------------------------------------------
-def load_predictor(ref: str) -> Any:
-    """Instantiate the predictor ``FILE.py:CLASS`` exactly as the Cog runtime does (cog's own loader).
-
-    How the module is imported changes Inductor's FX-graph keys: pickle names ``torch.contiguous_format`` after the
-    first module in ``sys.modules`` with a ``torch`` attribute, and cog's loader leaves the predictor's module (named
-    after its file) ahead of torch's. Imported any other way, a warm uploads graphs a production boot never finds.
-    """
-    import warnings
-
-    target, sep, name = ref.partition(":")
-    if not sep or not target.endswith(".py") or not name.isidentifier():
-        raise ConfigError(f"--predictor {ref!r}: expected FILE.py:CLASS as in cog.yaml, e.g. {DEFAULT_PREDICTOR}")
-    if not Path(target).is_file():
-        raise ConfigError(f"--predictor {ref!r}: no file {target} (relative to {Path.cwd()})")
-    from cog.predictor import load_predictor_from_ref
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # BasePredictor/predict() are fine for us
-        try:
-            return load_predictor_from_ref(ref)
-        except AttributeError as e:
-            raise ConfigError(f"--predictor {ref!r}: {e}") from e
-
-
 def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
     import signal
     import tempfile

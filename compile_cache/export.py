@@ -21,8 +21,9 @@ Two package flavours:
 
 Loading deliberately bypasses ``torch._inductor.aoti_load_package``'s device
 check, which calls ``pick_vec_isa()`` and therefore compiles ~10 small ISA-probe
-``.so`` files into ``TORCHINDUCTOR_CACHE_DIR`` when they are missing (about 7 s
-on 2 cores, the only thing a load would ever write to that directory). Instead
+``.so`` files into ``TORCHINDUCTOR_CACHE_DIR`` when they are missing (seconds of
+work, see docs/benchmarks.md, "Figures behind the code's comments"; the only
+thing a load would ever write to that directory). Instead
 the package's recorded CPU ISA is checked against ``/proc/cpuinfo`` flags, and a
 mismatch is an error (the generated code may SIGILL), not a warning.
 """

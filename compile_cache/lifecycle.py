@@ -45,7 +45,7 @@ log = logmod.log
 
 # coglet 0.23.1 can close a worker's setup.logs before the last lines setup() wrote have reached it: they then show
 # in the server's own log only, after "Setup complete, now accepting requests" (scripts/repro_setup_logs.py, a plain
-# BaseRunner without torch: the last line missing in 4-7 boots of 10 without a pause, in none of 20 with 0.1 s).
+# BaseRunner without torch, loses the last line in some boots without a pause and in none with it: docs/runner.md).
 # The setup timeline is written last, so setup() pauses this long before returning, inside the Cog worker only.
 SETUP_LOG_GRACE_S = 0.1
 
@@ -102,8 +102,8 @@ class CompiledRunner(BaseRunner):
         t_start = time.monotonic()
         settings = Settings.from_env()  # a bad value raises here: fail fast
         self.settings, self.cfg = settings, self.compile_config.with_overrides(settings)
-        # Nothing of Inductor starts before the restore: its CPU ISA probe builds programs the entry holds (5.3 s into
-        # an empty cache dir, 0.8 s with them there: scripts/isa_probe.py), and importing Inductor from a thread while
+        # Nothing of Inductor starts before the restore: its CPU ISA probe builds programs the entry holds (slower into
+        # an empty cache dir than with them there: scripts/isa_probe.py), and importing Inductor from a thread while
         # load() imports the model's packages breaks torch._dynamo's circular imports ("partially initialized
         # module", seen with transformers' BertModel). The compile step pays both, once per process.
         roots = cache_roots()

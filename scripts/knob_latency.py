@@ -21,9 +21,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compile_cache.cli import DEFAULT_PREDICTOR, load_predictor  # noqa: E402
 from compile_cache.compiler import CompiledModel, compile_model  # noqa: E402
 from compile_cache.config import CompileConfig, Settings  # noqa: E402
+from compile_cache.predictors import DEFAULT_PREDICTOR, load_predictor  # noqa: E402
 from compile_cache.tools.profile import pick_example  # noqa: E402
 
 

@@ -84,7 +84,7 @@ def _boot(spec: dict[str, Any]) -> tuple[Any, float]:
     """The runner, set up as the Cog runtime does (its own loader, then ``setup()``); and setup's wall time."""
     import torch
 
-    from compile_cache.cli import load_predictor
+    from compile_cache.predictors import load_predictor
 
     torch.set_num_threads(spec["threads"])
     p = load_predictor(PREDICTOR)  # imports transformers and the example: outside the timed part

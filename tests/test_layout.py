@@ -1,4 +1,5 @@
-"""The package's shape: the runtime never imports the tools, and every subpackage ships."""
+"""The package's shape: the runtime never imports the tools, the tools never import the CLI, and every subpackage
+ships."""
 
 from __future__ import annotations
 
@@ -70,6 +71,28 @@ def test_the_checker_sees_every_way_to_import_the_tools() -> None:
         "compile_cache.tools.cogrun", "compile_cache.tools.bench", "compile_cache.tools", "compile_cache.tools.profile"
     } <= names
     assert not any(n.startswith("compile_cache.tools") for n in imported_names("from .stores import s3", "compile_cache"))
+
+
+def test_the_tools_never_import_the_cli() -> None:
+    # The CLI dispatches to the tools; what both need lives in the runtime (compile_cache/predictors.py).
+    tools = sorted(p for p in (PKG / "tools").rglob("*.py") if "__pycache__" not in p.parts)
+    assert {"bench.py", "benchboot.py", "profile.py"} <= {p.name for p in tools}
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(
+            n for n in imported_names(p.read_text(), package_of(p))
+            if n in ("compile_cache.cli", "compile_cache.__main__") or n.startswith("compile_cache.cli.")
+        )
+        for p in tools
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_checker_sees_every_way_to_import_the_cli() -> None:
+    src = "def f():\n    from ..cli import load_predictor\n    from .. import cli\n"
+    names = imported_names(src, "compile_cache.tools")
+    assert {"compile_cache.cli.load_predictor", "compile_cache.cli"} <= names
+    assert "compile_cache.cli" in imported_names("import compile_cache.cli", "compile_cache.tools")
+    assert "compile_cache.cli" not in imported_names("from ..predictors import load_predictor", "compile_cache.tools")
 
 
 def test_importing_the_runtime_loads_no_tool() -> None:

@@ -5,6 +5,8 @@ eager, with one graph per prefill bucket and one decode graph for every step. On
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,54 @@ def test_make_weights_writes_what_load_model_reads(lm, tmp_path: Path) -> None: 
         assert n == m and torch.equal(a, b), n  # same seed, same bytes
     with pytest.raises(FileNotFoundError, match="make_weights.py"):
         M.load_model(tmp_path / "nothing")
+
+
+def _python(code: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LLM_WEIGHTS_DIR"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(p: subprocess.Popen[str]) -> str:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def test_load_makes_the_weights_make_weights_makes(tmp_path: Path) -> None:
+    """From a fresh clone ``weights/`` is missing: the Runner's load() makes it, byte for byte what make_weights.py
+    writes (so the cache key, which hashes the weights dir, is the same either way), and a second load() reuses it."""
+    from compile_cache.versions import weights_digest
+
+    ex = tmp_path / "llm"
+    shutil.copytree(LLM, ex, ignore=shutil.ignore_patterns("weights", ".cache", "__pycache__"))
+    assert not (ex / "weights").exists()
+    boot = ("from compile_cache.predictors import load_predictor\n"
+            "r = load_predictor('predict.py:Runner')\n"
+            "print(sorted(r.load()))\n")
+    booting = _python(boot, ex)
+    making = _python(f"import runpy, sys; sys.argv = ['make_weights.py', '--out', {str(tmp_path / 'made')!r}]; "
+                     f"runpy.run_path({str(LLM / 'make_weights.py')!r}, run_name='__main__')", tmp_path)
+    assert _finish(booting).strip() == "['decode', 'prefill']"
+    _finish(making)
+    made, booted = tmp_path / "made", ex / "weights"
+    assert {"config.json", "model.safetensors"} <= {f.name for f in booted.iterdir()}
+    assert not list(booted.glob(".incomplete-*"))
+    assert weights_digest(booted, values=True) == weights_digest(made, values=True)  # every byte, config.json too
+    before = {f.name: f.stat().st_mtime_ns for f in booted.iterdir()}
+    assert _finish(_python(boot, ex)).strip() == "['decode', 'prefill']"
+    assert {f.name: f.stat().st_mtime_ns for f in booted.iterdir()} == before  # reused, not written again
+
+
+def test_weights_are_made_once_by_processes_booting_at_once(tmp_path: Path) -> None:
+    code = f"import sys; sys.path.insert(0, {str(LLM)!r}); from model import ensure_weights; " \
+           f"print(ensure_weights({str(tmp_path / 'w')!r}, 'tiny'))"
+    procs = [_python(code, tmp_path) for _ in range(3)]
+    made = [_finish(p).strip() for p in procs]
+    assert sorted(made) == ["False", "False", "True"]  # one wrote them; the others found them
+    assert not list((tmp_path / "w").glob(".incomplete-*"))
+    assert M.load_model(tmp_path / "w").config.num_hidden_layers == M.tiny_config().num_hidden_layers
 
 
 def test_served_parts_keep_the_kv_cache_writes(lm) -> None:  # type: ignore[no-untyped-def]

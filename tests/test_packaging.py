@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -123,3 +124,33 @@ def test_metadata_resolves_beside_another_torch(wheels: Path, tmp_path: Path, to
 def test_metadata_refuses_a_torch_below_the_range(wheels: Path, tmp_path: Path) -> None:
     code, _, err = resolve(wheels, tmp_path, PROJECT["name"], "torch==2.10.0")
     assert code != 0 and "torch" in err
+
+
+def test_wheel_and_sdist_ship_every_module_and_py_typed(tmp_path: Path) -> None:
+    """What `pip install .` installs: every module of the package, and ``py.typed`` (the package's type hints count
+    for its users' type checkers)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    shutil.copytree(ROOT / "compile_cache", src / "compile_cache", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "dist"
+    names = []
+    for kind in ("wheel", "sdist"):  # one process each: setuptools keeps state between builds in one process
+        code = f"import sys; from setuptools import build_meta as b; print('DIST', b.build_{kind}(sys.argv[1]))"
+        cp = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True,
+                            timeout=300)
+        assert cp.returncode == 0, cp.stderr[-3000:]
+        (line,) = [x for x in cp.stdout.splitlines() if x.startswith("DIST ")]  # setuptools logs to stdout too
+        names.append(line.split()[1])
+    wheel_name, sdist_name = names
+    expected = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "compile_cache").rglob("*")
+        if p.is_file() and (p.suffix == ".py" or p.name == "py.typed") and "__pycache__" not in p.parts
+    }
+    assert "compile_cache/py.typed" in expected
+    with zipfile.ZipFile(out / wheel_name) as z:
+        assert expected <= set(z.namelist())
+    with tarfile.open(out / sdist_name) as t:
+        prefix = sdist_name.removesuffix(".tar.gz") + "/"
+        assert expected <= {n.removeprefix(prefix) for n in t.getnames()}

@@ -282,7 +282,8 @@ def _summarize(boots: dict[str, dict[str, Any]], args: argparse.Namespace, argv:
     loads = [x[0] for x in (args.load_before, _load_avg()) if x]
     threads, ncpu = boots["warm"]["torch_threads"], os.cpu_count() or 1
     if threads > 1 and loads and max(loads) > ncpu:
-        # Measured here: MiniLM batch 1 at 2 threads, load ~5 on 2 cores: p50 222-494 ms; at 1 thread: 16.5 ms.
+        # Under load, spinning OpenMP threads make a multi-threaded p50 many times the 1-thread one (docs/benchmarks.md,
+        # "Threads on a busy machine"), so the figures would mislead without this warning.
         warnings.append(
             f"the machine was busy (1-min load up to {max(loads):.1f} on {ncpu} CPUs) and torch used {threads} "
             "threads: OpenMP threads wait for descheduled peers, so latencies are inflated and noisy; rerun when "
@@ -453,7 +454,7 @@ def _chart(path: Path, r: dict[str, Any]) -> None:
 
 # -- main ------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import DEFAULT_PREDICTOR
+    from ..predictors import DEFAULT_PREDICTOR
 
     ap = argparse.ArgumentParser(
         prog="python -m compile_cache bench",

@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "run() with its default inputs, as a request)")
     args = ap.parse_args(argv)
 
-    from ..cli import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
+    from ..predictors import load_predictor  # the Cog runtime's own loader: same module name, same FX-graph cache keys
 
     p = load_predictor(args.predictor)
     declared = _capture_declared(p)

@@ -52,7 +52,8 @@ RUN_KEYS = ("model", "strategy", "mode", "eager_setup_s", "cold_setup_s", "warm_
             "warm_cache", "warm_fxgraph_misses", "warm_triton_compiles", "warm_autotune_runs", "outputs_match_eager",
             "eager_ms", "compiled_ms")
 KEY_FACTORS = ("device", "gpu.arch", "gpu.name", "cuda", "triton", "cpu.isa", "torch")
-# The GPU run must end within 8 minutes: wheels, the CUDA probe and the chart take about 30 s besides the boots.
+# The GPU run must end within 8 minutes, and wheels, the CUDA probe and the chart need time besides the boots
+# (docs/benchmarks.md, "Figures behind the code's comments").
 GPU_BUDGET_S = 420.0
 FIRST_RUN_NEED_S = 60.0  # a run (cold + warm boot) is not started with less left; later: 1.2x the slowest so far
 LATENCY_ITERS = {"gpu": 20, "cpu": 5}

@@ -94,8 +94,8 @@ def _example_weights(script: str) -> Callable[[Path, str], None]:
 
 # The LLM example: prefill and decode over a static KV cache. On the GPU, batches 1/4/32 are Table 1's: the jit
 # default run declares every part at each (static shapes: 6 graphs), the other runs at 1 and 32 (4 graphs, to fit
-# the budget). On CPU, batches 1 and 2 only: each CPU graph cost 20-25 s to compile cold on 2 shared cores (load
-# 5-6), and the code paths are the same.
+# the budget). On CPU, batches 1 and 2 only: a CPU graph is slow to compile cold (docs/gpu.md has the boots), and
+# the code paths are the same.
 register(CheckModel(
     name="llm",
     runner="examples/llm/check.py:CheckRunner",
@@ -114,8 +114,8 @@ register(CheckModel(
 # the example's own config (UNet and VAE blocks 32/64, 32x32 latents) at batch 1 and 8: 4 static graphs under jit,
 # 2 packages with a dynamic batch dim under export; it runs after the LLM, in what is left of the budget. On CPU,
 # the tiny config (blocks 16, 8x8 latents) at batch 1 and 2, and not in --cpu's default models (`make test` runs
-# those): `scripts/gpu_check --cpu --models diffusion` took 247 s on 2 shared cores (cold boots: jit 147 s for 4
-# graphs, export 65 s), more than the whole LLM check (about 180 s). docs/gpu.md has the figures.
+# those): `scripts/gpu_check --cpu --models diffusion` takes longer than the whole LLM check (its cold boots compile
+# the UNet and the VAE decoder); docs/gpu.md has the figures.
 register(CheckModel(
     name="diffusion",
     runner="examples/diffusion/check.py:CheckRunner",

@@ -103,7 +103,7 @@ def _profile_mode(model: Any, ex: Any, iters: int, trace: Path, device: bool) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import DEFAULT_PREDICTOR
+    from ..predictors import DEFAULT_PREDICTOR
 
     p = argparse.ArgumentParser(
         prog="python -m compile_cache profile",
@@ -134,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rows < 1 or args.iters < 1:
         print("error: --rows and --iters must be >= 1", file=sys.stderr)
         return 2
-    from ..cli import load_predictor
     from ..config import CompileConfig, Settings
     from ..errors import ConfigError
+    from ..predictors import load_predictor
 
     try:
         p = load_predictor(args.predictor)

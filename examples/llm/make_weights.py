@@ -6,7 +6,9 @@ No small Llama's real weights come in a package this project can install, and no
 the example serves random weights made here from a fixed seed (the same bytes on every machine with the same torch
 and transformers). The text they generate is noise; what the example shows is the compile path. Real weights in
 the same layout (a ``LlamaForCausalLM`` saved with ``save_pretrained``) drop in unchanged, if their vocabulary is
-the byte tokenizer's (``model.VOCAB``). The weights (76 MB) are not in git: run this once before booting.
+the byte tokenizer's (``model.VOCAB``). The weights (76 MB) are not in git; the example's ``load()`` makes them on
+first boot through the same code (``model.ensure_weights``), so running this is needed only for another config, seed
+or directory.
 """
 
 from __future__ import annotations
@@ -22,16 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "weights")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", choices=["example", "small", "tiny"], default="example")
+    ap.add_argument("--config", choices=["example", "small", "tiny"], default="example")  # model.CONFIGS
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
-    from model import example_config, random_model, small_config, tiny_config
+    from model import save_weights
 
-    config = {"example": example_config, "small": small_config, "tiny": tiny_config}[args.config]()
-    model = random_model(config, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
+    model = save_weights(args.out, args.config, args.seed)
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     n = sum(p.numel() for p in model.parameters())
     sys.stdout.write(f"wrote {args.out}: {n / 1e6:.1f} M parameters, {size / 1e6:.1f} MB (seed {args.seed})\n")

@@ -20,6 +20,10 @@ The tokenizer is bytes: UTF-8 bytes are ids 0-255, then BOS, EOS and PAD. No tok
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +66,49 @@ def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
     """Deterministic random weights (transformers' own init under a fixed seed)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+CONFIGS: dict[str, Callable[[], LlamaConfig]] = {"example": example_config, "small": small_config, "tiny": tiny_config}
+
+
+def save_weights(out: str | Path, config: str = "example", seed: int = 0) -> LlamaForCausalLM:
+    """Write ``config``'s deterministic random weights to ``out`` as ``config.json`` + ``model.safetensors``.
+
+    The same bytes on every machine with the same torch and transformers, so the cache key (which hashes the weights
+    dir) is the same whoever makes them. The files are written into a dot-dir inside ``out`` (the key skips dot-files)
+    and renamed into place, ``config.json`` last: a reader that finds ``config.json`` finds the whole model."""
+    model = random_model(CONFIGS[config](), seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incomplete-", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            f.chmod(0o644)  # readable by the serving user when written at image build time
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def ensure_weights(path: str | Path, config: str = "example", seed: int = 0) -> bool:
+    """Make the random weights in ``path`` unless a model is there already; True if this call made them.
+
+    Under a file lock, so processes booting at once make them once; correctness comes from ``save_weights``' renames,
+    the lock only saves duplicate work."""
+    from filelock import FileLock
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path / ".make_weights.lock")):
+        if (path / "config.json").exists():
+            return False
+        logging.getLogger("compile_cache").info("no model in %s: writing the example's random weights (seed %d)",
+                                                path, seed)
+        save_weights(path, config, seed)
+    return True
 
 
 def load_model(path: str | Path) -> LlamaForCausalLM:

@@ -6,8 +6,8 @@ Inputs ``prompt`` and ``max_new_tokens``; output the generated text. The model (
 AOTInductor package each, restored from the store on a warm boot and loaded without Dynamo. If a part does not
 export it falls back alone to ``jit`` (prefill compiled with a dynamic prompt length, decode static), then eager.
 
-The weights are deterministic random ones (``make_weights.py``, see README.md): the text is noise, the compile
-path is real. Greedy tokens equal eager generation's (tests/test_llm_example.py).
+The weights are deterministic random ones, made in ``weights/`` on the first boot (``model.ensure_weights``, the code
+``make_weights.py`` runs; see README.md): the text is noise, the compile path is real. Greedy tokens equal eager generation's (tests/test_llm_example.py).
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from model import (  # noqa: E402
     ByteTokenizer,
     Decode,
     Prefill,
+    ensure_weights,
     greedy,
     load_model,
     new_cache,
     prefill_inputs,
 )
 
-WEIGHTS_DIR = Path(os.environ.get("LLM_WEIGHTS_DIR", Path(__file__).resolve().parent / "weights"))
+OWN_WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(os.environ.get("LLM_WEIGHTS_DIR", OWN_WEIGHTS))
 BOUNDS = Bounds(max_prompt=256, max_new=128)
 EXAMPLE_PROMPT = 13  # tokens in the warm-up / export example: >= 2, and unlike any static size
 
@@ -46,7 +48,10 @@ class Runner(CompiledRunner):
     weights_dir = str(WEIGHTS_DIR)
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
-        self.lm = load_model(Path(weights) if weights else WEIGHTS_DIR)
+        weights_dir = Path(weights) if weights else WEIGHTS_DIR
+        if weights_dir == OWN_WEIGHTS:  # the example's own random weights, made on first boot; never in a dir given
+            ensure_weights(weights_dir)
+        self.lm = load_model(weights_dir)
         self.tokenizer = ByteTokenizer()
         config = self.lm.config
         prompt = prefill_inputs([BOS] * EXAMPLE_PROMPT, BOUNDS, bucketed=False)
