@@ -77,7 +77,7 @@ class ExportStrategy:
 
     def prepare(self, plan: Plan, cache_dir: Path) -> Prepared | None:
         from .export import ExportedModel, ExportError, adopt_equivalent_package, build_package, resolve_package
-        from .failed_export import read_failure, record_failure
+        from .failures import export_record, read_failure, record_failure
 
         spec, eager = plan.spec, plan.module
         if spec is None:
@@ -87,7 +87,7 @@ class ExportStrategy:
                         type(eager).__name__)
             return None
         own = cache_dir / "aoti" / f"{plan.stem}.pt2"
-        if not own.exists() and (failed := read_failure(own)) is not None:  # failed before: do not pay it again
+        if not own.exists() and (failed := read_failure(export_record(own))) is not None:  # failed before: do not pay it again
             log.warning("part %r: export skipped: it failed for this key before (%s): using the jit strategy",
                         plan.name, failed.reason)
             return None
@@ -115,7 +115,7 @@ class ExportStrategy:
                 except ExportError as e:
                     log.warning("part %r: export FAILED (%s): falling back to the jit strategy", plan.name,
                                 str(e).splitlines()[0])
-                    record_failure(own, e, stage="export")
+                    record_failure(export_record(own), e, stage="export")
                     return None
             elif not pkg.exists():
                 continue
@@ -131,7 +131,7 @@ class ExportStrategy:
                 own.unlink(missing_ok=True)  # never another key's package: its .ref goes instead
                 Path(f"{own}.ref").unlink(missing_ok=True)
                 if attempt == "built":
-                    record_failure(own, e, stage="package")
+                    record_failure(export_record(own), e, stage="package")
                 continue
             warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
                        "s": round(time.monotonic() - t, 3)}]
