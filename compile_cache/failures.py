@@ -48,8 +48,8 @@ _MAX_DETAIL = 4000  # characters of the error message kept: enough for the cause
 @dataclass(frozen=True)
 class Failure:
     """What failed (``stage``: "export" for torch.export / the package build, "package" for a built package that
-    was refused or raised, "precompile" for a precompiled function), the exception type, its first line (``reason``), more of it (``detail``), the torch
-    version it failed under, and when (unix time)."""
+    was refused or raised, "precompile" for a precompiled function), the exception type, its first line
+    (``reason``), more of it (``detail``), the torch version it failed under, and when (unix time)."""
 
     stage: str
     error: str
