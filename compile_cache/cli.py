@@ -208,13 +208,14 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     diff: list[str] | None = None
     if args.diff_env:
         diff = _diff_env(m)
-    failures = _export_failures(ctx.store, m)
+    failures = _failures(ctx.store, m)
     if args.json:
         body = m.model_dump(mode="json")
         body["signed"] = m.signature is not None
         body["trust"] = {"loads": verdict.loads, "signer": verdict.signer, "reason": verdict.reason}
         body.pop("signature", None)  # a MAC is not a secret, but nobody needs it printed
-        body["export_failures"] = failures
+        body["failures"] = failures
+        body["export_failures"] = failures  # the key's earlier name, kept for scripts that read it
         if diff is not None:
             body["diff_env"] = diff
         _say(json.dumps(body, indent=1, sort_keys=True))
@@ -246,10 +247,9 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
         _say(f"  {k.ljust(width)}  {m.factors[k]}")
     for f in failures:
         what = f"{f['stage']} failed: {f['error']}: {f['reason']}" if "reason" in f else f"unreadable: {f['unreadable']}"
-        kind = "precompile" if f.get("stage") == "precompile" else "export"
-        skipped = ("precompiling new shapes: they go through the jit function" if kind == "precompile"
+        skipped = ("precompiling new shapes: they go through the jit function" if f["failed"] == "precompile"
                    else "the export")
-        _say(f"{kind} FAILED  {what}")
+        _say(f"{f['failed']} FAILED  {what}")
         _say(f"               recorded {_when(f.get('at', 0))} under torch {f.get('torch', '?')} in {f['path']};"
              f" boots of this key skip {skipped} (a new key tries again)")
     _say("segments (objects)")
@@ -266,23 +266,25 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
-def _export_failures(store: Store, m: Manifest) -> list[dict[str, Any]]:
-    """The export failures recorded in the entry (see failed_export.py), each read from its segment: the record is
-    a few hundred bytes, and the segment is read only up to it."""
-    from .failed_export import ExportFailure, describe, is_failure_record
+def _failures(store: Store, m: Manifest) -> list[dict[str, Any]]:
+    """The export and precompile failures recorded in the entry (see failures.py), each read from its segment and
+    named by what failed ("failed": "export" or "precompile"): the record is a few hundred bytes, and the segment is
+    read only up to it."""
+    from .failures import Failure, describe, failed_step
     from .snapshot import read_member
 
     out: list[dict[str, Any]] = []
     for seg in m.segments:
         for f in seg.files:
-            if not is_failure_record(f.path) or any(o["path"] == f.path for o in out):
+            step = failed_step(f.path)
+            if step is None or any(o["path"] == f.path for o in out):
                 continue
             try:
                 with store.open_read(seg.object) as stream:
-                    rec = ExportFailure.from_bytes(read_member(stream, f.path, seg.files))
-                out.append({"path": f.path, **describe(rec)})
+                    rec = Failure.from_bytes(read_member(stream, f.path, seg.files))
+                out.append({"path": f.path, "failed": step, **describe(rec)})
             except (CacheError, ValueError) as e:  # StoreError, IntegrityError, a malformed record
-                out.append({"path": f.path, "unreadable": str(e)})
+                out.append({"path": f.path, "failed": step, "unreadable": str(e)})
     return out
 
 

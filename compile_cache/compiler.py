@@ -169,16 +169,18 @@ class CompiledModel:
     the request path. Once setup is done (:meth:`serve`), a call whose shape nobody declared gets the part's
     ``on_new_shape``: ``"compile"`` compiles it (a warning naming the shape, counted as a request-path compile),
     ``"eager"`` serves it uncompiled (logged once per shape, counted as a request-path eager call), ``"error"`` fails
-    the call with :class:`NewShapeError`. ``kind`` is what serves: ``"jit"`` (a ``torch.compile`` result),
-    ``"export"`` (an AOTInductor package: a shape outside its dims is the new shape) or ``"precompile"``."""
+    the call with :class:`NewShapeError`. ``strategy`` is what serves: ``"jit"`` (a ``torch.compile`` result, with
+    precompiled functions in front of it when its ``jit_restore`` is ``"precompile"``) or ``"export"`` (an
+    AOTInductor package: a shape outside its dims is the new shape)."""
 
     def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any], cfg: CompileConfig, *, name: str = "model",
-                 kind: str = "jit") -> None:
+                 strategy: str = "jit", jit_restore: str = "dir") -> None:
         self.fn = fn
         self.eager = eager
         self.cfg = cfg
         self.name = name
-        self.kind = kind
+        self.strategy = strategy
+        self.jit_restore = jit_restore if strategy == "jit" else ""
         self.policy = "compile"  # during warm-up every call may compile; serve() applies cfg.on_new_shape
         self.request_path_compiles = 0
         self.request_path_eager_calls = 0
@@ -196,9 +198,9 @@ class CompiledModel:
         if not self.is_compiled or policy == "compile":
             self.policy = policy
             return
-        if self.kind == "precompile":
+        if self.strategy == "jit" and self.jit_restore == "precompile":
             self.fn.serve(policy)  # type: ignore[attr-defined]
-        elif self.kind == "jit":
+        elif self.strategy == "jit":
             from .watch import can_see_guard_misses, run_only
 
             ro = run_only(self.fn)
@@ -250,7 +252,7 @@ class CompiledModel:
         Also returns each such copy with its version counter, for :meth:`_check_copies`.
         """
         fmt = self._fmt
-        copy_inference = self.kind != "export"
+        copy_inference = self.strategy != "export"
         copies: list[tuple[torch.Tensor, int]] = []
         if fmt is None and not copy_inference:
             return tuple(args), kwargs, copies

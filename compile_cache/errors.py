@@ -1,4 +1,25 @@
-"""Exceptions of the framework. Each also subclasses the built-in a caller would catch anyway."""
+"""Exceptions of the framework: every one derives from :class:`CacheError`, and each also subclasses the built-in a
+caller would catch anyway (``except ValueError`` still catches a bad setting). The tree::
+
+    CacheError
+    ├── ConfigError (ValueError)            a setting is invalid
+    ├── StoreError (OSError)                the store could not be read or written
+    │   ├── ObjectNotFound (FileNotFoundError)
+    │   └── PreconditionFailed              a conditional write lost
+    ├── IntegrityError (ValueError)         bytes or an archive are not what the manifest says
+    │   ├── ObjectTooLarge
+    │   └── UnsafeArchive
+    ├── EntryRejected (PermissionError)     an entry that must not be loaded
+    ├── NewShapeError (RuntimeError)        an undeclared shape under on_new_shape="error"
+    ├── ExportError (RuntimeError)          torch.export or the AOTInductor build failed (export strategy)
+    ├── PackageLoadError (RuntimeError)     an AOTInductor package does not load here
+    ├── ShapeOutOfRange (ValueError)        an input outside an AOTInductor package's shapes
+    ├── RoundTripError (RuntimeError)       a precompiled function, loaded back, differs from eager (jit_restore)
+    └── ToolError (RuntimeError)            a benchmark or check tool (compile_cache/tools) cannot trust its result
+        └── BenchError, BootFailed, CheckError, RuntimeFailure (declared in the tools)
+
+tests/test_errors.py checks that every exception class in the package is in this tree.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +34,11 @@ __all__ = [
     "UnsafeArchive",
     "EntryRejected",
     "NewShapeError",
+    "ExportError",
+    "PackageLoadError",
+    "ShapeOutOfRange",
+    "RoundTripError",
+    "ToolError",
 ]
 
 
@@ -54,3 +80,23 @@ class EntryRejected(CacheError, PermissionError):
 
 class NewShapeError(CacheError, RuntimeError):
     """A call's input shape was declared nowhere and the part's ``on_new_shape`` is ``"error"``."""
+
+
+class ExportError(CacheError, RuntimeError):
+    """torch.export or the AOTInductor package build failed (the cause is chained)."""
+
+
+class PackageLoadError(CacheError, RuntimeError):
+    """An AOTInductor package could not be loaded or does not fit this machine / model."""
+
+
+class ShapeOutOfRange(CacheError, ValueError):
+    """An input is outside the shapes / dtypes an AOTInductor package was built for."""
+
+
+class RoundTripError(CacheError, RuntimeError):
+    """A precompiled function that, saved and loaded back, does not give the eager output."""
+
+
+class ToolError(CacheError, RuntimeError):
+    """A tool of compile_cache/tools failed (a boot it ran, a benchmark, a check): its result cannot be trusted."""

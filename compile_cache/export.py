@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .errors import ExportError, PackageLoadError, ShapeOutOfRange  # re-exported: callers import them from here
+
 __all__ = [
     "Dim",
     "ExportSpec",
@@ -168,23 +170,6 @@ class ExportSpec:
             ({d: tdims[dim.name] for d, dim in self.dynamic_dims[i].items()} if self.dynamic_dims.get(i) else None)
             for i in range(len(self.example_args))
         )
-
-
-# --------------------------------------------------------------------------- #
-# Errors
-# --------------------------------------------------------------------------- #
-
-
-class ExportError(RuntimeError):
-    """torch.export or the AOTInductor package build failed."""
-
-
-class PackageLoadError(RuntimeError):
-    """A package could not be loaded or does not fit this machine / model."""
-
-
-class ShapeOutOfRange(ValueError):
-    """An input is outside the shapes / dtypes the package was built for."""
 
 
 # --------------------------------------------------------------------------- #

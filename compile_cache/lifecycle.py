@@ -244,6 +244,7 @@ class CompiledRunner(BaseRunner):
         m = self.metrics
         m.parts[plan.name] = {
             "strategy": p.strategy,
+            "jit_restore": p.jit_restore,
             "compile_s": round(time.monotonic() - t, 4),
             "fxgraph_hits": c.fxgraph_hits,
             "fxgraph_misses": c.fxgraph_misses,

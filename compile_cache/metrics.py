@@ -16,8 +16,9 @@ from typing import Any
 
 __all__ = ["BootMetrics", "PART_KEYS", "write_json_atomic"]
 
-# The keys of each entry of ``parts``.
-PART_KEYS = ("strategy", "compile_s", "fxgraph_hits", "fxgraph_misses", "request_path_compiles",
+# The keys of each entry of ``parts``: "strategy" is "jit" or "export"; "jit_restore" the jit strategy's restore
+# mode, "precompile" or "dir" ("" under "export"). A part restored by precompile also has "precompiled".
+PART_KEYS = ("strategy", "jit_restore", "compile_s", "fxgraph_hits", "fxgraph_misses", "request_path_compiles",
              "request_path_eager_calls", "eager_fallback")
 
 
@@ -74,7 +75,8 @@ class BootMetrics:
         per_part = []
         for name, p in self.parts.items():
             per_part.append(
-                f"    part {name}: {p['strategy']}  {p['compile_s']:.2f}s  fx graph hits {p['fxgraph_hits']}"
+                f"    part {name}: {p['strategy']}{_restore(p.get('jit_restore'))}  {p['compile_s']:.2f}s"
+                f"  fx graph hits {p['fxgraph_hits']}"
                 f"  misses {p['fxgraph_misses']}" + (f"  EAGER ({p['eager_fallback']})" if p["eager_fallback"] else "")
                 + _precompiled(p.get("precompiled"))
             )
@@ -115,6 +117,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _restore(mode: str | None) -> str:
+    return f", jit_restore {mode}" if mode else ""
 
 
 def _precompiled(pc: dict[str, Any] | None) -> str:

@@ -11,7 +11,7 @@ Default (``jit_restore="precompile"``) where it round-trips, per part:
 - **Round trip.** A function is kept only if, saved and loaded back, it gives the eager model's output on the
   example it was built from (:func:`same_outputs`). Else, and when precompiling fails (a graph break: ``fullgraph``;
   a guard that cannot be saved), the part is served by the ordinary jit function and the dir snapshot, and the
-  failure is written down (``<dir>/precompile.failed.json``, compile_cache/failed_export.py): later boots of the
+  failure is written down (``<dir>/precompile.failed.json``, compile_cache/failures.py): later boots of the
   key go straight to the jit function.
 - **Guards.** Models such as transformers' leave guards that cannot be serialized (ID_MATCH on torch functions and
   on code objects: ``PackageError``). Only the portable ones are kept (tensor shapes, dtypes and strides; global
@@ -48,7 +48,8 @@ import torch
 
 from .compiler import describe_args
 from .config import CompileConfig
-from .failed_export import read_failure, record_failure
+from .errors import RoundTripError
+from .failures import precompile_record, read_failure, record_failure
 
 __all__ = ["Precompiled", "changed_source", "same_outputs", "state_digest"]
 
@@ -63,7 +64,6 @@ _REF = ".ref"  # <dir>/<name>.ref holds "<seed stem>/<name>.bin": a seed's funct
 _PROVENANCE = frozenset({"_name_or_path", "name_or_path", "_commit_hash"})
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, tuple, frozenset, torch.dtype, torch.device)
 _STATE = ".state"  # <name>.state beside <name>.bin: state_digest() at build time
-_RECORD = "precompile.pt2"  # failed_export names its record after this: <dir>/precompile.failed.json
 
 
 def aot_compile_enabled() -> Any:
@@ -212,7 +212,7 @@ class Precompiled:
         self.fns = [fn for _, fn in self._load(directory)]
         self.loaded = len(self.fns)
         log.info("precompile: %d function(s) loaded from %s", self.loaded, directory)
-        failed = read_failure(directory / _RECORD)
+        failed = read_failure(precompile_record(directory))
         if failed is not None:  # the functions that did work still serve; no shape is tried again
             self.broken = f"it failed for this key before ({failed.reason})"
             log.warning("precompile: no new function: %s; other shapes go through the jit function", self.broken)
@@ -382,7 +382,7 @@ class Precompiled:
             log.warning("precompile FAILED for %s (%s): serving through the jit function from now on",
                         describe_args(args, kwargs), self.broken)
             self.dir.mkdir(parents=True, exist_ok=True)
-            record_failure(self.dir / _RECORD, e, stage="precompile")
+            record_failure(precompile_record(self.dir), e, stage="precompile")
             return None
         self.fns.append(loaded)
         self.built += 1
@@ -423,7 +423,3 @@ def _aot_compile(compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         except RestartAnalysis as e:
             log.info("precompile: Dynamo restarted the trace (%s): tracing again", type(e).__name__)
     return compiled.aot_compile((args, kwargs))
-
-
-class RoundTripError(RuntimeError):
-    """A precompiled function that, saved and loaded back, does not give the eager output."""

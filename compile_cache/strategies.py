@@ -1,12 +1,13 @@
-"""How one part becomes fast: three strategies behind one call, so setup() reads the same whatever each part uses.
+"""How one part becomes fast: two strategies behind one call, so setup() reads the same whatever each part uses.
 
     strategy.prepare(plan, cache_dir) -> Prepared, or None: "I cannot serve this part; the next strategy does"
 
 - ``export``: an AOTInductor package built by torch.export, kept in the Inductor cache dir (so in the store); one
   package serves every shape inside the export spec's dims, and loading it runs no Dynamo.
-- ``precompile`` (``jit`` with ``jit_restore="precompile"``, the default): AOT-precompiled functions per warm-up
-  shape, kept in the cache dir, in front of the ``jit`` function (compile_cache/precompile.py).
-- ``jit``: ``torch.compile`` with the Inductor cache dir restored, then one warm-up call per example.
+- ``jit``: ``torch.compile`` with the Inductor cache dir restored, then one warm-up call per example. Its restore
+  mode (``jit_restore``) says what a warm boot reuses beyond the dir: ``"precompile"`` (the default) puts
+  AOT-precompiled functions per warm-up shape, kept in the cache dir, in front of the ``torch.compile`` function
+  (compile_cache/precompile.py); ``"dir"`` restores the dir alone.
 
 A part falls back alone: export -> jit -> eager. ``jit`` always returns: a compile that fails serves eager and says why.
 """
@@ -26,7 +27,7 @@ from .compiler import CompiledModel, Example, compile_model, describe_args
 from .config import CompileConfig
 from .export import ExportSpec
 
-__all__ = ["Plan", "Prepared", "Strategy", "ExportStrategy", "JitStrategy", "PrecompileStrategy", "prepare"]
+__all__ = ["Plan", "Prepared", "Strategy", "ExportStrategy", "JitStrategy", "chain", "prepare"]
 
 log = logging.getLogger("compile_cache")
 
@@ -60,6 +61,7 @@ class Prepared:
     strategy: str  # what serves: "export" or "jit"
     warmup: list[dict[str, Any]] = field(default_factory=list)  # {"shape", "s"} per warm-up call
     why_eager: str = ""  # non-empty: the part serves eager, and this is why
+    jit_restore: str = ""  # strategy "jit": its restore mode, "precompile" or "dir"; "" for "export"
 
 
 class Strategy(Protocol):
@@ -77,7 +79,7 @@ class ExportStrategy:
 
     def prepare(self, plan: Plan, cache_dir: Path) -> Prepared | None:
         from .export import ExportedModel, ExportError, adopt_equivalent_package, build_package, resolve_package
-        from .failed_export import read_failure, record_failure
+        from .failures import export_record, read_failure, record_failure
 
         spec, eager = plan.spec, plan.module
         if spec is None:
@@ -87,7 +89,7 @@ class ExportStrategy:
                         type(eager).__name__)
             return None
         own = cache_dir / "aoti" / f"{plan.stem}.pt2"
-        if not own.exists() and (failed := read_failure(own)) is not None:  # failed before: do not pay it again
+        if not own.exists() and (failed := read_failure(export_record(own))) is not None:  # failed before: do not pay it again
             log.warning("part %r: export skipped: it failed for this key before (%s): using the jit strategy",
                         plan.name, failed.reason)
             return None
@@ -115,7 +117,7 @@ class ExportStrategy:
                 except ExportError as e:
                     log.warning("part %r: export FAILED (%s): falling back to the jit strategy", plan.name,
                                 str(e).splitlines()[0])
-                    record_failure(own, e, stage="export")
+                    record_failure(export_record(own), e, stage="export")
                     return None
             elif not pkg.exists():
                 continue
@@ -131,57 +133,56 @@ class ExportStrategy:
                 own.unlink(missing_ok=True)  # never another key's package: its .ref goes instead
                 Path(f"{own}.ref").unlink(missing_ok=True)
                 if attempt == "built":
-                    record_failure(own, e, stage="package")
+                    record_failure(export_record(own), e, stage="package")
                 continue
             warmup = [{"shape": f"package {attempt}, first call {describe_args(spec.example_args, {})}",
                        "s": round(time.monotonic() - t, 3)}]
-            return Prepared(CompiledModel(model, eager, plan.cfg, name=plan.name, kind="export"), "export", warmup)
+            return Prepared(CompiledModel(model, eager, plan.cfg, name=plan.name, strategy="export"), "export", warmup)
         return None
 
 
 class JitStrategy:
     """``torch.compile`` per the config, then one warm-up call per example (each compiles its shape, or loads it
-    from the restored cache dir). A compile or a first compiled call that fails serves eager."""
+    from the restored cache dir). A compile or a first compiled call that fails serves eager.
+
+    ``restore`` is the restore mode (``CompileConfig.jit_restore``): ``"precompile"`` puts per-shape precompiled
+    functions kept in ``<cache dir>/precompile/<stem>`` in front of the compiled function: a warm boot loads them and
+    traces nothing, and a call none accepts goes through the compiled function (docs/restore-strategies.md).
+    ``"dir"``: the compiled function alone, over the restored cache dir."""
 
     name = "jit"
 
-    def wrap(self, plan: Plan, fn: Callable[..., Any], cache_dir: Path) -> Callable[..., Any]:
-        return fn
-
-    def prepare(self, plan: Plan, cache_dir: Path) -> Prepared:
-        fn, why_eager = compile_model(plan.module, plan.cfg)
-        kind = "jit"
-        if not why_eager:
-            fn, kind = self.wrap(plan, fn, cache_dir), self.name
-        model = CompiledModel(fn, plan.module, plan.cfg, name=plan.name, kind=kind)
-        if not plan.cfg.enable:  # eager by choice has nothing to warm: its boot is load + serve
-            return Prepared(model, "jit")
-        examples = plan.warmup_examples()
-        if not examples:
-            log.warning("part %r declares no warm-up examples: nothing is compiled at boot, and every shape is new "
-                        "(on_new_shape=%r)", plan.name, plan.cfg.on_new_shape)
-        warmup, why_first_call = model.warm_up(examples)
-        return Prepared(model, "jit", warmup, why_eager or why_first_call)
-
-
-class PrecompileStrategy(JitStrategy):
-    """The jit function behind per-shape precompiled functions kept in ``<cache dir>/precompile/<stem>``: a warm boot
-    loads them and traces nothing; a call none accepts goes through the jit function (docs/restore-strategies.md)."""
-
-    name = "precompile"
+    def __init__(self, restore: str = "dir") -> None:
+        self.restore = restore
 
     def wrap(self, plan: Plan, fn: Callable[..., Any], cache_dir: Path) -> Callable[..., Any]:
+        if self.restore != "precompile":
+            return fn
         from .precompile import Precompiled
 
         seed = cache_dir / "precompile" / plan.seed_stem if plan.seeded and plan.seed_stem else None
         return Precompiled(plan.module, fn, plan.cfg, cache_dir / "precompile" / plan.stem, seed)
 
+    def prepare(self, plan: Plan, cache_dir: Path) -> Prepared:
+        fn, why_eager = compile_model(plan.module, plan.cfg)
+        if not why_eager:
+            fn = self.wrap(plan, fn, cache_dir)
+        model = CompiledModel(fn, plan.module, plan.cfg, name=plan.name, strategy="jit", jit_restore=self.restore)
+        if not plan.cfg.enable:  # eager by choice has nothing to warm: its boot is load + serve
+            return Prepared(model, "jit", jit_restore=self.restore)
+        examples = plan.warmup_examples()
+        if not examples:
+            log.warning("part %r declares no warm-up examples: nothing is compiled at boot, and every shape is new "
+                        "(on_new_shape=%r)", plan.name, plan.cfg.on_new_shape)
+        warmup, why_first_call = model.warm_up(examples)
+        return Prepared(model, "jit", warmup, why_eager or why_first_call, self.restore)
+
 
 def chain(cfg: CompileConfig) -> list[Strategy]:
     """The strategies a part tries, in order."""
     if cfg.enable and cfg.strategy == "export":
-        return [ExportStrategy(), JitStrategy()]  # jit_restore is the jit strategy's setting, not its fallback's
-    return [PrecompileStrategy() if cfg.jit_restore == "precompile" else JitStrategy()]
+        return [ExportStrategy(), JitStrategy("dir")]  # jit_restore is the jit strategy's setting, not its fallback's
+    return [JitStrategy(cfg.jit_restore)]
 
 
 def prepare(plan: Plan, cache_dir: Path) -> Prepared:

@@ -171,26 +171,36 @@ def test_inspect_signed_and_missing(store: Store, tmp_path: Path) -> None:
     assert cp.returncode == 1 and "no entry 'nope'" in cp.stderr and "Traceback" not in cp.stderr
 
 
-def test_inspect_shows_a_recorded_export_failure(store: Store, tmp_path: Path) -> None:
-    from compile_cache.failed_export import ExportFailure
+def test_inspect_shows_recorded_failures_by_what_failed(store: Store, tmp_path: Path) -> None:
+    from compile_cache.failures import Failure
 
-    rec = ExportFailure(stage="export", error="ExportError", reason="torch.export.export failed for Net: boom",
-                        detail="torch.export.export failed for Net: boom\n...", torch="2.13.0", at=1_700_000_000.0)
+    rec = Failure(stage="export", error="ExportError", reason="torch.export.export failed for Net: boom",
+                  detail="torch.export.export failed for Net: boom\n...", torch="2.13.0", at=1_700_000_000.0)
+    pre = Failure(stage="precompile", error="RoundTripError", reason="it differs from eager", detail="it differs",
+                  torch="2.13.0", at=1_700_000_000.0)
     files = {"fxgraph/aa/graph": os.urandom(3000), "aoti/v9.x-export.abc.failed.json": rec.to_bytes(),
-             "fxgraph/zz/later": b"y" * 700}
+             "precompile/v9.x-export.abc-head/precompile.failed.json": pre.to_bytes(), "fxgraph/zz/later": b"y" * 700}
     key = seed(store, "v9", fake_cache(tmp_path, files), **{"compile.strategy": "export"})
     cp = cli(store, "inspect", key)
     assert cp.returncode == 0, cp.stderr
     line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("export FAILED"))
     assert line == "export FAILED  export failed: ExportError: torch.export.export failed for Net: boom"
+    line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("precompile FAILED"))
+    assert line == "precompile FAILED  precompile failed: RoundTripError: it differs from eager"
     assert "inductor/aoti/v9.x-export.abc.failed.json" in cp.stdout and "torch 2.13.0" in cp.stdout
     body = json.loads(cli(store, "inspect", key, "--json").stdout)
-    assert body["export_failures"] == [{"path": "inductor/aoti/v9.x-export.abc.failed.json", "stage": "export",
-                                        "error": "ExportError", "reason": rec.reason, "detail": rec.detail,
-                                        "torch": "2.13.0", "at": 1_700_000_000.0, "format": 1}]
+    assert body["failures"] == body["export_failures"]  # the old key stays, with the same list
+    assert sorted(body["failures"], key=lambda f: f["failed"]) == [
+        {"path": "inductor/aoti/v9.x-export.abc.failed.json", "failed": "export", "stage": "export",
+         "error": "ExportError", "reason": rec.reason, "detail": rec.detail, "torch": "2.13.0",
+         "at": 1_700_000_000.0, "format": 1},
+        {"path": "inductor/precompile/v9.x-export.abc-head/precompile.failed.json", "failed": "precompile",
+         "stage": "precompile", "error": "RoundTripError", "reason": pre.reason, "detail": pre.detail,
+         "torch": "2.13.0", "at": 1_700_000_000.0, "format": 1}]
     plain = seed(store, "v8", fake_cache(tmp_path, {"a/b": b"x"}))
-    assert "export FAILED" not in cli(store, "inspect", plain).stdout
-    assert json.loads(cli(store, "inspect", plain, "--json").stdout)["export_failures"] == []
+    assert "FAILED" not in cli(store, "inspect", plain).stdout
+    body = json.loads(cli(store, "inspect", plain, "--json").stdout)
+    assert body["failures"] == [] and body["export_failures"] == []
 
 
 # -- prune -----------------------------------------------------------------------------------------------------------

@@ -51,10 +51,12 @@ def failed_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     """One cold boot of a model torch.export refuses: (its dir with ind/ and store/, its metrics)."""
     d = tmp_path_factory.mktemp("failed-export")
     b = boot(UNEXPORTABLE, {"TORCHINDUCTOR_CACHE_DIR": str(d / "ind"), "COMPILE_CACHE_URL": str(d / "store"),
-                            "COMPILE_CACHE_STRATEGY": "export"}, {"batch": 4})
+                            "COMPILE_CACHE_STRATEGY": "export", "COMPILE_CACHE_JIT_RESTORE": "precompile"}, {"batch": 4})
     assert "export FAILED" in b.stderr and "falling back to the jit strategy" in b.stderr
     assert b.export_attempts == 1
     assert b.metrics["strategy"] == "jit" and b.metrics["compiles"] >= 1
+    # jit_restore is the jit strategy's own setting, not its fallback's: the fallback restores the dir alone
+    assert (b.metrics["parts"]["model"]["strategy"], b.metrics["parts"]["model"]["jit_restore"]) == ("jit", "dir")
     assert close(b.outputs[0], eager(4))
     return d, b.metrics
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from compile_cache import CompileConfig, ConfigError, Part, Settings
+from compile_cache.metrics import PART_KEYS, BootMetrics
 from compile_cache.parts import Parts, check_name
 
 
@@ -46,3 +47,27 @@ def test_parts_by_key_and_by_attribute() -> None:
         parts["unet"]
     with pytest.raises(AttributeError, match="no part 'unet'"):
         parts.unet  # noqa: B018
+
+
+def test_one_word_per_concept_the_strategy_and_the_jit_restore_mode() -> None:
+    from compile_cache.strategies import chain
+
+    def tried(**cfg: object) -> list[tuple[str, str]]:
+        return [(s.name, getattr(s, "restore", "")) for s in chain(CompileConfig(**cfg))]
+
+    assert tried(jit_restore="precompile") == [("jit", "precompile")]
+    assert tried(jit_restore="dir") == [("jit", "dir")]
+    # the export strategy falls back to jit, which restores the dir: jit_restore is the jit strategy's setting
+    assert tried(strategy="export", jit_restore="precompile") == [("export", ""), ("jit", "dir")]
+    assert tried(strategy="export", enable=False) == [("jit", "precompile")]  # eager by choice: jit, no export
+    assert PART_KEYS[:2] == ("strategy", "jit_restore")
+
+
+def test_the_timeline_names_each_part_by_its_strategy_and_restore_mode() -> None:
+    part = {"compile_s": 1.0, "fxgraph_hits": 0, "fxgraph_misses": 2, "request_path_compiles": 0,
+            "request_path_eager_calls": 0, "eager_fallback": ""}
+    m = BootMetrics(strategy="mixed", parts={"enc": {**part, "strategy": "export", "jit_restore": ""},
+                                             "head": {**part, "strategy": "jit", "jit_restore": "precompile"}})
+    lines = m.timeline().splitlines()
+    assert "    part enc: export  1.00s  fx graph hits 0  misses 2" in lines
+    assert "    part head: jit, jit_restore precompile  1.00s  fx graph hits 0  misses 2" in lines

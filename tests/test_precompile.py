@@ -74,7 +74,10 @@ def test_a_function_that_does_not_round_trip_is_refused_and_remembered(tmp_path:
     env = {**ENV, "COMPILE_CACHE_URL": str(tmp_path / "store")}
     first = boot("tests.tiny_predictor:NoisyPredictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "i1")},
                  {"batch": 4})
-    pc = first.metrics["parts"]["model"]["precompiled"]
+    part = first.metrics["parts"]["model"]
+    assert (part["strategy"], part["jit_restore"]) == ("jit", "precompile")  # one strategy, and its restore mode
+    assert "part model: jit, jit_restore precompile  " in first.stderr
+    pc = part["precompiled"]
     assert pc["built"] == 0 and "differs from eager" in pc["fallback"], pc
     assert first.metrics["eager_fallback"] == "" and first.metrics["compiles"] >= len(BATCHES)  # jit serves
     assert first.stderr.count("precompile FAILED") == 1

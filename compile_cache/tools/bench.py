@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import ToolError
 from ..metrics import write_json_atomic
 from .benchboot import BootFailed, spawn
 
@@ -77,7 +78,7 @@ _CONTROLLED = (
 )
 
 
-class BenchError(RuntimeError):
+class BenchError(ToolError):
     """A boot failed or produced no result: the benchmark cannot be trusted."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ToolError
 from ..metrics import write_json_atomic
 from .benchboot import BootFailed, spawn
 
@@ -56,7 +57,7 @@ _CONTROLLED = ("COMPILE_CACHE_URL", "COMPILE_CACHE_DISABLE", "COMPILE_CACHE_COMP
                "TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FORCE_DISABLE_CACHES", "MODEL_WEIGHTS_DIR")
 
 
-class BenchError(RuntimeError):
+class BenchError(ToolError):
     """A boot failed, or a version could not be made: the benchmark cannot be trusted."""
 
 

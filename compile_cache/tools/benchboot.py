@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import ToolError
+
 __all__ = ["example_batch", "select_example", "served_parts", "main"]
 
 _BATCH = re.compile(r"\bbatch\s*=\s*(\d+)")
@@ -450,7 +452,7 @@ def _device() -> dict[str, Any]:
     return d
 
 
-class BootFailed(RuntimeError):
+class BootFailed(ToolError):
     """A boot timed out, exited non-zero or printed no result; the message carries the end of its log."""
 
 

@@ -22,13 +22,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ..errors import ToolError
+
 __all__ = ["CogServer", "free_port", "project_of", "RuntimeFailure", "PACKAGE_ROOT"]
 
 # The directory compile_cache imports from (this checkout): on PYTHONPATH for a runtime started in another directory.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
-class RuntimeFailure(RuntimeError):
+class RuntimeFailure(ToolError):
     """The runtime did not reach the expected state; the message carries the tail of its log."""
 
 

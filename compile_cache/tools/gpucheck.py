@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import ToolError
 from ..key import fingerprint_of
 from ..manifest import Manifest, manifest_name
 from ..metrics import write_json_atomic
@@ -93,7 +94,7 @@ RUNS = (
 )
 
 
-class CheckError(RuntimeError):
+class CheckError(ToolError):
     """A boot failed: its log tail says why."""
 
 

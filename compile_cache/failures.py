@@ -1,16 +1,24 @@
-"""Remembered export failures: a key whose export failed once goes straight to its fallback on later boots.
+"""Remembered failures: a key whose export, or whose precompiling, failed once goes straight to its fallback on
+later boots.
 
 Exporting a model that does not export costs a warm boot almost as much as the cold one (torch.export, or the
-AOTInductor build, runs and fails again every time). So a failure is written down, as a small JSON file next to
-where the package would be (``<inductor cache dir>/aoti/<key>.failed.json`` for ``<key>.pt2``, and likewise
-``<key>-<part>.failed.json`` for ``<key>-<part>.pt2``). It lives in the Inductor cache dir, so the normal upload
-ships it in the cache entry and the normal restore brings it back: every later boot of that key finds it before
-exporting. The key covers the code, weights, config, export spec and torch version, so a changed key (a fix, a
-new torch) has no record and tries again.
+AOTInductor build, runs and fails again every time); precompiling a model that cannot be precompiled (a graph break,
+a guard that cannot be saved) likewise. So a failure is written down, as a small JSON file in the Inductor cache dir,
+one record per thing that failed, named after it:
 
-Only failures that would happen again are remembered: torch.export refusing the model, the AOTInductor build
-failing, the built package refused (weights baked in) or raising on its first call. A failure caused by the
-machine (out of memory, disk full, another OSError) is not recorded: the next boot tries again.
+- the export strategy's: ``aoti/<stem>.failed.json``, beside the package ``aoti/<stem>.pt2`` it stands for
+  (:func:`export_record`); stage ``"export"`` (torch.export or the package build) or ``"package"`` (the built
+  package refused, weights baked in, or raising on its first call);
+- the jit strategy's precompiled functions (``jit_restore="precompile"``): ``precompile/<stem>/precompile.failed.json``
+  in the part's precompile dir (:func:`precompile_record`); stage ``"precompile"``. Records that earlier releases
+  wrote into stores have this same path and format: they are read as they are.
+
+Living in the Inductor cache dir, a record ships in the cache entry with the normal upload and comes back with the
+normal restore: every later boot of that key finds it first. The key covers the code, weights, config, export spec
+and torch version, so a changed key (a fix, a new torch) has no record and tries again.
+
+Only failures that would happen again are remembered. A failure caused by the machine (out of memory, disk full,
+another OSError) is not recorded: the next boot tries again.
 
 Neither torch nor boto3 is imported here: the CLI reads these records too (``inspect``).
 """
@@ -26,20 +34,22 @@ from typing import Any
 
 from .metrics import write_json_atomic
 
-__all__ = ["ExportFailure", "failure_path", "read_failure", "record_failure", "is_failure_record", "SUFFIX"]
+__all__ = ["Failure", "export_record", "precompile_record", "failed_step", "read_failure", "record_failure", "describe",
+           "SUFFIX"]
 
 log = logging.getLogger("compile_cache")
 
 SUFFIX = ".failed.json"
+PRECOMPILE_RECORD = "precompile" + SUFFIX  # the name of a precompile dir's record
 FORMAT = 1
 _MAX_DETAIL = 4000  # characters of the error message kept: enough for the cause, not a 100 KB C++ log
 
 
 @dataclass(frozen=True)
-class ExportFailure:
+class Failure:
     """What failed (``stage``: "export" for torch.export / the package build, "package" for a built package that
-    was refused or raised), the exception type, its first line (``reason``), more of it (``detail``), the torch
-    version it failed under, and when (unix time)."""
+    was refused or raised, "precompile" for a precompiled function), the exception type, its first line
+    (``reason``), more of it (``detail``), the torch version it failed under, and when (unix time)."""
 
     stage: str
     error: str
@@ -53,28 +63,36 @@ class ExportFailure:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ExportFailure:
+    def from_bytes(cls, data: bytes) -> Failure:
         """Parse a record; ValueError if it is not one."""
         try:
             d = json.loads(data)
             if not isinstance(d, dict) or d.get("format") != FORMAT:
-                raise ValueError(f"not a format-{FORMAT} export failure record")
+                raise ValueError(f"not a format-{FORMAT} failure record")
             return cls(**{k: d[k] for k in ("stage", "error", "reason", "detail", "torch", "at")})
         except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"malformed export failure record: {e}") from e
+            raise ValueError(f"malformed failure record: {e}") from e
 
 
-def failure_path(package: Path) -> Path:
-    """The record beside a package path: ``x/aoti/<name>.pt2`` → ``x/aoti/<name>.failed.json``."""
+def export_record(package: Path) -> Path:
+    """The export strategy's record for a package path: ``x/aoti/<stem>.pt2`` → ``x/aoti/<stem>.failed.json``."""
     return package.with_name(package.name.removesuffix(".pt2") + SUFFIX)
 
 
-def is_failure_record(path: str) -> bool:
-    """Whether a cache-entry file path (``inductor/aoti/<name>.failed.json``, or a part's failed precompile:
-    ``inductor/precompile/<stem>/precompile.failed.json``) is one of these records."""
+def precompile_record(directory: Path) -> Path:
+    """The precompile record of a part's precompile dir: ``x/precompile/<stem>/precompile.failed.json``."""
+    return directory / PRECOMPILE_RECORD
+
+
+def failed_step(path: str) -> str | None:
+    """What a cache-entry file path records the failure of: ``"export"`` (``inductor/aoti/<stem>.failed.json``),
+    ``"precompile"`` (``inductor/precompile/<stem>/precompile.failed.json``), or None: not a failure record."""
     parts = path.split("/")
-    return parts[-1].endswith(SUFFIX) and ((len(parts) >= 2 and parts[-2] == "aoti") or
-                                           (len(parts) >= 3 and parts[-3] == "precompile"))
+    if len(parts) >= 2 and parts[-2] == "aoti" and parts[-1].endswith(SUFFIX):
+        return "export"
+    if len(parts) >= 3 and parts[-3] == "precompile" and parts[-1] == PRECOMPILE_RECORD:
+        return "precompile"
+    return None
 
 
 def _torch_version() -> str:
@@ -83,10 +101,10 @@ def _torch_version() -> str:
     return str(torch.__version__)
 
 
-def read_failure(package: Path) -> ExportFailure | None:
-    """The failure recorded for ``package``'s key, or None: no record, an unreadable one (logged; exporting again
-    is the safe side), or one written under another torch version (that torch's failure says nothing here)."""
-    path = failure_path(package)
+def read_failure(path: Path) -> Failure | None:
+    """The failure recorded in ``path`` (:func:`export_record`, :func:`precompile_record`), or None: no record, an
+    unreadable one (logged; trying again is the safe side), or one written under another torch version (that torch's
+    failure says nothing here)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -95,7 +113,7 @@ def read_failure(package: Path) -> ExportFailure | None:
         log.warning("cannot read the failure record %s (%s): trying again", path, e)
         return None
     try:
-        rec = ExportFailure.from_bytes(data)
+        rec = Failure.from_bytes(data)
     except ValueError as e:
         log.warning("ignoring %s: %s", path, e)
         return None
@@ -118,8 +136,8 @@ def _transient(exc: BaseException) -> BaseException | None:
     return None
 
 
-def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFailure | None:
-    """Write down that exporting ``package``'s key failed with ``exc``, so later boots skip it. Returns the
+def record_failure(path: Path, exc: BaseException, *, stage: str) -> Failure | None:
+    """Write down in ``path`` that ``stage`` failed for this key with ``exc``, so later boots skip it. Returns the
     record, or None when it was not written (a transient cause, or the file could not be written: logged, the
     boot goes on either way)."""
     transient = _transient(exc)
@@ -128,7 +146,7 @@ def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFa
                  type(transient).__name__, transient)
         return None
     text = str(exc).strip() or type(exc).__name__
-    rec = ExportFailure(
+    rec = Failure(
         stage=stage,
         error=type(exc).__name__,
         reason=text.splitlines()[0][:500],
@@ -136,7 +154,6 @@ def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFa
         torch=_torch_version(),
         at=round(time.time(), 3),
     )
-    path = failure_path(package)
     try:
         write_json_atomic(path, asdict(rec))  # ".incomplete" until renamed: the snapshot never ships a half record
     except OSError as e:
@@ -146,6 +163,6 @@ def record_failure(package: Path, exc: BaseException, *, stage: str) -> ExportFa
     return rec
 
 
-def describe(rec: ExportFailure) -> dict[str, Any]:
+def describe(rec: Failure) -> dict[str, Any]:
     """JSON-able form (the CLI's ``inspect --json``)."""
     return asdict(rec)
