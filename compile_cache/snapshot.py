@@ -525,6 +525,62 @@ class _TarReader:
                 self._read(padded - size)
 
 
+class _TarfileReader:
+    """The same members as :class:`_TarReader`, read by the standard library's ``tarfile`` in stream mode (one
+    forward pass over the decompressor, nothing seeked), never more than ``bound`` decompressed bytes (plus one
+    read-ahead buffer) in all. Headers other than a regular file's or a PAX extended header are refused where
+    tarfile parses them (see :class:`_Header`), before tarfile reads what they carry."""
+
+    def __init__(self, zr: BinaryIO, bound: int) -> None:
+        self.zr, self.left = zr, bound + _TAR_BUFSIZE + tarfile.RECORDSIZE
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.zr.read(n if n >= 0 else _TAR_BUFSIZE)
+        self.left -= len(b)
+        if self.left < 0:
+            raise UnsafeArchive("archive unpacks to more than its files need: refusing it (a decompression bomb?)")
+        return b
+
+    def members(self) -> Iterator[tuple[str, bool, int, Callable[[], Iterator[bytes]]]]:
+        with tarfile.open(fileobj=self, mode="r|", bufsize=_TAR_BUFSIZE, tarinfo=_Header) as tar:  # type: ignore[call-overload]
+            for ti in tar:
+                if any(k.startswith("GNU.") for k in ti.pax_headers):  # sparse files
+                    yield ti.name, False, ti.size, lambda: iter(())
+                    return
+                f = tar.extractfile(ti)
+
+                def content(f: Any = f) -> Iterator[bytes]:
+                    while chunk := f.read(_CHUNK):
+                        yield chunk
+
+                yield ti.name, True, ti.size, content
+
+
+class _Header(tarfile.TarInfo):
+    """tarfile's header parser held to what ``pack`` writes. A damaged or truncated header is an error (tarfile
+    takes one after the first member for the end of the archive), and any header but a regular file's or a PAX
+    extended header (links, devices, directories, GNU long names, global or sparse headers) is refused as it is
+    parsed, so tarfile never acts on it; a PAX header is capped at _MAX_PAX bytes before tarfile reads it."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        try:
+            info = super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:  # a zero block: the end of the archive
+            raise
+        except tarfile.HeaderError as e:
+            raise IntegrityError(f"archive is corrupt: {e}") from e
+        if info.type == tarfile.XHDTYPE:
+            if info.size > _MAX_PAX:
+                raise UnsafeArchive(f"PAX header of {info.size} bytes refused")
+        elif info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise UnsafeArchive(f"archive member {info.name!r} is not a regular file (links/devices refused)")
+        return info
+
+
+_TAR_BUFSIZE = 64 * 1024
+
+
 def _header(block: bytes) -> tuple[str, bytes, int]:
     """(name, type flag, size) of a 512-byte ustar header whose checksum matches; ValueError if it is malformed.
     Only the fields a reader of ``pack``'s archives needs, parsed as tarfile does (names split into a ustar
