@@ -393,6 +393,7 @@ def main() -> int:
             paired = [t / o for t, o in zip(restore_s["tarfile"], ours_s, strict=True)]
             out["own_speedup_paired"] = round(statistics.median(paired), 2)
             out["own_speedup_paired_quartiles"] = [round(q, 2) for q in statistics.quantiles(paired, n=4)]
+            out["restore_s_rounds"] = {r: [round(x, 4) for x in t] for r, t in restore_s.items()}  # for pooling runs
         if args.json:
             print(json.dumps(out))
         else:
