@@ -8,7 +8,6 @@
     scripts/bench_restore.py --link 2gbit                    # a network link to the server (Linux, as root)
     scripts/bench_restore.py --entry DIR_OR_URL [--key KEY]  # an existing entry, copied into the bench's store
     scripts/bench_restore.py --llm jit                       # the LLM example's entry: it boots cold first (minutes)
-    scripts/bench_restore.py --reader both                   # own tar reader vs tarfile's, alternated, their ratio
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
@@ -62,7 +61,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compile_cache import snapshot  # noqa: E402
 from compile_cache.manifest import Manifest, manifest_name  # noqa: E402
 from compile_cache.stores import open_store  # noqa: E402
 from compile_cache.sync import Uploader, restore  # noqa: E402
@@ -185,9 +183,6 @@ def _release(written: Path, keep: bool, tmpfs: bool) -> None:
                 os.close(fd)
 
 
-READERS = {"own": snapshot._TarReader, "tarfile": snapshot._TarfileReader}  # --reader's choices
-
-
 def only_key(store: Any) -> str:
     """The key of the one entry ``store`` holds."""
     keys = sorted({o.name.split("/")[1] for o in store.list("entries/") if o.name.endswith("/manifest.json")})
@@ -244,14 +239,6 @@ def main() -> int:
         help="limit the server's responses to RATE (tc syntax: 500mbit, 2gbit), a network link between client and "
         "server instead of loopback with nothing in the way (Linux, root, tc; see the docstring)",
     )
-    ap.add_argument(
-        "--reader",
-        choices=[*READERS, "both"],
-        default="own",
-        help="the archive reader a restore uses: snapshot's own tar reader, the one on tarfile's stream mode (the "
-        "same checks), or both, alternated within each round, with their ratio",
-    )
-    ap.add_argument("--tarfile", action="store_true", help="the same as --reader tarfile")
     src = ap.add_mutually_exclusive_group()
     src.add_argument(
         "--entry",
@@ -266,9 +253,6 @@ def main() -> int:
     )
     ap.add_argument("--key", help="with --entry: the entry's key, where the store holds several")
     args = ap.parse_args()
-    if args.tarfile:
-        args.reader = "tarfile"
-    readers = list(READERS) if args.reader == "both" else [args.reader]
     if args.link and args.url:
         ap.error("--link limits the server this bench starts; it cannot shape the way to --url")
     if args.link and not re.fullmatch(r"\d+(\.\d+)?[kmg]?(bit|bps)", args.link):
@@ -346,22 +330,18 @@ def main() -> int:
         cleanup.append(out_dir)
         dest_fs = _fs_type(out_dir)
         tmpfs = dest_fs.startswith("tmpfs ")
-        raw_s, file_s = [], []
-        restore_s: dict[str, list[float]] = {r: [] for r in readers}
+        raw_s, ours_s, file_s = [], [], []
         for i in range(args.rounds):
             raw_s.append(raw())
             (out_dir / f"get-{i}").mkdir()
             file_s.append(raw_to_file(out_dir / f"get-{i}"))
             _release(out_dir / f"get-{i}", args.keep_pages, tmpfs)
-            for reader in readers if i % 2 == 0 else readers[::-1]:  # either reader goes first in half the rounds
-                snapshot._TarReader = READERS[reader]  # type: ignore[misc]
-                dest = out_dir / f"restore-{i}-{reader}"
-                res = restore(store, key, {label: dest / label for label in labels}, factors=m.factors)
-                assert res.status == "hit", res.reason
-                restore_s[reader].append(res.seconds)  # the whole restore() call: manifest, segments, commit
-                _release(dest, args.keep_pages, tmpfs)
+            dest = out_dir / f"restore-{i}"
+            res = restore(store, key, {label: dest / label for label in labels}, factors=m.factors)
+            assert res.status == "hit", res.reason
+            ours_s.append(res.seconds)  # the whole restore() call: manifest, segments, commit
+            _release(dest, args.keep_pages, tmpfs)
         link_bytes = _link_bytes() if linked else None
-        ours_s = restore_s[readers[0]]
         raw_mb_s = nbytes / 1e6 / statistics.median(raw_s)
         ours_mb_s = nbytes / 1e6 / statistics.median(ours_s)
         file_mb_s = nbytes / 1e6 / statistics.median(file_s)
@@ -382,18 +362,10 @@ def main() -> int:
             "pages_released": not args.keep_pages and (tmpfs or hasattr(os, "posix_fadvise")),
             "link": args.link,
             "link_bytes": link_bytes,
-            "tar_reader": readers[0],
+            "tar_reader": "tarfile",
             "entry": args.entry or (f"llm {args.llm}" if args.llm else "made"),
-            "restore_s": {r: round(statistics.median(t), 4) for r, t in restore_s.items()},  # medians
-            "restore_s_range": {r: [round(min(t), 4), round(max(t), 4)] for r, t in restore_s.items()},
+            "restore_s": round(statistics.median(ours_s), 4),
         }
-        if len(readers) == 2:
-            out["own_speedup"] = round(statistics.median(restore_s["tarfile"]) / statistics.median(ours_s), 2)
-            # Each round's two restores ran back to back, under the same load: their ratio, median over rounds
-            paired = [t / o for t, o in zip(restore_s["tarfile"], ours_s, strict=True)]
-            out["own_speedup_paired"] = round(statistics.median(paired), 2)
-            out["own_speedup_paired_quartiles"] = [round(q, 2) for q in statistics.quantiles(paired, n=4)]
-            out["restore_s_rounds"] = {r: [round(x, 4) for x in t] for r, t in restore_s.items()}  # for pooling runs
         if args.json:
             print(json.dumps(out))
         else:
@@ -410,13 +382,8 @@ def main() -> int:
                 + (f"; server's responses limited to {args.link}, {link_bytes / 1e6:.0f} MB through it)" if linked
                    else "; loopback, no link)")
             )
-            for r, t in restore_s.items():
-                print(f"restore, {r:7} {statistics.median(t) * 1e3:7.1f} ms  (median of {len(t)}; "
-                      f"{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})")
-            if "own_speedup" in out:
-                print(f"own reader      {out['own_speedup']:.2f}x  (tarfile's median time / the own reader's; "
-                      f"{out['own_speedup_paired']:.2f}x the median of each round's ratio, quartiles "
-                      f"{out['own_speedup_paired_quartiles']})")
+            print(f"restore         {out['restore_s'] * 1e3:7.1f} ms  (median of {args.rounds}; "
+                  f"{min(ours_s) * 1e3:.1f}-{max(ours_s) * 1e3:.1f})")
         return 0
     finally:
         if linked:
