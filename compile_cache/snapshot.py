@@ -400,7 +400,7 @@ def _unpack_checked(
             here.add(name)
             # Staged in the tree the root will have (see Staged), each directory made once. Plain strings and
             # file descriptors: this runs once per file of a restore, with the GIL held, while other segments
-            # wait for it (pathlib, tarfile's header parser and buffered file objects all showed in its profile).
+            # wait for it.
             dest = None
             if staging is not None and not again:
                 dest = os.path.join(staging[parts[0]], *parts[1:])
@@ -452,118 +452,63 @@ def _tar_bound(files: Iterable[FileEntry]) -> int:
 
 
 class _TarReader:
-    """A forward-only reader of the tar subset ``pack`` writes: ustar headers (checksum checked) with PAX extended
-    headers for long names. Anything else, links, devices and directories included, is reported as not regular,
-    for the caller to refuse. Reads a member's content in chunks of up to 1 MiB straight off the decompressor
-    (tarfile's stream mode copies through 10 KB reads), and never more than ``bound`` decompressed bytes in all.
-
-    Why not tarfile: the restore runs this once per member with the GIL held while other segments wait.
-    ``scripts/bench_restore.py --rounds 5 --json`` against the same with ``--tarfile`` (tarfile's stream mode, 1 MiB
-    buffer, the same checks), alternated, 2026-11-28 on 2 shared CPU cores: restore/raw-GET ratio 0.30-0.74 (median
-    0.33) here, 0.24-0.41 (median 0.26) with tarfile, this reader ahead in each of 4 pairs; ``--compressible --mb 200
-    --rounds 3`` (1,257 files): 314-406 MB/s of files written here, 248-311 with tarfile. Rerun both before
-    replacing it (see docs/benchmarks.md)."""
+    """The members of a segment's tar, read by ``tarfile`` in stream mode: one forward pass over the decompressor
+    (which reads the object's bytes through their sha256 as they arrive), never more than ``bound`` decompressed
+    bytes (plus one read-ahead buffer) in all. Only regular files come out as such; a member that is not one
+    comes out flagged, for the caller to refuse, and headers tarfile would act on (links, long names, global or
+    sparse headers) are refused where they are parsed (:class:`_Header`). Why the standard library's reader and not
+    one of our own: docs/benchmarks.md (Restore throughput, the tar reader)."""
 
     def __init__(self, zr: BinaryIO, bound: int) -> None:
-        self.zr, self.left = zr, bound
+        self.zr, self.left = zr, bound + _TAR_BUFSIZE + tarfile.RECORDSIZE
 
-    def _read(self, n: int) -> bytes:
-        if n > self.left:
+    def read(self, n: int = -1) -> bytes:
+        b = self.zr.read(n if n >= 0 else _TAR_BUFSIZE)
+        self.left -= len(b)
+        if self.left < 0:
             raise UnsafeArchive("archive unpacks to more than its files need: refusing it (a decompression bomb?)")
-        b = self.zr.read(n)
-        while len(b) < n:  # the decompressor may return less than asked
-            more = self.zr.read(n - len(b))
-            if not more:
-                raise IntegrityError("archive is truncated")
-            b += more
-        self.left -= n
         return b
 
     def members(self) -> Iterator[tuple[str, bool, int, Callable[[], Iterator[bytes]]]]:
-        """(name, is a regular file, size, content chunks) per member; read the content before the next one."""
-        pax: dict[str, str] = {}
-        while True:
-            block = self._read(512)
-            if block == _ZERO_BLOCK:
-                return  # end of archive (what follows is padding)
-            name, kind, size = _header(block)
-            if kind == tarfile.XHDTYPE:
-                if size > _MAX_PAX:
-                    raise UnsafeArchive(f"PAX header of {size} bytes refused")
-                pax = _pax_records(self._read(-(-size // 512) * 512)[:size])
-                continue
-            name = pax.get("path", name)
-            size = int(pax["size"]) if "size" in pax else size
-            if size < 0:
-                raise IntegrityError(f"archive member {name!r} has a negative size")
-            regular = kind in (tarfile.REGTYPE, tarfile.AREGTYPE) and not any(k.startswith("GNU.") for k in pax)
-            pax = {}
-            if not regular:  # never read: the caller refuses it
-                yield name, False, size, lambda: iter(())
-                return
-            padded = -(-size // 512) * 512
-            consumed = False
+        """(name, is a regular file, size, content chunks) per member; the first one that is not regular ends it."""
+        with tarfile.open(fileobj=self, mode="r|", bufsize=_TAR_BUFSIZE, tarinfo=_Header) as tar:  # type: ignore[call-overload]
+            for ti in tar:
+                if ti.type not in _REGULAR or any(k.startswith("GNU.") for k in ti.pax_headers):  # GNU.*: sparse
+                    yield ti.name, False, ti.size, lambda: iter(())
+                    return
+                f = tar.extractfile(ti)
 
-            def content(size: int = size) -> Iterator[bytes]:
-                nonlocal consumed
-                if size > self.left:
-                    raise UnsafeArchive("archive unpacks to more than its files need: refusing it")
-                left = size
-                while left:
-                    chunk = self.zr.read(min(left, _CHUNK))  # whatever is ready: no joining into exact sizes
-                    if not chunk:
-                        raise IntegrityError("archive is truncated")
-                    left -= len(chunk)
-                    yield chunk
-                self.left -= size
-                consumed = True
+                def content(f: Any = f) -> Iterator[bytes]:
+                    while chunk := f.read(_CHUNK):
+                        yield chunk
 
-            yield name, True, size, content
-            if not consumed:
-                raise RuntimeError("a tar member's content must be read before the next member")
-            if padded > size:
-                self._read(padded - size)
+                yield ti.name, True, ti.size, content
 
 
-def _header(block: bytes) -> tuple[str, bytes, int]:
-    """(name, type flag, size) of a 512-byte ustar header whose checksum matches; ValueError if it is malformed.
-    Only the fields a reader of ``pack``'s archives needs, parsed as tarfile does (names split into a ustar
-    prefix are joined back), at a fraction of ``TarInfo.frombuf``'s cost per member."""
-    if _octal(block[148:156]) != sum(block) - sum(block[148:156]) + 8 * ord(" "):
-        raise ValueError("tar header checksum mismatch")
-    name = block[:100].split(b"\0", 1)[0]
-    if block[257:263] == b"ustar\0":
-        prefix = block[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "surrogateescape"), block[156:157], _octal(block[124:136])
+class _Header(tarfile.TarInfo):
+    """tarfile's header parser held to what ``pack`` writes. A damaged or truncated header is an error (tarfile
+    takes one after the first member for the end of the archive), and any header but a regular file's or a PAX
+    extended header (links, devices, directories, GNU long names, global or sparse headers) is refused as it is
+    parsed, so tarfile never acts on it; a PAX header is capped at _MAX_PAX bytes before tarfile reads it."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        try:
+            info = super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:  # a zero block: the end of the archive
+            raise
+        except tarfile.HeaderError as e:
+            raise IntegrityError(f"archive is corrupt: {e}") from e
+        if info.type == tarfile.XHDTYPE:
+            if info.size > _MAX_PAX:
+                raise UnsafeArchive(f"PAX header of {info.size} bytes refused")
+        elif info.type not in _REGULAR:
+            raise UnsafeArchive(f"archive member {info.name!r} is not a regular file (links/devices refused)")
+        return info
 
 
-def _octal(field: bytes) -> int:
-    """A tar header number: octal digits, NUL- or space-terminated. (pack's PAX format puts numbers too large for
-    their field into PAX records; GNU's base-256 form is refused.)"""
-    digits = field.split(b"\0", 1)[0].strip(b" ")
-    if digits.translate(None, b"01234567"):
-        raise ValueError(f"bad number {field!r} in a tar header")
-    return int(digits or b"0", 8)
-
-
-_ZERO_BLOCK = bytes(512)
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
+_TAR_BUFSIZE = 64 * 1024  # tarfile slices its buffer on every read: a larger one costs more per header
 _MAX_PAX = 64 * 1024
 _CHUNK = 1 << 20
 
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse PAX records ``"<len> <key>=<value>\n"`` (POSIX.1-2001); ValueError on anything malformed."""
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        rec = data[sp + 1 : pos + length]
-        if length <= sp - pos or pos + length > len(data) or not rec.endswith(b"\n") or b"=" not in rec:
-            raise ValueError("malformed PAX record")
-        key, _, value = rec[:-1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out

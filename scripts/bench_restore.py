@@ -6,6 +6,8 @@
     scripts/bench_restore.py --dest /dev/shm                 # restore into another filesystem (default: $TMPDIR)
     scripts/bench_restore.py --compressible --mb 400         # .so files that compress like CPU kernels (~24x)
     scripts/bench_restore.py --link 2gbit                    # a network link to the server (Linux, as root)
+    scripts/bench_restore.py --entry DIR_OR_URL [--key KEY]  # an existing entry, copied into the bench's store
+    scripts/bench_restore.py --llm jit                       # the LLM example's entry: it boots cold first (minutes)
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
@@ -50,19 +52,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compile_cache import snapshot  # noqa: E402
-from compile_cache.errors import UnsafeArchive  # noqa: E402
 from compile_cache.manifest import Manifest, manifest_name  # noqa: E402
 from compile_cache.stores import open_store  # noqa: E402
 from compile_cache.sync import Uploader, restore  # noqa: E402
@@ -185,34 +183,36 @@ def _release(written: Path, keep: bool, tmpfs: bool) -> None:
                 os.close(fd)
 
 
-class _TarfileReader:
-    """--tarfile: snapshot._TarReader's interface on the standard library's tarfile in stream mode (1 MiB buffer),
-    the decompressed bytes bounded as _TarReader bounds them (plus tarfile's read-ahead). Name safety, sizes and each
-    member's sha256 stay the caller's (snapshot._unpack_checked), as with _TarReader."""
+def only_key(store: Any) -> str:
+    """The key of the one entry ``store`` holds."""
+    keys = sorted({o.name.split("/")[1] for o in store.list("entries/") if o.name.endswith("/manifest.json")})
+    if len(keys) != 1:
+        raise SystemExit(f"{store.url} holds {len(keys)} entries ({', '.join(keys) or 'none'}): name one with --key")
+    return keys[0]
 
-    def __init__(self, zr: Any, bound: int) -> None:
-        self.zr, self.left = zr, bound + snapshot._CHUNK + tarfile.RECORDSIZE
 
-    def read(self, n: int = -1) -> bytes:
-        b = self.zr.read(n if n >= 0 else snapshot._CHUNK)
-        self.left -= len(b)
-        if self.left < 0:
-            raise UnsafeArchive("archive unpacks to more than its files need")
-        return b
+def copy_entry(src_url: str, key: str | None, store: Any) -> str:
+    """Copy an entry (its manifest and segment objects) from the store at ``src_url`` into ``store``; return its
+    key (without ``key``, the source's only entry)."""
+    src = open_store(src_url)
+    key = key or only_key(src)
+    data = src.read(manifest_name(key))
+    with tempfile.TemporaryDirectory() as tmp:
+        for seg in Manifest.from_bytes(data).segments:
+            src.download(seg.object, Path(tmp) / seg.sha256)
+            store.put_immutable(seg.object, Path(tmp) / seg.sha256)
+    store.put_conditional(manifest_name(key), data, None)
+    return key
 
-    def members(self) -> Iterator[tuple[str, bool, int, Callable[[], Iterator[bytes]]]]:
-        with tarfile.open(fileobj=self, mode="r|", bufsize=snapshot._CHUNK) as tar:  # type: ignore[call-overload]
-            for ti in tar:
-                if not ti.isreg() or ti.issparse() or any(k.startswith("GNU.") for k in ti.pax_headers):
-                    yield ti.name, False, ti.size, lambda: iter(())
-                    return
-                f = tar.extractfile(ti)
 
-                def content(f: Any = f) -> Iterator[bytes]:
-                    while chunk := f.read(snapshot._CHUNK):
-                        yield chunk
-
-                yield ti.name, True, ti.size, content
+def boot_llm(strategy: str, url: str) -> None:
+    """Boot the LLM example once, cold, in the real Cog runtime (scripts/predict) with its entry going to ``url``."""
+    env = {**os.environ, "COMPILE_CACHE_URL": url, "COMPILE_CACHE_STRATEGY": strategy}
+    cmd = [sys.executable, str(ROOT / "scripts" / "predict"), "--predictor", "examples/llm/predict.py:Runner",
+           "-i", "prompt=Once upon a time"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"the LLM example's cold boot failed ({p.returncode}):\n{p.stderr[-4000:]}")
 
 
 def main() -> int:
@@ -239,15 +239,20 @@ def main() -> int:
         help="limit the server's responses to RATE (tc syntax: 500mbit, 2gbit), a network link between client and "
         "server instead of loopback with nothing in the way (Linux, root, tc; see the docstring)",
     )
-    ap.add_argument(
-        "--tarfile",
-        action="store_true",
-        help="unpack with the standard library's tarfile (stream mode) instead of snapshot._TarReader, with the same "
-        "checks: what the hand-written reader is measured against (see its docstring)",
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument(
+        "--entry",
+        metavar="URL",
+        help="restore an existing entry, copied from this store (a local dir or s3:// URL), instead of a made one",
     )
+    src.add_argument(
+        "--llm",
+        choices=["jit", "export"],
+        help="restore the LLM example's entry for this strategy: the example boots once, cold, in the real Cog "
+        "runtime (scripts/predict) against the bench's store first, which uploads it (minutes)",
+    )
+    ap.add_argument("--key", help="with --entry: the entry's key, where the store holds several")
     args = ap.parse_args()
-    if args.tarfile:
-        snapshot._TarReader = _TarfileReader  # type: ignore[misc,assignment]
     if args.link and args.url:
         ap.error("--link limits the server this bench starts; it cannot shape the way to --url")
     if args.link and not re.fullmatch(r"\d+(\.\d+)?[kmg]?(bit|bps)", args.link):
@@ -279,11 +284,20 @@ def main() -> int:
             )
             url = f"s3://{bucket}/bench"
         store = open_store(url)
-        key = f"bench-{uuid.uuid4().hex[:8]}"
-        src = make_entry(work, args.mb, args.compressible)
-        up = Uploader(store, key, {"inductor": src}, "bench", FACTORS).upload()
-        assert up is not None and not up.error, up
+        if args.entry:
+            key = copy_entry(args.entry, args.key, store)
+        elif args.llm:
+            url = f"{url}/llm-{args.llm}-{uuid.uuid4().hex[:8]}"
+            boot_llm(args.llm, url)
+            store = open_store(url)
+            key = only_key(store)  # the one entry the boot wrote
+        else:
+            key = f"bench-{uuid.uuid4().hex[:8]}"
+            src = make_entry(work, args.mb, args.compressible)
+            up = Uploader(store, key, {"inductor": src}, "bench", FACTORS).upload()
+            assert up is not None and not up.error, up
         m = Manifest.from_bytes(store.read(manifest_name(key)))
+        labels = sorted({f.path.split("/", 1)[0] for f in m.files().values()})
         nbytes = m.total_bytes  # the objects' bytes: what both sides download
         unpacked = sum(f.size for f in m.files().values())  # what a restore writes
 
@@ -322,10 +336,11 @@ def main() -> int:
             (out_dir / f"get-{i}").mkdir()
             file_s.append(raw_to_file(out_dir / f"get-{i}"))
             _release(out_dir / f"get-{i}", args.keep_pages, tmpfs)
-            res = restore(store, key, {"inductor": out_dir / f"restore-{i}"}, factors=FACTORS)
+            dest = out_dir / f"restore-{i}"
+            res = restore(store, key, {label: dest / label for label in labels}, factors=m.factors)
             assert res.status == "hit", res.reason
-            ours_s.append(res.seconds)
-            _release(out_dir / f"restore-{i}", args.keep_pages, tmpfs)
+            ours_s.append(res.seconds)  # the whole restore() call: manifest, segments, commit
+            _release(dest, args.keep_pages, tmpfs)
         link_bytes = _link_bytes() if linked else None
         raw_mb_s = nbytes / 1e6 / statistics.median(raw_s)
         ours_mb_s = nbytes / 1e6 / statistics.median(ours_s)
@@ -347,7 +362,9 @@ def main() -> int:
             "pages_released": not args.keep_pages and (tmpfs or hasattr(os, "posix_fadvise")),
             "link": args.link,
             "link_bytes": link_bytes,
-            "tar_reader": "tarfile" if args.tarfile else "snapshot._TarReader",
+            "tar_reader": "tarfile",
+            "entry": args.entry or (f"llm {args.llm}" if args.llm else "made"),
+            "restore_s": round(statistics.median(ours_s), 4),
         }
         if args.json:
             print(json.dumps(out))
@@ -365,6 +382,8 @@ def main() -> int:
                 + (f"; server's responses limited to {args.link}, {link_bytes / 1e6:.0f} MB through it)" if linked
                    else "; loopback, no link)")
             )
+            print(f"restore         {out['restore_s'] * 1e3:7.1f} ms  (median of {args.rounds}; "
+                  f"{min(ours_s) * 1e3:.1f}-{max(ours_s) * 1e3:.1f})")
         return 0
     finally:
         if linked:

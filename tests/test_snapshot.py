@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 
 from compile_cache.errors import IntegrityError, UnsafeArchive
 from compile_cache.manifest import FileEntry, Manifest, manifest_name
-from compile_cache.snapshot import _header, pack, read_member, scan, unpack_into_staging
+from compile_cache.snapshot import pack, read_member, scan, unpack_into_staging
 from compile_cache.stores import LocalStore
 from compile_cache.sync import Uploader, restore
 
@@ -219,48 +221,101 @@ def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> tarfile.Ta
     return info
 
 
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_header_parser_agrees_with_tarfile(fmt: int) -> None:
-    """The restore's own header parser reads what tarfile writes as tarfile reads it: names (short, unicode, a
-    ustar prefix+name split), types and sizes up to the largest the octal field holds; the last block of each
-    header sequence is the member's own header (PAX and GNU put long names in blocks before it)."""
-    infos = [
-        _info("inductor/ab/c.so", 123_456),
-        _info("inductor/fxgraph/é/ß", 0),
-        _info("inductor/" + "d" * 90 + "/" + "e" * 40, 1),  # 140 characters: ustar splits it into prefix + name
-        _info("inductor/big", 8**11 - 1),
-        _info("inductor/a", 5, tarfile.AREGTYPE),
-        _info("inductor/dir", 0, tarfile.DIRTYPE),
-        _info("inductor/link", 0, tarfile.SYMTYPE),
-    ]
-    for info in infos:
-        buf = info.tobuf(fmt, "utf-8", "surrogateescape")
-        block = buf[-512:]
-        theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        name, kind, size = _header(block)
-        assert (kind, size) == (theirs.type, theirs.size)
-        # tarfile drops a directory's trailing slash; a restore refuses directories, whatever their name.
-        assert name == theirs.name or (kind == tarfile.DIRTYPE and name == theirs.name + "/")
-        if fmt == tarfile.USTAR_FORMAT:  # the whole name lives in this block
-            assert theirs.name == info.name.rstrip("/")
+def _unpack_tar(tmp_path: Path, tar: bytes, listed: list[FileEntry]) -> None:
+    """Unpack the raw tar ``tar`` (compressed here) against a manifest that lists ``listed``; whatever it raises,
+    nothing may be left in the cache dir."""
+    (tmp_path / "seg").write_bytes(zstandard.ZstdCompressor().compress(tar))
+    try:
+        unpack_into_staging(tmp_path / "seg", listed, {"inductor": tmp_path / "d"}, max_bytes=10**6, max_files=9).discard()
+    finally:
+        assert list((tmp_path / "d").iterdir()) == []
 
 
-def test_header_parser_refuses_malformed_headers() -> None:
-    block = _info("inductor/ab/c.so", 10).tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-    _header(block)
-    flipped = block[:3] + bytes([block[3] ^ 1]) + block[4:]
-    with pytest.raises(ValueError, match="checksum"):
-        _header(flipped)
+def _tar(*infos: tarfile.TarInfo, fmt: int = tarfile.PAX_FORMAT, **kw: object) -> tuple[bytes, list[FileEntry]]:
+    """A tar of these members (each regular one holding ``size`` bytes of "x") and a manifest listing every one."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, **kw) as tar:  # type: ignore[call-overload]
+        for info in infos:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isreg() else None)
+    listed = [FileEntry(path=i.name, size=i.size, sha256=hashlib.sha256(b"x" * i.size).hexdigest()) for i in infos]
+    return buf.getvalue(), listed
 
-    def with_size(field: bytes) -> bytes:  # a header with this size field and a correct checksum
-        b = bytearray(block[:124] + field + block[136:148] + b" " * 8 + block[156:])
-        b[148:156] = b"%06o\0 " % sum(b)
-        return bytes(b)
 
-    assert _header(with_size(b"00000000012\0"))[2] == 10
-    for bad in (b"0000000001 9", b"0000000001x\0", b"\x80" + bytes(10) + b"\x0a"):  # 9, junk, GNU base-256
-        with pytest.raises(ValueError, match="bad number"):
-            _header(with_size(bad))
+def test_unpack_reads_names_as_writers_split_them(tmp_path: Path) -> None:
+    """Long and non-ASCII names come back whole from a ustar prefix+name split and from PAX records, and old-style
+    regular files (type NUL) are regular files."""
+    names = ["inductor/" + "d" * 90 + "/" + "e" * 40, "inductor/fxgraph/é/ß", "inductor/" + "f/" * 120 + "g"]
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
+        infos = [_info(n, 3, tarfile.AREGTYPE if n.endswith("ß") else tarfile.REGTYPE) for n in names]
+        tar, listed = _tar(*(infos if fmt == tarfile.PAX_FORMAT else infos[:1]), fmt=fmt)
+        shutil.rmtree(tmp_path / "d", ignore_errors=True)
+        (tmp_path / "seg").write_bytes(zstandard.ZstdCompressor().compress(tar))
+        staged = unpack_into_staging(tmp_path / "seg", listed, {"inductor": tmp_path / "d"}, max_bytes=99, max_files=9)
+        assert staged.commit() == len(listed)
+        assert sorted(f"inductor/{p.relative_to(tmp_path / 'd').as_posix()}" for p in (tmp_path / "d").rglob("*")
+                      if p.is_file()) == sorted(x.path for x in listed)
+
+
+def _gnu_long_name() -> tuple[bytes, list[FileEntry]]:
+    return _tar(_info("inductor/" + "n" * 120, 1), fmt=tarfile.GNU_FORMAT)
+
+
+def _sparse_record() -> tuple[bytes, list[FileEntry]]:
+    info = _info("inductor/s", 1)
+    info.pax_headers = {"GNU.sparse.size": "1"}
+    return _tar(info)
+
+
+@pytest.mark.parametrize(
+    "archive",
+    [
+        *(lambda k=k: _tar(_info("inductor/x", 0, k)) for k in (
+            tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE,
+            tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE,
+        )),
+        _gnu_long_name,
+        lambda: _tar(_info("inductor/x", 1), pax_headers={"comment": "global"}),  # a global PAX header first
+        _sparse_record,
+    ],
+    ids=["dir", "symlink", "hardlink", "chardev", "blockdev", "fifo", "contiguous", "gnu-sparse", "gnu-long-name",
+         "pax-global", "pax-sparse"],
+)
+def test_unpack_refuses_every_header_but_a_regular_file(tmp_path: Path, archive: Any) -> None:
+    """Only regular files and PAX extended headers (what pack writes) pass, even when the manifest lists the
+    member: links and devices never land, and headers a reader would act on (GNU long names, global or sparse
+    headers) are refused before they are acted on."""
+    tar, listed = archive()
+    with pytest.raises(UnsafeArchive, match="not a regular file"):
+        _unpack_tar(tmp_path, tar, listed)
+
+
+def test_unpack_refuses_malformed_headers(tmp_path: Path) -> None:
+    """A damaged header anywhere, a bad number, a missing end and an oversized PAX header are refused; a damaged
+    header after the first member is not taken for the end of the archive."""
+    tar, listed = _tar(_info("inductor/a", 10), _info("inductor/b", 10))
+    _unpack_tar(tmp_path, tar, listed)  # intact: unpacks (and the helper's check sees the staging dir gone)
+    second = 1024  # the second member's header: after the first's header and its one block of data
+    assert tar[second:].startswith(b"inductor/b")
+    for at in (0, second):
+        damaged = tar[: at + 3] + bytes([tar[at + 3] ^ 1]) + tar[at + 4 :]
+        with pytest.raises(IntegrityError, match="archive is corrupt: .*checksum"):
+            _unpack_tar(tmp_path, damaged, listed)
+
+    def with_size(field: bytes) -> bytes:  # the second header with this size field and a correct checksum
+        h = bytearray(tar[second : second + 512])
+        h[124:136], h[148:156] = field, b" " * 8
+        h[148:156] = b"%06o\0 " % sum(h)
+        return tar[:second] + bytes(h) + tar[second + 512 :]
+
+    for bad in (b"0000000001 9", b"0000000001x\0"):
+        with pytest.raises(IntegrityError, match="archive is corrupt"):
+            _unpack_tar(tmp_path, with_size(bad), listed)
+    with pytest.raises(IntegrityError, match="archive is corrupt"):  # no end-of-archive blocks
+        _unpack_tar(tmp_path, tar[: second + 1024], listed)
+    big = _info("inductor/a", 1)
+    big.pax_headers = {"comment": "c" * (64 * 1024)}
+    with pytest.raises(UnsafeArchive, match="PAX header"):
+        _unpack_tar(tmp_path, *_tar(big))
 
 
 @pytest.mark.parametrize("name", ["inductor//a", "inductor/./a", "inductor/a/", "inductor", "/inductor/a", "x/a"])
