@@ -62,10 +62,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compile_cache import snapshot  # noqa: E402
+from compile_cache.entry import Entry  # noqa: E402
 from compile_cache.errors import UnsafeArchive  # noqa: E402
 from compile_cache.manifest import Manifest, manifest_name  # noqa: E402
+from compile_cache.restore import restore  # noqa: E402
 from compile_cache.stores import open_store  # noqa: E402
-from compile_cache.sync import Uploader, restore  # noqa: E402
+from compile_cache.trust import TrustPolicy  # noqa: E402
+from compile_cache.upload import Uploader  # noqa: E402
 
 FACTORS = {"bench": "restore"}
 
@@ -281,7 +284,7 @@ def main() -> int:
         store = open_store(url)
         key = f"bench-{uuid.uuid4().hex[:8]}"
         src = make_entry(work, args.mb, args.compressible)
-        up = Uploader(store, key, {"inductor": src}, "bench", FACTORS).upload()
+        up = Uploader(Entry(store, key, {"inductor": src}, FACTORS, TrustPolicy()), "bench").upload()
         assert up is not None and not up.error, up
         m = Manifest.from_bytes(store.read(manifest_name(key)))
         nbytes = m.total_bytes  # the objects' bytes: what both sides download
@@ -322,7 +325,7 @@ def main() -> int:
             (out_dir / f"get-{i}").mkdir()
             file_s.append(raw_to_file(out_dir / f"get-{i}"))
             _release(out_dir / f"get-{i}", args.keep_pages, tmpfs)
-            res = restore(store, key, {"inductor": out_dir / f"restore-{i}"}, factors=FACTORS)
+            res = restore(Entry(store, key, {"inductor": out_dir / f"restore-{i}"}, FACTORS, TrustPolicy()))
             assert res.status == "hit", res.reason
             ours_s.append(res.seconds)
             _release(out_dir / f"restore-{i}", args.keep_pages, tmpfs)
