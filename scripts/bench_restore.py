@@ -6,6 +6,7 @@
     scripts/bench_restore.py --dest /dev/shm                 # restore into another filesystem (default: $TMPDIR)
     scripts/bench_restore.py --compressible --mb 400         # .so files that compress like CPU kernels (~24x)
     scripts/bench_restore.py --link 2gbit                    # a network link to the server (Linux, as root)
+    scripts/bench_restore.py --segment-files-mb 8 --parallel 2   # another segment cut, segments restored at a time
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
@@ -61,7 +62,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compile_cache import snapshot  # noqa: E402
+from compile_cache import restore as restore_module  # noqa: E402
+from compile_cache import segments, snapshot  # noqa: E402
 from compile_cache.entry import Entry  # noqa: E402
 from compile_cache.errors import UnsafeArchive  # noqa: E402
 from compile_cache.manifest import Manifest, manifest_name  # noqa: E402
@@ -248,7 +250,19 @@ def main() -> int:
         help="unpack with the standard library's tarfile (stream mode) instead of snapshot._TarReader, with the same "
         "checks: what the hand-written reader is measured against (see its docstring)",
     )
+    ap.add_argument(
+        "--segment-files-mb",
+        type=int,
+        help="cut the entry's segments at this many MiB of files (default: segments.SEGMENT_MAX_UNPACKED_BYTES)",
+    )
+    ap.add_argument(
+        "--parallel", type=int, help="segments restored at a time (default: restore._PARALLEL_SEGMENTS, per core)"
+    )
     args = ap.parse_args()
+    if args.segment_files_mb:
+        segments.SEGMENT_MAX_UNPACKED_BYTES = args.segment_files_mb * 2**20
+    if args.parallel:
+        restore_module._PARALLEL_SEGMENTS = args.parallel
     if args.tarfile:
         snapshot._TarReader = _TarfileReader  # type: ignore[misc,assignment]
     if args.link and args.url:
