@@ -336,7 +336,7 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
     import dataclasses
 
     from .progress import bars_enabled, progress_bar
-    from .sync import RestoreOptions
+    from .restore import RestoreOptions
     from .trust import TrustPolicy
 
     try:
@@ -355,7 +355,7 @@ def cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
         report = verify_entry(
             ctx.store,
             _resolve_key(ctx.store, args.key),
-            trust=trust,
+            trust,
             options=RestoreOptions.from_settings(s),
             progress=bar,
         )

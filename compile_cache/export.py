@@ -341,7 +341,7 @@ def adopt_equivalent_package(
             with open(path + _REF_SUFFIX, "w") as f:
                 json.dump({"package": name, "program": digest}, f)
             return cand, ep
-        os.utime(cand, ns=(st.st_atime_ns, st.st_mtime_ns))  # looked at, not used (see sync.mark_unread)
+        os.utime(cand, ns=(st.st_atime_ns, st.st_mtime_ns))  # looked at, not used (see lineage.mark_unread)
     return None, ep
 
 

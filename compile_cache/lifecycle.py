@@ -27,16 +27,19 @@ from cog import BasePredictor, BaseRunner
 from . import log as logmod
 from .compiler import Example, cache_roots, counts
 from .config import CompileConfig, Settings
+from .entry import Entry
 from .export import ExportSpec
 from .factors import environment_factors, runner_factors
 from .key import CacheKey
+from .lineage import restore_or_seed
 from .metrics import BootMetrics
 from .parts import SINGLE_PART, Part, Parts, check_name
+from .restore import RestoreOptions
 from .stores import open_store
 from .stores.base import Store
 from .strategies import Plan, prepare
-from .sync import RestoreOptions, Uploader, restore_or_seed
 from .trust import trust_policy
+from .upload import Uploader
 from .versions import ModelVersion, identify
 
 __all__ = ["CompiledRunner", "CompiledPredictor", "Example", "Part"]
@@ -206,32 +209,13 @@ class CompiledRunner(BaseRunner):
             return None
         m.store = store.url
         trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
-        r = restore_or_seed(
-            store,
-            key.name,
-            roots,
-            factors=key.factors,
-            lineage=self.version.lineage,
-            model_factors=self.version.factors,
-            seed=not settings.key_by_version,
-            trust=trust,
-            options=RestoreOptions.from_settings(settings),
-        )
+        entry = Entry(store, key.name, roots, key.factors, trust, self.version.lineage, self.version.factors)
+        r = restore_or_seed(entry, RestoreOptions.from_settings(settings), seed=not settings.key_by_version)
         m.cache, m.cache_reason, m.restore_s, m.seeded_from = r.status, r.reason, r.seconds, r.seeded_from
         m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
         if r.status in ("error", "rejected"):
             log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
-        return Uploader(
-            store,
-            key.name,
-            roots,
-            self.version.label,
-            key.factors,
-            trust=trust,
-            lineage=self.version.lineage,
-            model_factors=self.version.factors,
-            **r.uploader_state(),  # type: ignore[arg-type]
-        )
+        return Uploader.after_restore(r, entry, self.version.label)
 
     def _prepare(self, plan: Plan, cache_dir: Path) -> Any:
         """One part through its strategies; its own metrics (counts are this part's: parts compile one by one)."""

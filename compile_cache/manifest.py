@@ -28,7 +28,7 @@ MAX_VERSIONS = 100  # labels remembered per entry (a platform pushes thousands o
 # Caps a reader applies before it trusts anything in a manifest. A file takes a few hundred bytes of manifest
 # (docs/benchmarks.md, "Figures behind the code's comments"), so 16 MiB lists tens of thousands of files, far more
 # than any entry written here; a larger manifest is refused unread (stores.base.Store.read_versioned
-# with max_bytes). Segments: uploads cut them at about 8 MiB and writers compact past 64 (sync.MAX_SEGMENTS), so
+# with max_bytes). Segments: uploads cut them at about 8 MiB and writers compact past 64 (upload.MAX_SEGMENTS), so
 # an entry at the default 8 GiB restore cap needs about 1,024.
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MANIFEST_SEGMENTS = 1024

@@ -404,7 +404,7 @@ def _read_state(path: Path) -> str:
 
 def _unread(path: Path) -> None:
     """Mark a seed's file as not used by this version: a seeded upload keeps only the seed's files this boot read
-    (compile_cache/sync.py, mark_unread)."""
+    (compile_cache/lineage.py, mark_unread)."""
     try:
         os.utime(path, ns=(0, path.stat().st_mtime_ns))
     except OSError:

@@ -21,9 +21,9 @@ from pathlib import Path
 from .errors import CacheError, IntegrityError, ObjectNotFound
 from .key import diff_factors, fingerprint_of
 from .manifest import MAX_MANIFEST_SEGMENTS, Manifest, manifest_name
+from .restore import RestoreOptions
 from .snapshot import check_archive, sha256_file
 from .stores.base import Progress, Store
-from .sync import RestoreOptions
 from .trust import TrustPolicy
 
 __all__ = ["VerifyReport", "verify_entry"]
@@ -66,10 +66,8 @@ class VerifyReport:
 def verify_entry(
     store: Store,
     key: str,
+    trust: TrustPolicy,
     *,
-    signing_key: bytes | None = None,
-    require_signed: bool = False,
-    trust: TrustPolicy | None = None,
     factors: Mapping[str, str] | None = None,
     options: RestoreOptions | None = None,
     labels: Collection[str] = ROOT_LABELS,
@@ -77,15 +75,13 @@ def verify_entry(
 ) -> VerifyReport:
     """Check the entry ``key`` in ``store``; never raises for what it finds (store trouble is a problem too).
 
-    ``trust`` as in restore (``signing_key``/``require_signed``: a policy with only those); ``factors``:
-    an environment's fingerprint factors to compare with (without them, the manifest's fingerprint is compared
-    with the one the key name ends with). ``options``: the caps (default: the settings' defaults). ``progress`` gets the bytes
-    downloaded.
+    ``trust``: the policy a restore would judge it by. ``factors``: an environment's fingerprint factors to compare
+    with; without them (a person verifying a key by name has no environment, hence no entry.Entry), the manifest's
+    fingerprint is compared with the one the key name ends with. ``options``: the caps (default: the settings'
+    defaults). ``progress`` gets the bytes downloaded.
     """
     options = options or RestoreOptions()
     max_bytes, max_files = options.max_bytes, options.max_files
-    if trust is None:
-        trust = TrustPolicy(signing_key=signing_key, require_signed=require_signed)
     rep = VerifyReport(key, store.url)
     try:
         data = store.read(manifest_name(key), max_bytes=options.max_manifest_bytes)

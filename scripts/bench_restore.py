@@ -8,6 +8,7 @@
     scripts/bench_restore.py --link 2gbit                    # a network link to the server (Linux, as root)
     scripts/bench_restore.py --entry DIR_OR_URL [--key KEY]  # an existing entry, copied into the bench's store
     scripts/bench_restore.py --llm jit                       # the LLM example's entry: it boots cold first (minutes)
+    scripts/bench_restore.py --segment-files-mb 8 --parallel 2   # another segment cut, segments restored at a time
 
 It writes an entry shaped like a cache dir (--mb of kernel-like files, see make_entry, packed into segments by the
 real upload path), then alternates, --rounds times: (a) a plain boto3 get_object().read() of every segment object,
@@ -61,9 +62,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compile_cache import restore as restore_module  # noqa: E402
+from compile_cache import segments  # noqa: E402
+from compile_cache.entry import Entry  # noqa: E402
 from compile_cache.manifest import Manifest, manifest_name  # noqa: E402
+from compile_cache.restore import restore  # noqa: E402
 from compile_cache.stores import open_store  # noqa: E402
-from compile_cache.sync import Uploader, restore  # noqa: E402
+from compile_cache.trust import TrustPolicy  # noqa: E402
+from compile_cache.upload import Uploader  # noqa: E402
 
 FACTORS = {"bench": "restore"}
 
@@ -252,7 +258,19 @@ def main() -> int:
         "runtime (scripts/predict) against the bench's store first, which uploads it (minutes)",
     )
     ap.add_argument("--key", help="with --entry: the entry's key, where the store holds several")
+    ap.add_argument(
+        "--segment-files-mb",
+        type=int,
+        help="cut the entry's segments at this many MiB of files (default: segments.SEGMENT_MAX_UNPACKED_BYTES)",
+    )
+    ap.add_argument(
+        "--parallel", type=int, help="segments restored at a time (default: restore._PARALLEL_SEGMENTS, per core)"
+    )
     args = ap.parse_args()
+    if args.segment_files_mb:
+        segments.SEGMENT_MAX_UNPACKED_BYTES = args.segment_files_mb * 2**20
+    if args.parallel:
+        restore_module._PARALLEL_SEGMENTS = args.parallel
     if args.link and args.url:
         ap.error("--link limits the server this bench starts; it cannot shape the way to --url")
     if args.link and not re.fullmatch(r"\d+(\.\d+)?[kmg]?(bit|bps)", args.link):
@@ -294,7 +312,7 @@ def main() -> int:
         else:
             key = f"bench-{uuid.uuid4().hex[:8]}"
             src = make_entry(work, args.mb, args.compressible)
-            up = Uploader(store, key, {"inductor": src}, "bench", FACTORS).upload()
+            up = Uploader(Entry(store, key, {"inductor": src}, FACTORS, TrustPolicy()), "bench").upload()
             assert up is not None and not up.error, up
         m = Manifest.from_bytes(store.read(manifest_name(key)))
         labels = sorted({f.path.split("/", 1)[0] for f in m.files().values()})
@@ -337,7 +355,7 @@ def main() -> int:
             file_s.append(raw_to_file(out_dir / f"get-{i}"))
             _release(out_dir / f"get-{i}", args.keep_pages, tmpfs)
             dest = out_dir / f"restore-{i}"
-            res = restore(store, key, {label: dest / label for label in labels}, factors=m.factors)
+            res = restore(Entry(store, key, {label: dest / label for label in labels}, m.factors, TrustPolicy()))
             assert res.status == "hit", res.reason
             ours_s.append(res.seconds)  # the whole restore() call: manifest, segments, commit
             _release(dest, args.keep_pages, tmpfs)

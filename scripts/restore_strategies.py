@@ -5,7 +5,7 @@ fresh process with an empty ``TORCHINDUCTOR_CACHE_DIR``:
 
     eager               load + the warm-up calls, no compile (the floor)
     seed-jit            compile + warm-up from nothing (caches on); then publishes the cache dir to a local store
-                        with compile_cache.sync.Uploader and Mega-Cache bytes (torch.compiler.save_cache_artifacts)
+                        with compile_cache.upload.Uploader and Mega-Cache bytes (torch.compiler.save_cache_artifacts)
     seed-precompile     torch.compile(m, fullgraph=True).forward.aot_compile per warm-up shape, each saved with
                         save_compiled_function; its cache dir published too (for precompile+dir)
     warm-dir            restore the dir snapshot (what compile_cache does), then compile + warm-up
@@ -68,8 +68,11 @@ def run(kind: str, store_dir: str, threads: int) -> dict[str, Any]:
     import torch
 
     from compile_cache.compiler import CompiledModel, cache_roots, compile_model
+    from compile_cache.entry import Entry
     from compile_cache.precompile import aot_compile_enabled
-    from compile_cache.sync import Uploader, restore
+    from compile_cache.restore import restore
+    from compile_cache.trust import TrustPolicy
+    from compile_cache.upload import Uploader
     from predict import Runner
 
     torch.set_num_threads(threads)
@@ -81,12 +84,13 @@ def run(kind: str, store_dir: str, threads: int) -> dict[str, Any]:
     examples = p.warmup_examples()
     out["load_s"] = round(time.monotonic() - t, 3)
     store, key = _key(store_dir, "precompile" if "precompile" in kind else "jit")
+    entry = Entry(store, key.name, cache_roots(), key.factors, TrustPolicy())  # a local store of its own: unsigned
 
     # 1. restore: the artifact from the store into this process / the empty cache dir
     t0 = time.monotonic()
     loaded: list[Any] = []
     if kind in ("warm-dir", "warm-precompile+dir"):
-        r = restore(store, key.name, cache_roots(), factors=key.factors)
+        r = restore(entry)
         assert r.status == "hit", r
         out["artifact_bytes"] = r.bytes_downloaded
     if kind == "warm-megacache":
@@ -134,7 +138,7 @@ def run(kind: str, store_dir: str, threads: int) -> dict[str, Any]:
     # 3. the seeds publish their artifacts (not timed in boot_s)
     t2 = time.monotonic()
     if kind.startswith("seed-"):
-        up = Uploader(store, key.name, cache_roots(), "restore-strategies", key.factors).upload()
+        up = Uploader(entry, "restore-strategies").upload()
         assert up is not None and not up.error, up
         out["dir_bytes"] = up.bytes_uploaded
     if kind == "seed-jit":

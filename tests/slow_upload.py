@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compile_cache import sync
+from compile_cache import segments
 from compile_cache.config import Settings
 from compile_cache.stores.base import ObjectInfo, Progress, Store
 from tests.tiny_predictor import Predictor
@@ -70,7 +70,7 @@ class SlowUploadPredictor(Predictor):
     def setup(self, weights: Any = None) -> None:
         self._plan = json.loads(os.environ.get("TINY_SLOW_STORE") or "{}")
         if self._plan.get("segment_bytes"):
-            sync.SEGMENT_MAX_UNPACKED_BYTES = int(self._plan["segment_bytes"])  # this worker process only
+            segments.SEGMENT_MAX_UNPACKED_BYTES = int(self._plan["segment_bytes"])  # this worker process only
         self._exit_started = threading.Event()
         super().setup(weights)
 

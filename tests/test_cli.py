@@ -1,6 +1,6 @@
 """The CLI, run as users run it (``python -m compile_cache ...`` in a subprocess), against both stores.
 
-Entries are seeded without compiling: sync.Uploader on a fake cache dir of a few small files. Only the ``warm`` test
+Entries are seeded without compiling: upload.Uploader on a fake cache dir of a few small files. Only the ``warm`` test
 compiles (the tiny predictor, ~20 s), and then boots a fresh "container" in the real Cog runtime that must report a
 cache hit.
 """
@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from compile_cache.entry import Entry
 from compile_cache.key import CacheKey
 from compile_cache.manifest import Manifest, manifest_name
+from compile_cache.restore import read_manifest, restore
 from compile_cache.stores import LocalStore, Store
-from compile_cache.sync import Uploader, read_manifest, restore
 from compile_cache.tools.cogrun import CogServer
+from compile_cache.trust import TrustPolicy
+from compile_cache.upload import Uploader
 from tests.conftest import ROOT
 from tests.s3server import apply_s3_env
 
@@ -74,7 +77,7 @@ def fake_cache(base: Path, files: dict[str, bytes]) -> Path:
 def seed(store: Store, version: str, root: Path, *, signing_key: bytes | None = None, **factors: str) -> str:
     f = {**FACTORS, **factors}
     key = CacheKey(version, f).name
-    r = Uploader(store, key, {"inductor": root}, version, f, signing_key=signing_key).upload()
+    r = Uploader(Entry(store, key, {"inductor": root}, f, TrustPolicy(signing_key)), version).upload()
     assert r is not None and not r.error, r
     return key
 
@@ -233,7 +236,7 @@ def test_prune_yes_keeps_shared_objects_and_collects_orphans(
     left = names(store)
     assert orphan not in left and two_versions["shared"] in left
     # What is left still restores completely.
-    r = restore(store, two_versions["k2"], {"inductor": tmp_path / "restored"}, factors=FACTORS)
+    r = restore(Entry(store, two_versions["k2"], {"inductor": tmp_path / "restored"}, FACTORS, TrustPolicy()))
     assert r.status == "hit", r.reason
     assert (tmp_path / "restored" / "cpp" / "k1.so").read_bytes() == b"k" * 800
 

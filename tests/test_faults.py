@@ -37,13 +37,15 @@ import pytest
 import torch
 import zstandard
 
+from compile_cache.entry import Entry as CacheEntry
 from compile_cache.errors import UnsafeArchive
 from compile_cache.key import CacheKey, fingerprint_of
 from compile_cache.manifest import FileEntry, Manifest, Segment, manifest_name, object_name
+from compile_cache.restore import RestoreOptions, restore
 from compile_cache.snapshot import STAGING_PREFIX, unpack_into_staging
 from compile_cache.stores import LocalStore, Store, open_store
-from compile_cache.sync import RestoreOptions, Uploader, restore
 from compile_cache.trust import TrustPolicy
+from compile_cache.upload import Uploader
 from compile_cache.verify import verify_entry
 from tests.conftest import Boot, boot
 from tests.s3server import apply_s3_env, free_ports
@@ -79,7 +81,7 @@ def good(tiny_seeded_store: Path, tmp_path_factory: pytest.TempPathFactory) -> G
     m = Manifest.from_bytes(data)
     st.put_conditional(name, m.to_bytes(KEY), token)  # exactly what an uploader with COMPILE_CACHE_SIGNING_KEY writes
     m = Manifest.from_bytes(st.read(name))
-    r = restore(st, key, {"inductor": d / "cold"}, factors=m.factors, trust=TrustPolicy(KEY, require_signed=True))
+    r = restore(CacheEntry(st, key, {"inductor": d / "cold"}, m.factors, TrustPolicy(KEY, require_signed=True)))
     assert r.status == "hit", r.reason
     return Good(d / "store", key, m, d / "cold")
 
@@ -185,17 +187,15 @@ def restore_then_upload(
     """Setup's steps 1 and 4 (lifecycle.py) with the compile in between replaced by its result: restore; assert
     nothing was placed in the dirs; copy in what a cold compile writes; run the background upload."""
     key, factors, store = key or e.key, factors or e.good.factors, store or e.store
-    r = restore(
-        store, key, roots, factors=factors, trust=TrustPolicy(signing_key, require_signed=require_signed),
-        options=RestoreOptions(timeout_s, max_bytes, max_files),
-    )
+    entry = CacheEntry(store, key, roots, factors, TrustPolicy(signing_key, require_signed=require_signed))
+    r = restore(entry, RestoreOptions(timeout_s, max_bytes, max_files))
     assert r.status in ("error", "rejected"), (r.status, r.reason)
     assert_nothing_placed(roots)
     if not upload:
         return Outcome(r.status, r.reason, "", r.bytes_downloaded)
     shutil.copytree(e.good.cold_dir, roots["inductor"], dirs_exist_ok=True)
     up = Uploader(
-        store, key, roots, e.good.manifest.model_version, factors, signing_key=signing_key,
+        entry, e.good.manifest.model_version,
         known=set(r.manifest.files()) if r.manifest else set(), manifest=r.manifest, token=r.token,
         drop=set(r.bad_segments),
     )
@@ -219,7 +219,14 @@ def assert_no_secrets(texts: Iterable[str], hidden: Iterable[str]) -> None:
             assert s not in t, "a secret leaked into a message, a log or the metrics"
 
 
-def assert_not_worse(e: Entry, before: dict[str, bytes], *, key: str | None = None, **verify: Any) -> None:
+def assert_not_worse(
+    e: Entry,
+    before: dict[str, bytes],
+    *,
+    key: str | None = None,
+    trust: TrustPolicy | None = None,
+    factors: dict[str, str] | None = None,
+) -> None:
     """Every object that was there is byte for byte the same; the manifest is unchanged, or only grew by verified
     segments, or was replaced by one that verifies; every new object is listed by the manifest (no garbage)."""
     key = key or e.key
@@ -229,7 +236,7 @@ def assert_not_worse(e: Entry, before: dict[str, bytes], *, key: str | None = No
         if name != mname:
             assert after.get(name) == data, f"{name} changed or vanished"
     if after.get(mname) != before.get(mname):
-        rep = verify_entry(e.store, key, **verify)
+        rep = verify_entry(e.store, key, trust or TrustPolicy(), factors=factors)
         if not rep.ok:  # not healed: then it may only have grown by good segments
             old, new = Manifest.from_bytes(before[mname]), Manifest.from_bytes(after[mname])
             assert {s.sha256 for s in old.segments} <= {s.sha256 for s in new.segments}, rep.problems
@@ -263,7 +270,7 @@ def test_store_unreachable(
     out = restore_then_upload(e, {"inductor": tmp_path / "ind"}, signing_key=KEY)
     assert out.status == "error" and time.monotonic() - t0 < 15
     assert out.upload_error  # the upload fails too, quietly
-    assert not verify_entry(st, good.key, signing_key=KEY).ok
+    assert not verify_entry(st, good.key, TrustPolicy(KEY)).ok
 
 
 @pytest.mark.serial  # bounds wall time
@@ -289,7 +296,7 @@ def test_truncated_object(entry: Entry, tmp_path: Path) -> None:
     before = entry.state()
     out = restore_then_upload(entry, {"inductor": tmp_path / "ind"}, signing_key=KEY)
     assert out.status == "rejected" and "truncated" in out.reason
-    assert_not_worse(entry, before, signing_key=KEY, require_signed=True)
+    assert_not_worse(entry, before, trust=TrustPolicy(KEY, require_signed=True))
     assert_healed(entry, tmp_path)
 
 
@@ -298,8 +305,8 @@ def assert_healed(e: Entry, tmp_path: Path) -> None:
     where they pack to the damaged object's original bytes: the cold dir is a copy with the same mtimes): the
     entry verifies and the next container's restore is a hit. The damaged object stays for `prune`."""
     assert e.object not in {s.object for s in Manifest.from_bytes(e.store.read(e.mname)).segments}
-    assert verify_entry(e.store, e.key, signing_key=KEY, require_signed=True).ok
-    r = restore(e.store, e.key, {"inductor": tmp_path / "next"}, factors=e.good.factors, trust=TrustPolicy(KEY))
+    assert verify_entry(e.store, e.key, TrustPolicy(KEY, require_signed=True)).ok
+    r = restore(CacheEntry(e.store, e.key, {"inductor": tmp_path / "next"}, e.good.factors, TrustPolicy(KEY)))
     assert r.status == "hit", r.reason
     assert r.files == len(e.good.manifest.files())
 
@@ -309,7 +316,7 @@ def test_one_flipped_byte(entry: Entry, tmp_path: Path) -> None:
     before = entry.state()
     out = restore_then_upload(entry, {"inductor": tmp_path / "ind"}, signing_key=KEY)
     assert out.status == "rejected" and "sha256" in out.reason
-    assert_not_worse(entry, before, signing_key=KEY, require_signed=True)
+    assert_not_worse(entry, before, trust=TrustPolicy(KEY, require_signed=True))
     assert_healed(entry, tmp_path)
 
 
@@ -322,7 +329,7 @@ def test_manifest_edited_after_signing(entry: Entry, tmp_path: Path) -> None:
     assert out.status == "rejected" and "signature does not verify" in out.reason
     assert "leaving it as it is" in out.upload_error  # the uploader never re-signs what it could not verify
     assert entry.state() == before
-    assert not verify_entry(entry.store, entry.key, signing_key=KEY).ok
+    assert not verify_entry(entry.store, entry.key, TrustPolicy(KEY)).ok
 
 
 def test_wrong_signing_key(entry: Entry, tmp_path: Path) -> None:
@@ -331,7 +338,7 @@ def test_wrong_signing_key(entry: Entry, tmp_path: Path) -> None:
     assert out.status == "rejected" and "signature does not verify" in out.reason
     assert out.upload_error  # a replica with another key must not flip-flop the fleet's entry
     assert entry.state() == before
-    rep = verify_entry(entry.store, entry.key, signing_key=OTHER_KEY)
+    rep = verify_entry(entry.store, entry.key, TrustPolicy(OTHER_KEY))
     assert not rep.ok
     assert_no_secrets([str(rep)], entry.secrets)
 
@@ -343,8 +350,8 @@ def test_unsigned_entry_while_signing_is_required(entry: Entry, tmp_path: Path) 
     assert out.status == "rejected" and "unsigned" in out.reason
     assert out.upload_error == ""
     # The uploader replaced the unsigned manifest by a signed one of its own files (never signing the old one).
-    assert_not_worse(entry, before, signing_key=KEY, require_signed=True, factors=entry.good.factors)
-    assert verify_entry(entry.store, entry.key, signing_key=KEY, require_signed=True).ok
+    assert_not_worse(entry, before, trust=TrustPolicy(KEY, require_signed=True), factors=entry.good.factors)
+    assert verify_entry(entry.store, entry.key, TrustPolicy(KEY, require_signed=True)).ok
 
 
 def test_entry_with_a_foreign_fingerprint(entry: Entry, tmp_path: Path) -> None:
@@ -364,7 +371,7 @@ def test_entry_with_a_foreign_fingerprint(entry: Entry, tmp_path: Path) -> None:
     out = restore_then_upload(entry, {"inductor": tmp_path / "b"}, key=key2, factors=factors2)
     assert out.status == "rejected" and "foreign" in out.reason
     assert_not_worse(entry, before, key=key2, factors=factors2)  # replaced by one of the right environment
-    rep = verify_entry(entry.store, g.key, factors=factors2)
+    rep = verify_entry(entry.store, g.key, TrustPolicy(), factors=factors2)
     assert not rep.ok and any("foreign" in p for p in rep.problems)
 
 
@@ -405,7 +412,7 @@ def test_archive_with_a_dotdot_path(entry: Entry, tmp_path: Path) -> None:
     for name in ("inductor/../../evil.py", "inductor/fxgraph/../../../evil.py", "/tmp/evil.py"):
         archive = craft([regular(name, evil)])
         publish_crafted(entry, tmp_path, archive, [fe(name, evil)])
-        assert any("escape" in p for p in verify_entry(entry.store, entry.key).problems)
+        assert any("escape" in p for p in verify_entry(entry.store, entry.key, TrustPolicy()).problems)
         before = entry.state()
         roots = {"inductor": tmp_path / "x" / "y" / "ind"}
         out = restore_then_upload(entry, roots)
@@ -420,7 +427,7 @@ def assert_crafted_dropped(e: Entry, archive: bytes) -> None:
     """The cold boot's upload left the refused segment out of the manifest and published its own files."""
     listed = {s.sha256 for s in Manifest.from_bytes(e.store.read(e.mname)).segments}
     assert hashlib.sha256(archive).hexdigest() not in listed and listed
-    assert verify_entry(e.store, e.key).ok
+    assert verify_entry(e.store, e.key, TrustPolicy()).ok
 
 
 def test_archive_with_a_symlink(entry: Entry, tmp_path: Path) -> None:
@@ -432,7 +439,7 @@ def test_archive_with_a_symlink(entry: Entry, tmp_path: Path) -> None:
         files = [FileEntry(path=link.name, size=0, sha256="0" * 64), fe("inductor/fxgraph/ab/entry2", payload)]
         archive = craft(members)
         publish_crafted(entry, tmp_path, archive, files)
-        assert any("not a regular file" in p for p in verify_entry(entry.store, entry.key).problems)
+        assert any("not a regular file" in p for p in verify_entry(entry.store, entry.key, TrustPolicy()).problems)
         before = entry.state()
         roots = {"inductor": tmp_path / f"ind-{kind.decode()}"}
         out = restore_then_upload(entry, roots)
@@ -461,7 +468,8 @@ def test_archive_bomb_over_the_caps(entry: Entry, tmp_path: Path) -> None:
     publish_crafted(entry, tmp_path, craft(many), [fe(f"inductor/k/{i}", b"x") for i in range(50)])
     out = restore_then_upload(entry, {"inductor": tmp_path / "c"}, max_files=10, upload=False)
     assert out.status == "rejected" and "caps" in out.reason
-    assert any("caps" in p for p in verify_entry(entry.store, entry.key, options=RestoreOptions(max_files=10)).problems)
+    rep = verify_entry(entry.store, entry.key, TrustPolicy(), options=RestoreOptions(max_files=10))
+    assert any("caps" in p for p in rep.problems)
 
 
 # -- local faults: disk full, read-only -----------------------------------------------------------------------------
@@ -555,10 +563,10 @@ def test_overlapping_segments_restore(tmp_path: Path) -> None:
         st.put_immutable(object_name(sha), tmp_path / "seg")
         m = m.with_segment(Segment(sha256=sha, size=len(archive), files=[fe(n, b) for n, b in files.items()]))
     st.put_conditional(manifest_name("k"), m.to_bytes(None), None)
-    r = restore(st, "k", {"inductor": tmp_path / "ind"}, factors=factors)
+    r = restore(CacheEntry(st, "k", {"inductor": tmp_path / "ind"}, factors, TrustPolicy()))
     assert r.status == "hit", r.reason
     assert sorted(p.name for p in (tmp_path / "ind").iterdir()) == ["x", "y", "z"]
-    assert verify_entry(st, "k", factors=factors).ok
+    assert verify_entry(st, "k", TrustPolicy(), factors=factors).ok
 
 
 def test_unpack_refuses_reserved_and_device_names(tmp_path: Path) -> None:
@@ -627,7 +635,7 @@ def test_done_when_every_object_has_a_flipped_byte(good: Good, tmp_path: Path, e
     b = run_boot(tmp_path, boot_env(tmp_path, e.store.url, COMPILE_CACHE_SIGNING_KEY=SIGNING_KEY), e.secrets)
     assert_bad_entry_not_loaded(b, expected, "error", "rejected")
     assert b.metrics["compiles"] > 0 and not b.metrics["eager_fallback"]  # a cold compile, not eager
-    assert_not_worse(e, before, signing_key=KEY, require_signed=True)
+    assert_not_worse(e, before, trust=TrustPolicy(KEY, require_signed=True))
 
 
 def test_a_damaged_object_heals_at_the_next_boots_upload(good: Good, tmp_path: Path, expected: dict) -> None:
@@ -640,7 +648,7 @@ def test_a_damaged_object_heals_at_the_next_boots_upload(good: Good, tmp_path: P
     b = run_boot(tmp_path, env, e.secrets)
     assert_bad_entry_not_loaded(b, expected, "rejected")
     assert b.metrics["bytes_uploaded"] > 0
-    assert verify_entry(e.store, e.key, signing_key=KEY, require_signed=True).ok
+    assert verify_entry(e.store, e.key, TrustPolicy(KEY, require_signed=True)).ok
     b = run_boot(tmp_path, {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "next-container")}, e.secrets)
     assert b.metrics["cache"] == "hit", b.metrics["cache_reason"]
     assert b.metrics["fxgraph_misses"] == 0 and b.metrics["fxgraph_hits"] > 0

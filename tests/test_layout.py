@@ -49,7 +49,9 @@ def imported_names(source: str, package: str) -> set[str]:
 
 def test_the_runtime_never_imports_the_tools() -> None:
     modules = runtime_modules()
-    assert {"lifecycle.py", "sync.py", "snapshot.py", "config.py", "key.py"} <= {p.name for p in modules}
+    assert {"lifecycle.py", "restore.py", "upload.py", "lineage.py", "snapshot.py", "config.py", "key.py"} <= {
+        p.name for p in modules
+    }
     offenders = {
         str(p.relative_to(ROOT)): sorted(
             n for n in imported_names(p.read_text(), package_of(p)) if n.startswith("compile_cache.tools")
@@ -97,7 +99,8 @@ def test_the_checker_sees_every_way_to_import_the_cli() -> None:
 
 def test_importing_the_runtime_loads_no_tool() -> None:
     mods = [
-        "compile_cache", "compile_cache.lifecycle", "compile_cache.sync", "compile_cache.snapshot",
+        "compile_cache", "compile_cache.lifecycle", "compile_cache.restore", "compile_cache.upload",
+        "compile_cache.lineage", "compile_cache.entry", "compile_cache.segments", "compile_cache.snapshot",
         "compile_cache.stores.local", "compile_cache.stores.s3", "compile_cache.key", "compile_cache.config",
         "compile_cache.compiler", "compile_cache.export", "compile_cache.precompile", "compile_cache.manifest",
         "compile_cache.metrics",
@@ -130,3 +133,9 @@ def test_the_module_map_names_every_module() -> None:
         if "__pycache__" not in p.parts and p.name != "__init__.py" and not re.search(rf"[`/]{re.escape(p.name)}`", section)
     ]
     assert not missing, f"docs/how-it-works.md's module map lacks {missing}"
+
+
+def test_the_store_protocol_stands_in_modules_small_enough_to_read_in_one_sitting() -> None:
+    sizes = {n: len((PKG / n).read_text().splitlines()) for n in ("entry.py", "restore.py", "upload.py", "segments.py",
+                                                                   "lineage.py")}
+    assert all(n <= 400 for n in sizes.values()), sizes

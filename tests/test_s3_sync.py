@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from compile_cache.entry import Entry
 from compile_cache.manifest import Manifest, manifest_name
+from compile_cache.restore import restore
 from compile_cache.stores import open_store
-from compile_cache.sync import restore
+from compile_cache.trust import TrustPolicy
 from tests.conftest import ROOT, boot
 from tests.s3server import SeaweedServer, apply_s3_env
 from tests.tiny_predictor import close, eager
@@ -57,14 +59,17 @@ WRITER = textwrap.dedent(
     import os, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
+    from compile_cache.entry import Entry
     from compile_cache.stores import open_store
-    from compile_cache.sync import Uploader
+    from compile_cache.trust import TrustPolicy
+    from compile_cache.upload import Uploader
     i, base = int(sys.argv[1]), Path(sys.argv[2])
     cache = base / f"cache{{i}}"
     (cache / "k").mkdir(parents=True)
     (cache / "k" / f"kernel{{i}}.so").write_bytes(os.urandom(20000 + i))
     (cache / "k" / "shared.so").write_bytes(b"same in every replica")
-    up = Uploader(open_store(os.environ["COMPILE_CACHE_URL"]), "fleet-key", {{"inductor": cache}}, "v1", {factors!r})
+    store = open_store(os.environ["COMPILE_CACHE_URL"])
+    up = Uploader(Entry(store, "fleet-key", {{"inductor": cache}}, {factors!r}, TrustPolicy()), "v1")
     r = up.upload()
     assert r is not None and not r.error, r
     print("OK", r.files)
@@ -89,7 +94,7 @@ def test_16_replicas_upload_to_one_key_and_merge(s3_env: dict[str, str], tmp_pat
     expected = {f"inductor/k/kernel{i}.so" for i in range(16)} | {"inductor/k/shared.so"}
     assert set(m.files()) == expected  # the union: no writer's files were lost
     # Every referenced object exists and verifies: a full restore checks every sha256.
-    r = restore(store, "fleet-key", {"inductor": tmp_path / "restored"}, factors=FACTORS)
+    r = restore(Entry(store, "fleet-key", {"inductor": tmp_path / "restored"}, FACTORS, TrustPolicy()))
     assert r.status == "hit" and r.files == 17
     for i in range(16):
         got = (tmp_path / "restored" / "k" / f"kernel{i}.so").read_bytes()
@@ -101,10 +106,12 @@ READER = textwrap.dedent(
     import os, sys, json
     from pathlib import Path
     sys.path.insert(0, {root!r})
+    from compile_cache.entry import Entry
+    from compile_cache.restore import restore
     from compile_cache.stores import open_store
-    from compile_cache.sync import restore
-    r = restore(open_store(os.environ["COMPILE_CACHE_URL"]), "fleet-key", {{"inductor": Path(sys.argv[1])}},
-                factors={factors!r})
+    from compile_cache.trust import TrustPolicy
+    store = open_store(os.environ["COMPILE_CACHE_URL"])
+    r = restore(Entry(store, "fleet-key", {{"inductor": Path(sys.argv[1])}}, {factors!r}, TrustPolicy()))
     print(json.dumps({{"status": r.status, "files": r.files, "reason": r.reason}}))
     """
 )
@@ -112,14 +119,15 @@ READER = textwrap.dedent(
 
 def test_16_concurrent_restores_of_one_key(s3_env: dict[str, str], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from compile_cache.sync import Uploader
+    from compile_cache.upload import Uploader
 
     apply_s3_env(monkeypatch, s3_env)
     src = tmp_path / "src"
     for i in range(40):
         (src / "k").mkdir(parents=True, exist_ok=True)
         (src / "k" / f"f{i}.so").write_bytes(os.urandom(50_000))
-    r = Uploader(open_store(s3_env["COMPILE_CACHE_URL"]), "fleet-key", {"inductor": src}, "v1", FACTORS).upload()
+    store = open_store(s3_env["COMPILE_CACHE_URL"])
+    r = Uploader(Entry(store, "fleet-key", {"inductor": src}, FACTORS, TrustPolicy()), "v1").upload()
     assert r is not None and r.files == 40
 
     script = tmp_path / "reader.py"

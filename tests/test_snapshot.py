@@ -1,4 +1,4 @@
-"""Snapshot round trip and the delta/merge protocol of sync, on the local store (no torch compile needed)."""
+"""Snapshot round trip and the delta/merge protocol of restore and upload, on the local store (no torch compile needed)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,22 @@ from typing import Any
 import pytest
 import zstandard
 
+from compile_cache.entry import Entry
 from compile_cache.errors import IntegrityError, UnsafeArchive
 from compile_cache.manifest import FileEntry, Manifest, manifest_name
+from compile_cache.restore import restore
 from compile_cache.snapshot import pack, read_member, scan, unpack_into_staging
 from compile_cache.stores import LocalStore
-from compile_cache.sync import Uploader, restore
+from compile_cache.stores.base import Store
+from compile_cache.trust import TrustPolicy
+from compile_cache.upload import Uploader
 
 FACTORS = {"torch": "t", "python": "p", "device": "cpu", "cpu.isa": "X"}
+
+
+def entry_at(store: Store, key: str, root: Path, factors: dict[str, str] = FACTORS) -> Entry:
+    """The entry ``key`` restored into / uploaded from ``root``, unsigned (no signing key)."""
+    return Entry(store, key, {"inductor": root}, factors, TrustPolicy())
 
 
 def make_cache(root: Path, files: dict[str, bytes]) -> Path:
@@ -153,13 +162,13 @@ def test_a_damaged_header_is_blamed_on_the_object_not_the_writer(tmp_path: Path)
 
 def _four_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[LocalStore, dict, Path, Manifest]:
     """An entry of four files in four segments: (store, files, the dir they came from, its manifest)."""
-    from compile_cache import sync
+    from compile_cache import segments
 
-    monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 5000)
+    monkeypatch.setattr(segments, "SEGMENT_MAX_UNPACKED_BYTES", 5000)
     store = LocalStore(tmp_path / "store")
     files = {f"k{i}/kernel.so": os.urandom(4000) for i in range(4)}
     cold = make_cache(tmp_path / "cold", files)
-    Uploader(store, "k", {"inductor": cold}, "v", FACTORS).upload()
+    Uploader(entry_at(store, "k", cold), "v").upload()
     m = Manifest.from_bytes(store.read(manifest_name("k")))
     assert len(m.segments) == 4
     return store, files, cold, m
@@ -168,10 +177,10 @@ def _four_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Loc
 def _one_upload_heals(store: LocalStore, cold: Path, found: str, also: str, dest: Path) -> None:
     """As a restore that stopped before reading ``also`` reports only ``found`` (which one runs first is up to the
     threads), the upload finds the other too, drops both, and the next restore is a hit with every file."""
-    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS, drop={found})
+    up = Uploader(entry_at(store, "k", cold), "v", drop={found})
     assert not up.upload().error
     assert up.drop == {found, also}
-    r = restore(store, "k", {"inductor": dest}, factors=FACTORS)
+    r = restore(entry_at(store, "k", dest))
     assert r.status == "hit" and r.files == 4, r.reason
 
 
@@ -184,7 +193,7 @@ def test_one_upload_heals_every_damaged_segment(tmp_path: Path, monkeypatch: pyt
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data))
-    r = restore(store, "k", {"inductor": tmp_path / "a"}, factors=FACTORS)
+    r = restore(entry_at(store, "k", tmp_path / "a"))
     assert r.status == "rejected" and m.segments[1].sha256 in r.bad_segments
     _one_upload_heals(store, cold, m.segments[1].sha256, m.segments[3].sha256, tmp_path / "b")
     assert {str(p.relative_to(tmp_path / "b")): p.read_bytes() for p in (tmp_path / "b").rglob("*.so")} == files
@@ -210,7 +219,7 @@ def test_one_upload_drops_every_refused_archive(tmp_path: Path, monkeypatch: pyt
         (store.root / seg.object).write_bytes(data)
         segments[i] = seg
     (store.root / manifest_name("k")).write_bytes(m.model_copy(update={"segments": segments}).to_bytes(None))
-    r = restore(store, "k", {"inductor": tmp_path / "a"}, factors=FACTORS)
+    r = restore(entry_at(store, "k", tmp_path / "a"))
     assert r.status == "rejected" and "not a regular file" in r.reason and segments[1].sha256 in r.bad_segments
     _one_upload_heals(store, cold, segments[1].sha256, segments[3].sha256, tmp_path / "b")
 
@@ -350,17 +359,17 @@ class _Trickle(io.RawIOBase):
 def test_restore_then_upload_is_a_delta(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     c1 = make_cache(tmp_path / "c1", {"k/one.so": b"one" * 100, "fxgraph/a/b": b"g1"})
-    up = Uploader(store, "key1", {"inductor": c1}, "v1", FACTORS)
+    up = Uploader(entry_at(store, "key1", c1), "v1")
     r = up.upload()
     assert r is not None and r.files == 2 and r.bytes_uploaded > 0
     assert up.upload().bytes_uploaded == 0  # nothing new: no bytes
 
     c2 = tmp_path / "c2"
-    rr = restore(store, "key1", {"inductor": c2}, factors=FACTORS)
+    rr = restore(entry_at(store, "key1", c2))
     assert rr.status == "hit" and rr.files == 2
     assert (c2 / "k" / "one.so").read_bytes() == b"one" * 100
     make_cache(c2, {"k/two.so": b"two"})
-    up2 = Uploader(store, "key1", {"inductor": c2}, "v1", FACTORS, known=set(rr.manifest.files()),
+    up2 = Uploader(entry_at(store, "key1", c2), "v1", known=set(rr.manifest.files()),
                    manifest=rr.manifest, token=rr.token)
     r2 = up2.upload()
     assert r2.files == 1  # only the new file
@@ -370,8 +379,8 @@ def test_restore_then_upload_is_a_delta(tmp_path: Path) -> None:
 
 def test_concurrent_writers_merge(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
-    a = Uploader(store, "k", {"inductor": make_cache(tmp_path / "a", {"a.so": b"a"})}, "v1", FACTORS)
-    b = Uploader(store, "k", {"inductor": make_cache(tmp_path / "b", {"b.so": b"b"})}, "v1", FACTORS)
+    a = Uploader(entry_at(store, "k", make_cache(tmp_path / "a", {"a.so": b"a"})), "v1")
+    b = Uploader(entry_at(store, "k", make_cache(tmp_path / "b", {"b.so": b"b"})), "v1")
     a._read_or_reset()  # both read "no manifest" ...
     b._read_or_reset()
     assert a.upload().files == 1 and b.upload().files == 1  # ... and the second merges instead of overwriting
@@ -381,28 +390,28 @@ def test_concurrent_writers_merge(tmp_path: Path) -> None:
 
 def test_restore_statuses(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
-    assert restore(store, "nope", {"inductor": tmp_path / "c"}, factors=FACTORS).status == "miss"
-    Uploader(store, "k", {"inductor": make_cache(tmp_path / "a", {"a.so": b"a"})}, "v1", FACTORS).upload()
+    assert restore(entry_at(store, "nope", tmp_path / "c")).status == "miss"
+    Uploader(entry_at(store, "k", make_cache(tmp_path / "a", {"a.so": b"a"})), "v1").upload()
     foreign = {**FACTORS, "torch": "other"}
-    r = restore(store, "k", {"inductor": tmp_path / "c"}, factors=foreign)
+    r = restore(entry_at(store, "k", tmp_path / "c", foreign))
     assert r.status == "rejected" and "foreign" in r.reason
     assert not (tmp_path / "c" / "a.so").exists()
 
 
 def test_compaction_repacks_many_segments_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compile_cache.sync as sync
+    import compile_cache.upload as upload
 
-    monkeypatch.setattr(sync, "MAX_SEGMENTS", 4)
+    monkeypatch.setattr(upload, "MAX_SEGMENTS", 4)
     store = LocalStore(tmp_path / "store")
     cache = tmp_path / "c"
-    up = Uploader(store, "k", {"inductor": cache}, "v1", FACTORS)
+    up = Uploader(entry_at(store, "k", cache), "v1")
     for i in range(5):  # five boots, each compiling one new kernel: five segments ...
         make_cache(cache, {f"k/{i}.so": os.urandom(100)})
         up.upload()
     m = Manifest.from_bytes(store.read(manifest_name("k")))
     assert len(m.segments) == 1  # ... compacted by the writer that saw more than MAX_SEGMENTS
     assert sorted(m.files()) == [f"inductor/k/{i}.so" for i in range(5)]
-    r = restore(store, "k", {"inductor": tmp_path / "fresh"}, factors=FACTORS)
+    r = restore(entry_at(store, "k", tmp_path / "fresh"))
     assert r.status == "hit" and r.files == 5
     assert (tmp_path / "fresh" / "k" / "4.so").read_bytes() == (cache / "k" / "4.so").read_bytes()
 
@@ -422,16 +431,16 @@ def test_pack_stops_at_its_compressed_budget_and_says_what_went_in(tmp_path: Pat
 def test_segments_are_sized_by_what_they_weigh_in_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Segments hold about SEGMENT_TARGET_BYTES of compressed bytes, and at most SEGMENT_MAX_UNPACKED_BYTES of files:
     files that compress well take few objects (few requests to restore), random ones take many."""
-    import compile_cache.sync as sync
+    import compile_cache.segments as segments
 
-    monkeypatch.setattr(sync, "SEGMENT_TARGET_BYTES", 400_000)
-    monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 10**7)
+    monkeypatch.setattr(segments, "SEGMENT_TARGET_BYTES", 400_000)
+    monkeypatch.setattr(segments, "SEGMENT_MAX_UNPACKED_BYTES", 10**7)
     store = LocalStore(tmp_path / "store")
     kernel = b"".join(b"out[%d] = a[%d] * b[%d];\n" % (i, i, i) for i in range(3000))  # ~85 KB, compresses
     padded = {f"k/{i:02d}.so": kernel + bytes(200_000) for i in range(30)}  # 8.5 MB of files
     noise = {f"n/{i:02d}.so": os.urandom(100_000) for i in range(30)}  # 3 MB, incompressible
     cache = make_cache(tmp_path / "c", {**padded, **noise, "fxgraph/g/entry": b"graph"})
-    r = Uploader(store, "k", {"inductor": cache}, "v1", FACTORS).upload()
+    r = Uploader(entry_at(store, "k", cache), "v1").upload()
     assert r is not None and not r.error and r.files == 61
     m = Manifest.from_bytes(store.read(manifest_name("k")))
     sizes = [(seg.size, seg.unpacked_bytes, [f.path for f in seg.files]) for seg in m.segments]
@@ -442,12 +451,12 @@ def test_segments_are_sized_by_what_they_weigh_in_the_store(tmp_path: Path, monk
     assert len(random_only) >= 4 and all(s[0] < 400_000 + 300_000 for s in random_only)
     # Kernels first, graph entries last, whatever the cuts.
     assert [p for s in sizes for p in s[2]][-1] == "inductor/fxgraph/g/entry"
-    rr = restore(store, "k", {"inductor": tmp_path / "fresh"}, factors=FACTORS)
+    rr = restore(entry_at(store, "k", tmp_path / "fresh"))
     assert rr.status == "hit" and rr.files == 61
     assert (tmp_path / "fresh" / "n" / "07.so").read_bytes() == noise["n/07.so"]
 
-    monkeypatch.setattr(sync, "SEGMENT_MAX_UNPACKED_BYTES", 2_000_000)  # the cap on files cuts compressible ones
-    r = Uploader(store, "k2", {"inductor": make_cache(tmp_path / "c2", padded)}, "v1", FACTORS).upload()
+    monkeypatch.setattr(segments, "SEGMENT_MAX_UNPACKED_BYTES", 2_000_000)  # the cap on files cuts compressible ones
+    r = Uploader(entry_at(store, "k2", make_cache(tmp_path / "c2", padded)), "v1").upload()
     assert r is not None and r.segments == 5  # 30 files of 285 KB, 7 to a batch
 
 
@@ -458,7 +467,7 @@ def test_a_deadline_stops_the_upload_between_segments(tmp_path: Path, monkeypatc
 
     store, _, cold, _ = _four_segments(tmp_path, monkeypatch)  # published; three more files come now
     make_cache(cold, {f"more/{i}.so": os.urandom(4000) for i in range(3)})
-    up = Uploader(store, "k", {"inductor": cold}, "v", FACTORS)
+    up = Uploader(entry_at(store, "k", cold), "v")
     up.on_progress = lambda r: setattr(up, "deadline", time.monotonic() - 1)  # out of time after the first
     r = up.upload(deadline=time.monotonic() + 3600)
     assert r is not None and not r.complete and r.segments == 1 and r.files == 1
@@ -466,7 +475,7 @@ def test_a_deadline_stops_the_upload_between_segments(tmp_path: Path, monkeypatc
 
     up.deadline = None
     up.on_progress = lambda r: setattr(up, "deadline", time.monotonic() - 1)  # passes after the last one too
-    monkeypatch.setattr("compile_cache.sync.SEGMENT_MAX_UNPACKED_BYTES", 10**6)
+    monkeypatch.setattr("compile_cache.segments.SEGMENT_MAX_UNPACKED_BYTES", 10**6)
     r = up.upload()
     assert r is not None and r.complete and r.segments == 1 and r.files == 2 and up.pending() == {}
 
@@ -474,7 +483,7 @@ def test_a_deadline_stops_the_upload_between_segments(tmp_path: Path, monkeypatc
 def test_restore_options_defaults_are_the_settings_defaults() -> None:
     """A restore called without options (scripts, tools) applies the caps and deadline a boot applies by default."""
     from compile_cache.config import Settings
-    from compile_cache.sync import RestoreOptions
+    from compile_cache.restore import RestoreOptions
 
     defaults = Settings.model_construct()
     assert RestoreOptions.from_settings(defaults) == RestoreOptions()

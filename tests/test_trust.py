@@ -22,13 +22,15 @@ from typing import Any
 import pytest
 
 from compile_cache.config import DEFAULT_STORE_URL, Settings
+from compile_cache.entry import Entry as CacheEntry
 from compile_cache.errors import ConfigError, ObjectTooLarge
 from compile_cache.manifest import MAX_MANIFEST_BYTES, Manifest, Segment, object_name
+from compile_cache.restore import RestoreOptions, restore
 from compile_cache.snapshot import pack, sha256_file
 from compile_cache.stores import LocalStore, Store, open_store
 from compile_cache.stores.s3 import S3Store
-from compile_cache.sync import RestoreOptions, Uploader, restore
 from compile_cache.trust import TrustPolicy, warn_if_unverified
+from compile_cache.upload import Uploader
 from compile_cache.verify import verify_entry
 from tests import test_faults as tf
 from tests.conftest import ROOT
@@ -49,13 +51,13 @@ def roots(tmp_path: Path, name: str) -> dict[str, Path]:
 
 
 def restore_with(e: Entry, trust: TrustPolicy, dest: dict[str, Path], **kw: Any) -> Any:
-    return restore(e.store, e.key, dest, factors=e.good.factors, trust=trust, **kw)
+    return restore(CacheEntry(e.store, e.key, dest, e.good.factors, trust), **kw)
 
 
 def upload_with(e: Entry, trust: TrustPolicy, dest: dict[str, Path], r: Any) -> Any:
     """The lifecycle's background upload after the restore ``r`` into ``dest``."""
     up = Uploader(
-        e.store, e.key, dest, e.good.manifest.model_version, e.good.factors, trust=trust,
+        CacheEntry(e.store, e.key, dest, e.good.factors, trust), e.good.manifest.model_version,
         known=set(r.manifest.files()) if r.manifest else set(), manifest=r.manifest, token=r.token,
     )
     u = up.upload()

@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from compile_cache.config import CompileConfig
+from compile_cache.entry import Entry
 from compile_cache.key import CacheKey
+from compile_cache.lineage import restore_or_seed
 from compile_cache.manifest import manifest_name
 from compile_cache.prune import apply_prune, plan_prune
+from compile_cache.restore import RestoreOptions, read_manifest
 from compile_cache.stores import LocalStore, Store
-from compile_cache.sync import RestoreOptions, Uploader, read_manifest, restore_or_seed
+from compile_cache.trust import TrustPolicy
+from compile_cache.upload import Uploader
 from compile_cache.versions import identify, local_sources, weights_digest
 from tests.conftest import ROOT, boot
 from tests.tiny_predictor import BATCHES
@@ -165,11 +169,17 @@ def publish(store: Any, lineage: str, part: str, files: dict[str, bytes], base: 
             **factors: str) -> str:
     f = {**FACTORS, **factors}
     key = CacheKey(part, f, lineage=lineage).name
-    up = Uploader(store, key, {"inductor": cache_dir(base / key, files)}, label or part, f, lineage=lineage,
-                  model_factors={"model.source": part})
+    roots = {"inductor": cache_dir(base / key, files)}
+    up = Uploader(entry_of(store, key, roots, f, lineage, {"model.source": part}), label or part)
     r = up.upload()
     assert r is not None and not r.error and r.files == len(files), r
     return key
+
+
+def entry_of(store: Any, key: str, roots: dict[str, Path], factors: dict[str, str], lineage: str = "",
+             model_factors: dict[str, str] | None = None) -> Entry:
+    """The unsigned entry ``key`` of ``store`` (any object with a store's methods), restored into ``roots``."""
+    return Entry(store, key, roots, factors, TrustPolicy(), lineage, model_factors or {})
 
 
 def fresh(tmp_path: Path) -> dict[str, Path]:
@@ -186,7 +196,7 @@ def test_seed_comes_from_the_same_lineage_and_fingerprint_only(store: Store, tmp
     publish(store, "lin2", "m4", {"fxgraph/d": b"a lineage whose name starts like it"}, tmp_path)
     roots = fresh(tmp_path)
     key = CacheKey("m9", FACTORS, lineage="lin").name
-    r = restore_or_seed(store, key, roots, factors=FACTORS, lineage="lin", model_factors={"model.source": "m9"})
+    r = restore_or_seed(entry_of(store, key, roots, FACTORS, "lin", {"model.source": "m9"}))
     assert r.status == "seeded" and r.seeded_from == same
     assert sorted(p.name for p in roots["inductor"].rglob("*") if p.is_file()) == ["a"]  # nothing foreign loaded
     assert "model.source m1 → m9" in r.reason and "torch 2.15.0 → 2.13.0" in r.reason
@@ -197,11 +207,11 @@ def test_a_miss_without_a_seed_names_the_differing_factor(store: Store, tmp_path
     publish(store, "other", "m1", {"fxgraph/b": b"other lineage, same env"}, tmp_path)
     roots = fresh(tmp_path)
     key = CacheKey("m1", FACTORS, lineage="lin").name
-    r = restore_or_seed(store, key, roots, factors=FACTORS, lineage="lin", model_factors={"model.source": "m1"})
+    r = restore_or_seed(entry_of(store, key, roots, FACTORS, "lin", {"model.source": "m1"}))
     assert r.status == "miss" and not r.seeded_from
     assert r.reason.startswith("no entry; nearest lin.m1.") and "torch 2.11.0 → 2.13.0" in r.reason
     assert not any(roots["inductor"].rglob("*"))
-    r = restore_or_seed(store, CacheKey("m1", FACTORS, lineage="new").name, roots, factors=FACTORS, lineage="new")
+    r = restore_or_seed(entry_of(store, CacheKey("m1", FACTORS, lineage="new").name, roots, FACTORS, "new"))
     assert r.status == "miss" and r.reason == "no entry; no other entry of lineage new"
 
 
@@ -219,13 +229,13 @@ def test_a_slow_lineage_listing_stays_within_the_restore_deadline(tmp_path: Path
 
     key = CacheKey("m2", FACTORS, lineage="lin").name
     t0 = time.monotonic()
-    r = restore_or_seed(SlowList(tmp_path / "store"), key, fresh(tmp_path), factors=FACTORS, lineage="lin",
-                        options=RestoreOptions(timeout_s=0.5))
+    slow = entry_of(SlowList(tmp_path / "store"), key, fresh(tmp_path), FACTORS, "lin")
+    r = restore_or_seed(slow, RestoreOptions(timeout_s=0.5))
     assert time.monotonic() - t0 < 2.5
     assert r.status == "miss" and not r.seeded_from
     assert r.reason == "no entry; could not list lineage lin: exceeded COMPILE_CACHE_RESTORE_TIMEOUT_S=0.5s"
     # The same store, listed in time: the seed is found.
-    r = restore_or_seed(store, key, fresh(tmp_path), factors=FACTORS, lineage="lin")
+    r = restore_or_seed(entry_of(store, key, fresh(tmp_path), FACTORS, "lin"))
     assert r.status == "seeded"
 
 
@@ -235,7 +245,7 @@ def test_a_seeded_versions_first_upload_puts_only_new_objects(store: Store, tmp_
     src = tmp_path / seed_key  # a second segment of the seed, which the new version will not read
     cache_dir(src, {"fxgraph/unused": b"n" * 3000})
     f = dict(FACTORS)
-    r2 = Uploader(store, seed_key, {"inductor": src}, "m1", f, lineage="lin").upload()
+    r2 = Uploader(entry_of(store, seed_key, {"inductor": src}, f, "lin"), "m1").upload()
     assert r2 is not None and r2.segments == 1
     seed_manifest, _ = read_manifest(store, seed_key)
     assert seed_manifest is not None and len(seed_manifest.segments) == 2
@@ -243,12 +253,12 @@ def test_a_seeded_versions_first_upload_puts_only_new_objects(store: Store, tmp_
 
     roots = fresh(tmp_path)
     key = CacheKey("m2", f, lineage="lin").name
-    r = restore_or_seed(store, key, roots, factors=f, lineage="lin")
+    r = restore_or_seed(entry_of(store, key, roots, f, "lin"))
     assert r.status == "seeded" and r.usage_tracked
     (roots["inductor"] / "cpp" / "used.so").read_bytes()  # what a warm-up's cache hit reads
     cache_dir(roots["inductor"], {"fxgraph/new": b"new graph of the new version"})
     counting = Counting(store)
-    up = Uploader(counting, key, roots, "v2", f, lineage="lin", **r.uploader_state())  # type: ignore[arg-type]
+    up = Uploader.after_restore(r, entry_of(counting, key, roots, f, "lin"), "v2")
     res = up.upload()
     assert res is not None and not res.error and res.files == 1
     assert counting.calls.get("put_immutable") == 1 and counting.calls.get("put_conditional") == 1
@@ -259,9 +269,9 @@ def test_a_seeded_versions_first_upload_puts_only_new_objects(store: Store, tmp_
 
     # A later boot of the same version hits and asks the store for nothing but the entry.
     counting = Counting(store)
-    r = restore_or_seed(counting, key, fresh(tmp_path), factors=f, lineage="lin")  # type: ignore[arg-type]
+    r = restore_or_seed(entry_of(counting, key, fresh(tmp_path), f, "lin"))
     assert r.status == "hit" and "list" not in counting.calls
-    up = Uploader(counting, key, fresh(tmp_path), "v2", f, lineage="lin", **r.uploader_state())  # type: ignore[arg-type]
+    up = Uploader.after_restore(r, entry_of(counting, key, fresh(tmp_path), f, "lin"), "v2")
     assert up.upload() is not None and "put_conditional" not in counting.calls
 
     # Pruning the seed's version keeps the objects the new entry references.
@@ -276,16 +286,16 @@ def test_a_seeded_versions_first_upload_puts_only_new_objects(store: Store, tmp_
     assert {s.object for s in m.segments} <= objects
     unused = next(s for s in seed_manifest.segments if s.sha256 != used_segment.sha256)
     assert unused.object not in objects
-    assert restore_or_seed(store, key, fresh(tmp_path), factors=f, lineage="lin").status == "hit"
+    assert restore_or_seed(entry_of(store, key, fresh(tmp_path), f, "lin")).status == "hit"
 
 
 def test_a_new_label_on_a_shared_entry_is_recorded_once(store: Store, tmp_path: Path) -> None:
     key = publish(store, "lin", "m1", {"fxgraph/a": b"x"}, tmp_path, label="r1")
     for label, writes in (("r2", 1), ("r2", 0), ("r1", 0)):
         counting = Counting(store)
-        r = restore_or_seed(counting, key, fresh(tmp_path), factors=FACTORS, lineage="lin")  # type: ignore[arg-type]
+        r = restore_or_seed(entry_of(counting, key, fresh(tmp_path), FACTORS, "lin"))
         assert r.status == "hit"
-        up = Uploader(counting, key, fresh(tmp_path), label, FACTORS, lineage="lin", **r.uploader_state())  # type: ignore[arg-type]
+        up = Uploader.after_restore(r, entry_of(counting, key, fresh(tmp_path), FACTORS, "lin"), label)
         assert up.upload() is not None
         assert counting.calls.get("put_conditional", 0) == writes, (label, counting.calls)
     m, _ = read_manifest(store, key)
@@ -301,8 +311,8 @@ def test_prune_ranks_a_shared_entrys_labels_by_when_each_was_pushed(store: Store
     time.sleep(1.1)  # S3's LastModified has a 1 s resolution
     other = publish(store, "lin", "m2", {"fxgraph/b": b"y"}, tmp_path, label="r2")
     time.sleep(1.1)
-    r = restore_or_seed(store, shared, fresh(tmp_path), factors=FACTORS, lineage="lin")
-    up = Uploader(store, shared, fresh(tmp_path), "r3", FACTORS, lineage="lin", **r.uploader_state())  # type: ignore[arg-type]
+    r = restore_or_seed(entry_of(store, shared, fresh(tmp_path), FACTORS, "lin"))
+    up = Uploader.after_restore(r, entry_of(store, shared, fresh(tmp_path), FACTORS, "lin"), "r3")
     assert up.upload() is not None
     assert [e.key for e in plan_prune(store, keep=2, grace_s=0).entries] == []
     assert [e.key for e in plan_prune(store, keep=1, grace_s=0).entries] == [other]

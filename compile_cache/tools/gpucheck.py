@@ -35,12 +35,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..entry import Entry
 from ..errors import ToolError
 from ..key import fingerprint_of
 from ..manifest import Manifest, manifest_name
 from ..metrics import write_json_atomic
+from ..restore import read_manifest, restore
 from ..stores import LocalStore
-from ..sync import read_manifest, restore
+from ..trust import TrustPolicy
 from .bench import overhead_removed, percentiles
 from .benchboot import BootFailed, spawn
 from .gpucheck_models import MODELS, ROOT, CheckModel
@@ -289,7 +291,7 @@ def foreign_gpu_fault(store: Path, key: str, work: Path) -> dict[str, Any]:
     Manifest.from_bytes(data)  # self-consistent: a reader's integrity check passes, only the factors differ
     st.put_conditional(manifest_name(key), data, token)
     dest = work / "foreign-restore"
-    r = restore(st, key, {"inductor": dest / "inductor", "triton": dest / "triton"}, factors=ours)
+    r = restore(Entry(st, key, {"inductor": dest / "inductor", "triton": dest / "triton"}, ours, TrustPolicy()))
     placed = sum(1 for p in dest.rglob("*") if p.is_file()) if dest.exists() else 0
     return {
         "status": r.status,
