@@ -12,7 +12,7 @@ from compile_cache.errors import CacheError
 
 # Private control flow, never raised to a caller: each is caught inside the module that defines it.
 NOT_ERRORS = {
-    "compile_cache.sync._Cancelled": "raised in the restore's helper thread past the deadline to unwind it, and caught there",
+    "compile_cache.restore._Cancelled": "raised in the restore's helper thread past the deadline to unwind it, and caught there",
     "compile_cache.cli._Failure": "the CLI's one-line failure: main() turns it into a message and exit status 1",
 }
 
