@@ -125,13 +125,17 @@ def needed_by(cfg: Any) -> bool:
 
 
 def begin(cache_dir: Path) -> IsaStep:
-    """Import Inductor's C++ side, then settle the ISA: replay the record in ``cache_dir`` where this host confirms
+    """Import Dynamo and Inductor, then settle the ISA: replay the record in ``cache_dir`` where this host confirms
     it, else leave the probe to Inductor, recorded. Call :meth:`IsaStep.end` when the compile step is done."""
     step = IsaStep(_cache_dir=cache_dir)
     t = time.monotonic()
     try:
-        import torch._dynamo  # noqa: F401 - the import every compiled part pays, timed apart from the decision
+        # What every jit part imports (compiling it, or loading a precompiled function: scripts/precompile_imports.py
+        # lists what that imports), timed apart from the decision. In this thread, after load(): importing Dynamo
+        # from another thread while the model's packages import breaks its circular imports.
+        import torch._dynamo  # noqa: F401
         import torch._inductor.codecache  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
         from torch._inductor import cpu_vec_isa
     except Exception as e:  # an import that fails here fails the compile too, which falls back and says why
         step.reason = f"cannot import Inductor ({type(e).__name__}: {e})"
