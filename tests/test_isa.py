@@ -141,3 +141,17 @@ def test_warm_boot_replays_the_entry_decision_and_still_hits(tiny_seeded_store: 
     assert b.outputs[0] and not isinstance(b.outputs[0], dict)  # served
     # the record is the recording CPU's: a mismatching host leaves it as it was
     assert json.loads((tmp_path / "other-cpu" / isa.RECORD).read_text()) == rec
+
+
+@pytest.mark.skipif(isa.cpu_flags() is None, reason="no /proc/cpuinfo flags: every boot probes")
+def test_precompiled_functions_load_under_the_replayed_decision(tmp_path: Path) -> None:
+    env = {"COMPILE_CACHE_URL": str(tmp_path / "store"), "COMPILE_CACHE_JIT_RESTORE": "precompile"}
+    cold = boot("tests.tiny_predictor:Predictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold")})
+    assert cold.metrics["isa"]["source"] == "probed" and cold.metrics["isa"]["probes"] > 0
+    assert (tmp_path / "cold" / isa.RECORD).is_file()
+    b = boot("tests.tiny_predictor:Predictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "warm")},
+             {"batch": 4})
+    m = b.metrics
+    assert m["cache"] == "hit" and m["isa"]["source"] == "recorded" and m["isa"]["probes"] == 0, m["isa"]
+    assert m["parts"]["model"]["precompiled"]["loaded"] == 2 and m["parts"]["model"]["precompiled"]["built"] == 0
+    assert m["compiles"] == 0 and b.request_path_compiles == 0
