@@ -33,7 +33,7 @@ from typing import Any
 
 from .metrics import write_json_atomic
 
-__all__ = ["RECORD", "CPUINFO", "IsaStep", "begin", "cpu_flags", "features_of", "needed_by", "probe_count"]
+__all__ = ["RECORD", "CPUINFO", "IsaStep", "begin", "cpu_flags", "features_of", "needed_by"]
 
 log = logging.getLogger("compile_cache")
 
@@ -45,14 +45,6 @@ _RENAMED = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp1
             "avxvnni": "avx_vnni", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg"}
 # -m options that are not CPU features
 _NOT_FEATURES = ("-mtune=", "-march=", "-msve-vector-bits=")
-
-_probes = 0  # check_build calls that ran torch's own probe in this process (builds and loads a test program)
-
-
-def probe_count() -> int:
-    """Test programs Inductor built or loaded in this process through the hooks of :func:`begin`."""
-    return _probes
-
 
 @dataclass
 class IsaStep:
@@ -106,11 +98,11 @@ class IsaStep:
         cache dir had no usable record."""
         if not self._hooked:
             return
+        if self.probes and not self.decision:
+            self.decision = _picked()  # hooked still: a question Inductor did not ask yet is answered and recorded
         for isa in self._hooked:
             vars(isa).pop("check_build", None)
         self._hooked = []
-        if self.probes and not self.decision:
-            self.decision = _picked()
         if self._asked and self.probes and self._write and self._cache_dir is not None:
             try:
                 _write_record(self._cache_dir / RECORD, self._asked, self.decision)
@@ -179,7 +171,6 @@ def _hook(step: IsaStep, isa: Any) -> None:
     real: Callable[[str], bool] = isa.check_build
 
     def check_build(code: str) -> bool:
-        global _probes
         question = _question(str(isa), isa.build_arch_flags(), code)
         if question in step._answers:
             ok = step._answers[question]
@@ -189,7 +180,6 @@ def _hook(step: IsaStep, isa: Any) -> None:
                 ok = bool(real(code))
             finally:
                 step._spans.append((t, time.monotonic()))
-                _probes += 1
                 step.probes += 1
                 step.source = "probed"
         step._asked[question] = ok
