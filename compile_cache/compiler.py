@@ -191,6 +191,7 @@ class CompiledModel:
         self.on_request: Callable[[str, str, int], None] | None = None
         self._sdpa = sdpa_backend(cfg)
         self._fmt = _memory_format(cfg)
+        self.first_calls: tuple[float, float] | None = None  # warm-up's (start, end), time.monotonic()
 
     def serve(self) -> None:
         """Setup is done: from now on calls are requests, and a new shape gets ``cfg.on_new_shape``."""
@@ -332,6 +333,7 @@ class CompiledModel:
         guards). If the first compiled call raises, switch to eager and return the reason."""
         timings: list[dict[str, Any]] = []
         ready = getattr(self.fn, "ready", None)  # precompiled functions loaded with their kernels: nothing to warm
+        start = time.monotonic()  # the timeline splits a part's compile step here (isa.IsaStep.split)
         for ex in examples:
             t0 = time.monotonic()
             cargs, ckwargs, _ = self._convert(ex.args, ex.kwargs or {})
@@ -351,6 +353,8 @@ class CompiledModel:
                     # the promise "correct, only slower" with torch's own choice.
                     self._sdpa = None
                     reason += "; attention kernel left to torch"
+                self.first_calls = (start, time.monotonic())
                 return timings, reason
             timings.append({"shape": ex.describe(), "s": round(time.monotonic() - t0, 3)})
+        self.first_calls = (start, time.monotonic())
         return timings, ""

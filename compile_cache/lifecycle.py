@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from cog import BasePredictor, BaseRunner
 
+from . import isa as cpu_isa
 from . import log as logmod
 from .compiler import Example, cache_roots, counts
 from .config import CompileConfig, Settings
@@ -131,13 +132,19 @@ class CompiledRunner(BaseRunner):
         # 3. restore
         self.uploader = self._restore(settings, key, roots)
 
-        # 4. compile: each part by its own strategy, falling back alone
-        t, before = time.monotonic(), counts()
+        # 4. compile: each part by its own strategy, falling back alone. Jit parts build C++ kernels for the CPU ISA
+        # Inductor picks: the entry's recorded decision is replayed where this CPU confirms it (compile_cache/isa.py)
+        t = time.monotonic()
+        isa = cpu_isa.begin(roots["inductor"]) if any(cpu_isa.needed_by(p.cfg) for p in plans) else None
+        before = counts()
         for plan in plans:
             plan.seeded = m.cache == "seeded"
             if plan.seeded and m.seeded_from:
                 plan.seed_stem = m.seeded_from if self._single else f"{m.seeded_from}-{plan.name}"
-        served = {plan.name: self._prepare(plan, roots["inductor"]) for plan in plans}
+        served = {plan.name: self._prepare(plan, roots["inductor"], isa) for plan in plans}
+        if isa is not None:
+            isa.end()  # records a decision Inductor probed, before the upload scans the cache dir
+            m.isa = isa.metrics()
         m.compile_s = time.monotonic() - t
         self._record_counts(before)
         strategies = {p["strategy"] for p in m.parts.values()}
@@ -217,11 +224,16 @@ class CompiledRunner(BaseRunner):
             log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
         return Uploader.after_restore(r, entry, self.version.label)
 
-    def _prepare(self, plan: Plan, cache_dir: Path) -> Any:
+    def _prepare(self, plan: Plan, cache_dir: Path, isa: cpu_isa.IsaStep | None = None) -> Any:
         """One part through its strategies; its own metrics (counts are this part's: parts compile one by one)."""
         t, before = time.monotonic(), counts()
         p = prepare(plan, cache_dir)
         c = counts() - before
+        seconds, split = time.monotonic() - t, None
+        if isa is not None and p.strategy == "jit" and plan.cfg.enable:  # import, ISA, load, first calls
+            first = not any("import_s" in x for x in self.metrics.parts.values())
+            split = isa.split(t, t + seconds, p.model.first_calls, first=first)
+            seconds = sum(split.values())  # the first part's import and ISA ran before it, in the compile step
         why_eager = p.why_eager if plan.cfg.enable else ""
         if why_eager:
             log.warning("part %r: serving EAGER (predictions stay correct, only slower): %s", plan.name, why_eager)
@@ -229,12 +241,13 @@ class CompiledRunner(BaseRunner):
         m.parts[plan.name] = {
             "strategy": p.strategy,
             "jit_restore": p.jit_restore,
-            "compile_s": round(time.monotonic() - t, 4),
+            "compile_s": round(seconds, 4),
             "fxgraph_hits": c.fxgraph_hits,
             "fxgraph_misses": c.fxgraph_misses,
             "request_path_compiles": 0,
             "request_path_eager_calls": 0,
             "eager_fallback": why_eager,
+            **(split or {}),
         }
         pc = getattr(p.model.fn, "precompiled_counts", None)
         if pc is not None:  # jit_restore="precompile": what served this part's warm-up

@@ -14,12 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BootMetrics", "PART_KEYS", "write_json_atomic"]
+__all__ = ["BootMetrics", "JIT_PART_KEYS", "PART_KEYS", "write_json_atomic"]
 
 # The keys of each entry of ``parts``: "strategy" is "jit" or "export"; "jit_restore" the jit strategy's restore
 # mode, "precompile" or "dir" ("" under "export"). A part restored by precompile also has "precompiled".
 PART_KEYS = ("strategy", "jit_restore", "compile_s", "fxgraph_hits", "fxgraph_misses", "request_path_compiles",
              "request_path_eager_calls", "eager_fallback")
+# A jit part's ``compile_s`` split (they add up to it): Inductor's import and the CPU ISA decision (carried by the first
+# jit part, whose compile step paid them), loading (compile_model, precompiled functions) and the warm-up calls.
+JIT_PART_KEYS = ("import_s", "isa_s", "load_s", "first_calls_s")
 
 
 @dataclass
@@ -55,7 +58,10 @@ class BootMetrics:
     upload_error: str = ""
     eager_fallback: str = ""  # why a part serves eager ("part: reason; ..."), empty when every part is compiled
     warmup: list[dict[str, Any]] = field(default_factory=list)  # per declared shape: {"part", "shape", "s"}
-    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {PART_KEYS}
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {PART_KEYS} (jit: + JIT_PART_KEYS)
+    # Inductor's CPU ISA decision, where a jit part needed one: {"source", "decision", "probes", "reason",
+    # "import_s", "isa_s"} (compile_cache/isa.py); empty otherwise
+    isa: dict[str, Any] = field(default_factory=dict)
     flushed_at_exit: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -80,6 +86,9 @@ class BootMetrics:
                 f"  misses {p['fxgraph_misses']}" + (f"  EAGER ({p['eager_fallback']})" if p["eager_fallback"] else "")
                 + _precompiled(p.get("precompiled"))
             )
+            if "first_calls_s" in p:
+                per_part.append(f"      import {p['import_s']:.2f}s  ISA {p['isa_s']:.2f}s  load {p['load_s']:.2f}s"
+                                f"  first calls {p['first_calls_s']:.2f}s")
             per_part += [f"      warm-up {x['shape']}: {x['s']:.2f}s" for x in self.warmup if x.get("part") == name]
         w = "\n".join(per_part)
         lines = [
@@ -94,6 +103,7 @@ class BootMetrics:
             f"  {self.restore_mb_s:.0f} MB/s",
             f"  load       {self.load_s:.2f}s",
             f"  compile    {self.compile_s:.2f}s (compile + warm-up)" + (f"\n{w}" if w else ""),
+            *([_isa(self.isa)] if self.isa else []),
             f"  fx graph   hits {self.fxgraph_hits}  misses {self.fxgraph_misses}",
             f"  aot autograd hits {self.aotautograd_hits}  misses {self.aotautograd_misses}",
             f"  dynamo     compiles {self.compiles}  graph breaks {self.graph_breaks}",
@@ -128,3 +138,8 @@ def _precompiled(pc: dict[str, Any] | None) -> str:
         return ""
     line = f"  precompiled: loaded {pc['loaded']}, adopted {pc['adopted']}, built {pc['built']}"
     return line + (f" (jit for the rest: {pc['fallback']})" if pc["fallback"] else "")
+
+
+def _isa(i: dict[str, Any]) -> str:
+    line = f"  cpu isa    {i['decision'] or '(not decided)'}  {i['source']}, {i['probes']} probe(s)  {i['isa_s']:.2f}s"
+    return line + (f" ({i['reason']})" if i["reason"] and i["source"] != "recorded" else "")

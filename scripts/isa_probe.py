@@ -1,11 +1,12 @@
-"""What Inductor's one-off start costs a fresh process, with and without the CPU ISA probe's programs in the cache
-dir: the figures behind compile_cache.compiler.Prewarm (the probe waits for the restore, which brings them).
+"""What Inductor's CPU ISA decision costs a fresh process: probed into an empty cache dir, probed with the probe's
+programs there (what a warm boot paid before the decision travelled with the entry), and replayed from the record
+compile_cache/isa.py keeps in the cache dir.
 
     .venv/bin/python scripts/isa_probe.py           # three fresh processes on one new TORCHINDUCTOR_CACHE_DIR
 
-The first process finds the dir empty and builds the probe's programs; the next two find them. Each prints the
-seconds of ``import torch._inductor.codecache`` and of ``pick_vec_isa()`` (torch builds, when missing, and dlopens
-in a subprocess a test program per ISA).
+Each prints the seconds of the import step (Dynamo, Inductor), of the decision (``pick_vec_isa()`` and whether it
+works, as Inductor asks before it builds a kernel), how many test programs torch built or loaded (probes), and the
+decision. The second process removes the record the first wrote, so it probes with the programs in place.
 """
 
 from __future__ import annotations
@@ -14,28 +15,39 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
-import time
-import torch
-t0 = time.perf_counter()
-import torch._inductor.codecache
-t1 = time.perf_counter()
+import sys, time
+from pathlib import Path
+from compile_cache import isa
+from compile_cache.compiler import inductor_cache_dir
+if sys.argv[1] == "drop":
+    (inductor_cache_dir() / isa.RECORD).unlink()
+step = isa.begin(inductor_cache_dir())
+t = time.monotonic()
 from torch._inductor.cpu_vec_isa import pick_vec_isa
-isa = pick_vec_isa()
-t2 = time.perf_counter()
-print(f"{t1 - t0:.2f} {t2 - t1:.2f} {isa}")
+picked = pick_vec_isa()
+bool(picked)
+step.end()
+m = step.metrics()
+print(f"{m['import_s']:.2f} {m['isa_s'] + time.monotonic() - t - step.probe_s(t, time.monotonic()):.2f} "
+      f"{m['probes']} {m['source']}: {picked} ({picked.build_arch_flags()})")
 """
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="isa-probe-") as d:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": d}
-        print(f"{'process':<28} {'import s':>8} {'probe s':>8}  isa")
-        for label in ("1: empty cache dir", "2: the probe's files there", "3: the probe's files there"):
-            out = subprocess.run([sys.executable, "-c", CHILD], env=env, check=True, capture_output=True, text=True)
-            imp, probe, isa = out.stdout.split(maxsplit=2)
-            print(f"{label:<28} {imp:>8} {probe:>8}  {isa.strip()}")
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": d, "PYTHONPATH": str(ROOT)}
+        print(f"{'process':<40} {'import s':>8} {'ISA s':>6} {'probes':>6}  decision")
+        for label, arg in (("1: empty cache dir", "keep"), ("2: the probe's programs there, no record", "drop"),
+                           ("3: the record there", "keep")):
+            out = subprocess.run([sys.executable, "-c", CHILD, arg], env=env, check=True, capture_output=True,
+                                 text=True)
+            imp, isa_s, probes, what = out.stdout.strip().splitlines()[-1].split(maxsplit=3)
+            print(f"{label:<40} {imp:>8} {isa_s:>6} {probes:>6}  {what}")
     return 0
 
 

@@ -61,6 +61,7 @@ def test_bench_quick_tiny(tmp_path: Path) -> None:
             assert all(isinstance(v, float) and v > 0 for v in p), (who, b, p)
             assert p[0] <= p[1] <= p[2]
     assert r["overhead_removed"] is None or isinstance(r["overhead_removed"], float)
+    assert r["warm_fixed_s"] == pytest.approx(r["warm_setup_s"] - r["eager_setup_s"], abs=1e-3)
     for k in ("break_even_requests_cold", "break_even_requests_warm"):
         assert r[k] is None or (isinstance(r[k], int) and r[k] >= 0), (k, r[k])
     if r["break_even_requests_cold"] is None:

@@ -232,6 +232,8 @@ def _summarize(boots: dict[str, dict[str, Any]], args: argparse.Namespace, argv:
     res: dict[str, Any] = {f"{k}_setup_s": v for k, v in setup.items()}
     res.update({f"{k}_process_s": b["process_ready_s"] for k, b in boots.items()})
     res["overhead_removed"] = overhead_removed(setup["eager"], setup["cold"], setup["warm"])
+    # What a warm boot still pays that an eager one does not, measured side by side in this run.
+    res["warm_fixed_s"] = round(setup["warm"] - setup["eager"], 4)
     # The eager boot runs the warm-up plan too (uncompiled): part of eager_setup_s, shown so it can be discounted.
     res["eager_warmup_s"] = m["eager"]["compile_s"]
 
@@ -364,7 +366,8 @@ def _report(r: dict[str, Any], out: Path) -> str:
         lines.append(f"  {k:<6} setup {x['setup_s']:7.2f}s  process {x['process_ready_s']:7.2f}s  ({what}{vs})")
     lines.append(
         f"  warm vs cold setup: {_ratio(r['cold_setup_s'], r['warm_setup_s'])} faster; "
-        f"overhead removed {_fmt(None if r['overhead_removed'] is None else r['overhead_removed'] * 100, ' %', 1)}"
+        f"overhead removed {_fmt(None if r['overhead_removed'] is None else r['overhead_removed'] * 100, ' %', 1)}; "
+        f"warm fixed cost {r['warm_fixed_s']:+.2f}s (warm setup minus eager setup)"
     )
     lines.append(
         f"latency ms p50 / p90 / p99 ({r['latency_iters']} paired calls each in the warm process, "
