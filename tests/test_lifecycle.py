@@ -1,12 +1,12 @@
-"""The vertical slice on the tiny model: cold boot → miss, new container → hit with 0 FX-graph misses, eager
-fallback, and no compile on the request path over the declared shapes."""
+"""The vertical slice on the tiny model: cold boot → miss, new container → hit that loads every warm-up shape's
+precompiled function (no Dynamo), eager fallback, and no compile on the request path over the declared shapes."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from tests.conftest import boot
+from tests.conftest import boot, precompiled
 from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
@@ -28,7 +28,8 @@ def test_new_container_hits_the_store(tiny_seeded_store: Path, tmp_path: Path) -
     )
     m = b.metrics
     assert m["cache"] == "hit"
-    assert m["fxgraph_misses"] == 0 and m["fxgraph_hits"] == len(BATCHES)
+    assert m["compiles"] == 0 and m["fxgraph_misses"] == 0  # no Dynamo, nothing compiled
+    assert precompiled(m) == {"loaded": len(BATCHES), "adopted": 0, "built": 0, "fallback": ""}
     assert m["bytes_downloaded"] > 0 and m["files_restored"] > 0
     assert m["bytes_uploaded"] == 0  # nothing new compiled: nothing uploaded
     assert b.request_path_compiles == 0
