@@ -104,7 +104,8 @@ def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = 
 
 @pytest.fixture(scope="session")
 def tiny_seeded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local store holding the tiny predictor's entry, made by ONE cold boot for the whole session.
+    """A local store holding the tiny predictor's entry, made by ONE cold boot for the whole session (the Inductor
+    dir that boot left is beside it: ``.parent / "inductor"``).
 
     Tests copy it (shutil.copytree) before changing anything in it."""
     from tests.tiny_predictor import BATCHES

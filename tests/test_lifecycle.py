@@ -85,7 +85,10 @@ def test_first_compiled_call_failure_serves_eager(tmp_path: Path) -> None:
     assert close(b.outputs[0], eager(1))
 
 
-def test_disabled_cache_still_compiles(tmp_path: Path) -> None:
+def test_disabled_cache_still_compiles(tiny_seeded_store: Path, tmp_path: Path) -> None:
+    """No store: the model is still served compiled, from what the Inductor dir holds (here the seed boot's, so
+    that this boot costs no cold compile)."""
+    shutil.copytree(tiny_seeded_store.parent / "inductor", tmp_path / "ind")
     b = boot(
         TARGET,
         {
@@ -97,6 +100,7 @@ def test_disabled_cache_still_compiles(tmp_path: Path) -> None:
     )
     assert b.metrics["cache"] == "disabled"
     assert not (tmp_path / "store").exists()
+    assert b.metrics["eager_fallback"] == "" and precompiled(b.metrics)["loaded"] == len(BATCHES)
     assert close(b.outputs[0], eager(1))
 
 
