@@ -604,7 +604,8 @@ def assert_bad_entry_not_loaded(b: Boot, expected: dict[int, list[list[float]]],
     m = b.metrics
     assert m["cache"] in statuses, (m["cache"], m["cache_reason"])
     assert m["fxgraph_hits"] == 0 and m["aotautograd_hits"] == 0 and m["files_restored"] == 0
-    assert precompiled(m)["loaded"] == 0 and precompiled(m)["adopted"] == 0
+    pc = m["parts"]["model"].get("precompiled")  # none where the part could not precompile at all (a full disk)
+    assert pc is None or (pc["loaded"] == 0 and pc["adopted"] == 0), pc
     assert_correct(b, expected)
 
 
