@@ -27,13 +27,6 @@ import pytest  # noqa: E402
 
 PYTHON = str(Path(sys.executable))
 
-# The jit strategy's default restore is "precompile" (no Dynamo on a warm boot). Tests of the store, the lifecycle
-# and the runtime count Dynamo's and the FX-graph cache's work to show what a boot restored, so they pin "dir",
-# in this process and in every boot it starts. The precompile path has its own tests (test_precompile.py,
-# test_versions.py), which set it explicitly.
-os.environ.setdefault("COMPILE_CACHE_JIT_RESTORE", "dir")
-
-
 # -- running in parallel ---------------------------------------------------------------------------------------------
 # make test runs pytest-xdist with --dist loadfile: one worker runs a whole file, so its module fixtures (the cold
 # compiles) run once.
@@ -111,15 +104,25 @@ def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = 
 
 @pytest.fixture(scope="session")
 def tiny_seeded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local store holding the tiny predictor's entry, made by ONE cold boot for the whole session.
+    """A local store holding the tiny predictor's entry, made by ONE cold boot for the whole session (the Inductor
+    dir that boot left is beside it: ``.parent / "inductor"``).
 
     Tests copy it (shutil.copytree) before changing anything in it."""
+    from tests.tiny_predictor import BATCHES
+
     d = tmp_path_factory.mktemp("tiny-seed")
     b = boot(
         "tests.tiny_predictor:Predictor",
         {"TORCHINDUCTOR_CACHE_DIR": str(d / "inductor"), "COMPILE_CACHE_URL": str(d / "store")},
         {"batch": 1},
     )
-    assert b.metrics["cache"] == "miss" and b.metrics["fxgraph_misses"] > 0
+    # the jit default: each warm-up shape precompiled (aot_compile does not consult the FX-graph cache)
+    assert b.metrics["cache"] == "miss" and precompiled(b.metrics)["built"] == len(BATCHES)
     return d / "store"
+
+
+def precompiled(metrics: dict, part: str = "model") -> dict:
+    """A jit part's precompiled functions under the default restore: loaded from the entry, adopted from a seed's,
+    built by this boot, and why the part fell back to the jit function ("" if it did not)."""
+    return metrics["parts"][part]["precompiled"]
 

@@ -71,7 +71,7 @@ def test_bench_quick_tiny(tmp_path: Path) -> None:
     # The modes really differ: eager compiled nothing, the warm boot restored what the seed boot uploaded.
     assert r["boots"]["eager"]["compiled"] is False and r["boots"]["warm"]["compiled"] is True
     assert r["warm_cache"] == "hit" and r["boots"]["seed"]["upload_state"] == "done"
-    assert r["boots"]["cold"]["fxgraph_hits"] == 0 and r["boots"]["warm"]["fxgraph_hits"] > 0
+    assert r["boots"]["cold"]["compiles"] > 0 and r["boots"]["warm"]["compiles"] == 0  # warm: no Dynamo
     assert r["strategy"] in ("jit", "export") and isinstance(r["torch_version"], str)
     assert isinstance(r["machine"]["nproc"], int) and r["command"].startswith("python -m compile_cache bench")
     assert r["cwd"] == "." and r["predictor"] == "tests/tiny_predictor.py:Predictor"  # run from the checkout's root

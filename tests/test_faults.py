@@ -8,7 +8,8 @@ here with a test key; every test copies it into a fresh store and breaks the cop
   leaves (the seed's own files). They assert: the right status, nothing placed in the cache dirs (so nothing can
   be loaded), the store not made worse, ``verify`` names the problem, no secret in any message.
 - Boot rows start a fresh process (tests/boot.py) with an empty TORCHINDUCTOR_CACHE_DIR and assert: setup
-  succeeds (cold or eager), the outputs equal eager ones computed here, ``fxgraph_hits == 0``, the store not made
+  succeeds (cold or eager), the outputs equal eager ones computed here, nothing loaded from the entry (no file
+  restored, no precompiled function loaded, no FX-graph hit), the store not made
   worse, and neither the signing key nor the S3 secret appears in stderr, the log file or the metrics. A rejected
   entry costs a cold compile (~25 s here), so only a representative subset of rows boots.
 """
@@ -47,7 +48,7 @@ from compile_cache.stores import LocalStore, Store, open_store
 from compile_cache.trust import TrustPolicy
 from compile_cache.upload import Uploader
 from compile_cache.verify import verify_entry
-from tests.conftest import Boot, boot
+from tests.conftest import Boot, boot, precompiled
 from tests.s3server import apply_s3_env, free_ports
 from tests.tiny_predictor import BATCHES, TinyMLP, inputs
 
@@ -611,6 +612,8 @@ def assert_bad_entry_not_loaded(b: Boot, expected: dict[int, list[list[float]]],
     m = b.metrics
     assert m["cache"] in statuses, (m["cache"], m["cache_reason"])
     assert m["fxgraph_hits"] == 0 and m["aotautograd_hits"] == 0 and m["files_restored"] == 0
+    pc = m["parts"]["model"].get("precompiled")  # none where the part could not precompile at all (a full disk)
+    assert pc is None or (pc["loaded"] == 0 and pc["adopted"] == 0), pc
     assert_correct(b, expected)
 
 
@@ -651,7 +654,8 @@ def test_a_damaged_object_heals_at_the_next_boots_upload(good: Good, tmp_path: P
     assert verify_entry(e.store, e.key, TrustPolicy(KEY, require_signed=True)).ok
     b = run_boot(tmp_path, {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "next-container")}, e.secrets)
     assert b.metrics["cache"] == "hit", b.metrics["cache_reason"]
-    assert b.metrics["fxgraph_misses"] == 0 and b.metrics["fxgraph_hits"] > 0
+    assert b.metrics["compiles"] == 0 and precompiled(b.metrics)["built"] == 0  # every shape loaded, none built
+    assert precompiled(b.metrics)["loaded"] >= len(BATCHES)
     assert_correct(b, expected)
 
 
@@ -737,13 +741,27 @@ def test_first_compiled_call_raising(good: Good, tmp_path: Path, expected: dict)
 
 
 # -- a corrupt file already in the local Inductor dir (no store involved) -------------------------------------------
+# What Torch's own caches do with a damaged file is a question for the cache dir restore (jit_restore="dir"): a
+# precompiled function reads no FX graph. So these boots set it, and their warm dir comes from a cold boot that set it.
+DIR_RESTORE = {"COMPILE_CACHE_JIT_RESTORE": "dir", "COMPILE_CACHE_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def dir_warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Inductor dir one cold boot under jit_restore="dir" leaves: FX graphs and the kernels they load."""
+    d = tmp_path_factory.mktemp("dir-warm")
+    b = boot(TARGET, {**DIR_RESTORE, "TORCHINDUCTOR_CACHE_DIR": str(d / "ind")}, {"batch": 1})
+    assert b.metrics["fxgraph_misses"] == len(BATCHES) and not b.metrics["eager_fallback"]
+    return d / "ind"
+
+
 @pytest.mark.parametrize("damage", ["fxgraph-truncated", "kernel-so-emptied"])
-def test_corrupt_file_in_the_local_inductor_dir(good: Good, tmp_path: Path, expected: dict, damage: str) -> None:
+def test_corrupt_file_in_the_local_inductor_dir(dir_warm: Path, tmp_path: Path, expected: dict, damage: str) -> None:
     """What Torch does with a damaged file in a warm dir, with the store off (measured, torch 2.13 CPU):
     a truncated FX-graph pickle is a logged cache miss and Torch recompiles; an emptied kernel .so is NOT
     recompiled: the compile raises BackendCompilerFailed and only our eager fallback keeps the boot alive."""
     warm = tmp_path / "warm"
-    shutil.copytree(good.cold_dir, warm)
+    shutil.copytree(dir_warm, warm)
     if damage == "fxgraph-truncated":
         victims = [p for p in (warm / "fxgraph").rglob("*") if p.is_file()]
         for p in victims:
@@ -755,7 +773,7 @@ def test_corrupt_file_in_the_local_inductor_dir(good: Good, tmp_path: Path, expe
     assert victims
     b = run_boot(
         tmp_path,
-        boot_env(tmp_path, str(tmp_path / "unused"), TORCHINDUCTOR_CACHE_DIR=str(warm), COMPILE_CACHE_DISABLE="1"),
+        boot_env(tmp_path, str(tmp_path / "unused"), TORCHINDUCTOR_CACHE_DIR=str(warm), **DIR_RESTORE),
         (),
     )
     assert_correct(b, expected)
@@ -771,11 +789,15 @@ def test_restore_repairs_an_emptied_kernel_in_a_warm_dir(good: Good, tmp_path: P
     e = local_entry(good, tmp_path)
     warm = tmp_path / "warm"
     shutil.copytree(good.cold_dir, warm)
-    for p in warm.glob("*/*.main.so"):
+    emptied = list(warm.glob("*/*.main.so"))
+    assert emptied
+    for p in emptied:
         os.truncate(p, 0)
     b = run_boot(tmp_path, boot_env(tmp_path, e.store.url, TORCHINDUCTOR_CACHE_DIR=str(warm)), e.secrets)
     m = b.metrics
-    assert m["cache"] == "hit" and m["fxgraph_hits"] == len(BATCHES) and not m["eager_fallback"]
+    assert m["cache"] == "hit" and m["compiles"] == 0 and not m["eager_fallback"]
+    assert precompiled(m) == {"loaded": len(BATCHES), "adopted": 0, "built": 0, "fallback": ""}
+    assert all(p.stat().st_size > 0 for p in emptied)
     assert_correct(b, expected)
 
 

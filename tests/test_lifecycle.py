@@ -1,12 +1,12 @@
-"""The vertical slice on the tiny model: cold boot → miss, new container → hit with 0 FX-graph misses, eager
-fallback, and no compile on the request path over the declared shapes."""
+"""The vertical slice on the tiny model: cold boot → miss, new container → hit that loads every warm-up shape's
+precompiled function (no Dynamo), eager fallback, and no compile on the request path over the declared shapes."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from tests.conftest import boot
+from tests.conftest import boot, precompiled
 from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
@@ -28,7 +28,8 @@ def test_new_container_hits_the_store(tiny_seeded_store: Path, tmp_path: Path) -
     )
     m = b.metrics
     assert m["cache"] == "hit"
-    assert m["fxgraph_misses"] == 0 and m["fxgraph_hits"] == len(BATCHES)
+    assert m["compiles"] == 0 and m["fxgraph_misses"] == 0  # no Dynamo, nothing compiled
+    assert precompiled(m) == {"loaded": len(BATCHES), "adopted": 0, "built": 0, "fallback": ""}
     assert m["bytes_downloaded"] > 0 and m["files_restored"] > 0
     assert m["bytes_uploaded"] == 0  # nothing new compiled: nothing uploaded
     assert b.request_path_compiles == 0
@@ -84,7 +85,10 @@ def test_first_compiled_call_failure_serves_eager(tmp_path: Path) -> None:
     assert close(b.outputs[0], eager(1))
 
 
-def test_disabled_cache_still_compiles(tmp_path: Path) -> None:
+def test_disabled_cache_still_compiles(tiny_seeded_store: Path, tmp_path: Path) -> None:
+    """No store: the model is still served compiled, from what the Inductor dir holds (here the seed boot's, so
+    that this boot costs no cold compile)."""
+    shutil.copytree(tiny_seeded_store.parent / "inductor", tmp_path / "ind")
     b = boot(
         TARGET,
         {
@@ -96,6 +100,7 @@ def test_disabled_cache_still_compiles(tmp_path: Path) -> None:
     )
     assert b.metrics["cache"] == "disabled"
     assert not (tmp_path / "store").exists()
+    assert b.metrics["eager_fallback"] == "" and precompiled(b.metrics)["loaded"] == len(BATCHES)
     assert close(b.outputs[0], eager(1))
 
 

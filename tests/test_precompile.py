@@ -18,7 +18,7 @@ from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
 # "compile": the undeclared shape below is precompiled on the request path (the default would serve it eager)
-ENV = {"COMPILE_CACHE_JIT_RESTORE": "precompile", "COMPILE_CACHE_ON_NEW_SHAPE": "compile"}
+ENV = {"COMPILE_CACHE_ON_NEW_SHAPE": "compile"}
 
 
 def test_precompile_is_the_jit_default_and_shares_the_dir_entry() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from compile_cache.tools.cogrun import CogServer
-from tests.conftest import ROOT, boot
+from tests.conftest import ROOT, boot, precompiled
 from tests.tiny_parts import eager as parts_eager
 from tests.tiny_predictor import BATCHES, close
 from tests.tiny_predictor import eager as mlp_eager
@@ -84,7 +84,7 @@ def test_two_parts_cold_boot_compiles_each_part_by_its_strategy(two_parts: dict[
     assert parts["encoder"]["strategy"] == "export" and parts["head"]["strategy"] == "jit"
     assert (parts["encoder"]["jit_restore"], parts["head"]["jit_restore"]) == ("", "dir")  # jit's mode (conftest)
     assert parts["encoder"]["fxgraph_misses"] == 0  # torch.export + AOTInductor: no FX graph cache
-    assert parts["head"]["fxgraph_misses"] == len(BATCHES)
+    assert precompiled(m, "head")["built"] == len(BATCHES)  # jit: each warm-up shape precompiled
     # every existing key is the sum over the parts
     for k in ("fxgraph_hits", "fxgraph_misses", "request_path_compiles", "request_path_eager_calls"):
         assert m[k] == sum(p[k] for p in parts.values()), k
@@ -101,8 +101,8 @@ def test_two_parts_new_container_hits_the_store_for_every_part(two_parts: dict[s
     assert m["cache"] == "hit" and m["bytes_uploaded"] == 0
     enc = [w for w in m["warmup"] if w["part"] == "encoder"]
     assert len(enc) == 1 and "package restored" in enc[0]["shape"]  # loaded, not rebuilt
-    assert parts["head"]["fxgraph_hits"] == len(BATCHES) and parts["head"]["fxgraph_misses"] == 0
-    assert m["fxgraph_misses"] == 0 and m["request_path_compiles"] == 0
+    assert precompiled(m, "head") == {"loaded": len(BATCHES), "adopted": 0, "built": 0, "fallback": ""}
+    assert m["compiles"] == 0 and m["fxgraph_misses"] == 0 and m["request_path_compiles"] == 0  # no Dynamo
     # batch 7: inside the encoder's export dims (compiled), undeclared for the head: served eager and counted there
     assert parts["encoder"]["request_path_eager_calls"] == 0 and parts["head"]["request_path_eager_calls"] == 1
     assert m["request_path_eager_calls"] == 1
@@ -118,7 +118,7 @@ def test_a_part_that_fails_to_compile_falls_back_alone(tmp_path: Path) -> None:
              {"batch": 1}, {"batch": 4})
     parts = b.metrics["parts"]
     assert "compiled call raised" in parts["encoder"]["eager_fallback"]
-    assert parts["head"]["eager_fallback"] == "" and parts["head"]["fxgraph_misses"] == len(BATCHES)
+    assert parts["head"]["eager_fallback"] == "" and precompiled(b.metrics, "head")["built"] == len(BATCHES)
     assert b.metrics["eager_fallback"].startswith("encoder: ")
     assert "part 'encoder': serving EAGER" in b.stderr
     for n, out in zip((1, 4), b.outputs, strict=True):
@@ -133,7 +133,7 @@ def tiny_inductor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with server(f"{TINY}:Runner", root, COMPILE_CACHE_DISABLE="1") as srv:
         srv.wait_ready(READY_S)
         assert srv.shutdown("post") == 0
-    assert metrics(root)["fxgraph_misses"] == len(BATCHES)
+    assert precompiled(metrics(root))["built"] == len(BATCHES)
     return root / "inductor"
 
 
@@ -173,20 +173,27 @@ def test_undeclared_shape_under_error_fails_the_prediction_and_the_worker_serves
 
 
 # -- concurrency: an async run() with COG_MAX_CONCURRENCY > 1 ----------------------------------------------------------
-def test_concurrent_predictions_are_correct_and_each_counts_its_own_compiles(tiny_inductor: Path,
+@pytest.mark.parametrize("restore", ["precompile", "dir"])
+def test_concurrent_predictions_are_correct_and_each_counts_its_own_compiles(restore: str, tiny_inductor: Path,
                                                                               tmp_path: Path) -> None:
-    """Four slots. One prediction brings an undeclared batch (compiled on the request path: on_new_shape=compile)
-    while others call the model on declared batches in a loop, each in its own thread. Each prediction's
-    request_path_compiles must equal the recompiles Dynamo itself logged in that prediction's logs
-    (TORCH_LOGS=recompiles; coglet routes a thread's output to its prediction), and the metrics file's the sum.
+    """Four slots. Two predictions each bring an undeclared batch (compiled on the request path:
+    on_new_shape=compile) while others call the model on declared batches in a loop, each in its own thread; the
+    metrics file's request_path_compiles is the sum of the predictions'.
 
-    Measured here on torch 2.13: a declared batch can recompile too while another thread compiles (Dynamo logs
-    "runtime guards failed even though they passed during recompilation-reason analysis"); such a compile is
-    charged to the prediction whose call made it, and to no other."""
+    Under the default restore, a new shape is precompiled under the part's lock: each new batch is built once, by
+    the prediction that brought it (and saved for the next boot), and declared batches compile nothing.
+
+    Under jit_restore="dir" (set here: only the jit function recompiles in Dynamo), each prediction's
+    request_path_compiles must equal the recompiles Dynamo itself logged in that prediction's logs
+    (TORCH_LOGS=recompiles; coglet routes a thread's output to its prediction). Measured here on torch 2.13: a
+    declared batch can recompile too while another thread compiles (Dynamo logs "runtime guards failed even though
+    they passed during recompilation-reason analysis"); such a compile is charged to the prediction whose call made
+    it, and to no other."""
     shutil.copytree(tiny_inductor, tmp_path / "inductor")
     results: dict[str, Any] = {}
+    env = {} if restore == "precompile" else {"COMPILE_CACHE_JIT_RESTORE": "dir"}
     with server(f"{PARTS}:ConcurrentRunner", tmp_path, COMPILE_CACHE_URL=str(tmp_path / "store"),
-                COMPILE_CACHE_ON_NEW_SHAPE="compile", COG_MAX_CONCURRENCY="4", TORCH_LOGS="recompiles") as srv:
+                COMPILE_CACHE_ON_NEW_SHAPE="compile", COG_MAX_CONCURRENCY="4", TORCH_LOGS="recompiles", **env) as srv:
         srv.wait_ready(READY_S)
         jobs = {"new-7": {"batch": 7, "calls": 1}, "declared-1": {"batch": 1, "calls": 5000},
                 "declared-4": {"batch": 4, "calls": 5000}, "new-9": {"batch": 9, "calls": 1}}
@@ -206,10 +213,16 @@ def test_concurrent_predictions_are_correct_and_each_counts_its_own_compiles(tin
         assert code == 200 and resp["status"] == "succeeded", (name, resp)
         assert close(resp["output"], mlp_eager(inputs["batch"])), name
         counted[name] = resp["metrics"].get("request_path_compiles", 0)
-        assert counted[name] == resp["logs"].count("Recompiling function"), (name, counted, resp["logs"])
-    assert counted["new-7"] >= 1 and counted["new-9"] >= 1, counted
+        if restore == "dir":
+            assert counted[name] == resp["logs"].count("Recompiling function"), (name, counted, resp["logs"])
     m = metrics(tmp_path)
     assert m["request_path_compiles"] == sum(counted.values()) and m["request_path_eager_calls"] == 0
+    if restore == "dir":
+        assert counted["new-7"] >= 1 and counted["new-9"] >= 1, counted
+        return
+    assert counted == {"new-7": 1, "declared-1": 0, "declared-4": 0, "new-9": 1}, counted
+    saved = tmp_path / "inductor" / "precompile" / m["key"]
+    assert [len(list(saved.glob(f"*{n}x16*.bin"))) for n in (7, 9)] == [1, 1]  # built once each, kept
 
 
 def test_a_sequential_model_serves_its_declared_shapes_compiled(tmp_path: Path) -> None:
@@ -217,10 +230,9 @@ def test_a_sequential_model_serves_its_declared_shapes_compiled(tmp_path: Path) 
     request eager and reported each as a shape nobody declared. Under the precompile default: its loaded function
     fails its own guards (torch 2.13), so the round trip refuses it and the jit function serves."""
     b = boot("tests.tiny_predictor:SequentialPredictor",
-             {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_DISABLE": "1",
-              "COMPILE_CACHE_JIT_RESTORE": "precompile"},
+             {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "COMPILE_CACHE_DISABLE": "1"},
              *({"batch": n} for n in BATCHES))
-    pc = b.metrics["parts"]["model"]["precompiled"]
+    pc = precompiled(b.metrics)
     assert pc["built"] == 0 and "GuardManager check failed" in pc["fallback"], pc
     assert b.metrics["compiles"] >= len(BATCHES) and b.metrics["eager_fallback"] == ""
     assert b.metrics["request_path_eager_calls"] == 0 and b.request_path_compiles == 0

@@ -19,9 +19,9 @@ from compile_cache.manifest import Manifest, manifest_name
 from compile_cache.restore import restore
 from compile_cache.stores import open_store
 from compile_cache.trust import TrustPolicy
-from tests.conftest import ROOT, boot
+from tests.conftest import ROOT, boot, precompiled
 from tests.s3server import SeaweedServer, apply_s3_env
-from tests.tiny_predictor import close, eager
+from tests.tiny_predictor import BATCHES, close, eager
 
 TARGET = "tests.tiny_predictor:Predictor"
 FACTORS = {"torch": "t", "python": "p", "device": "cpu", "cpu.isa": "X"}
@@ -42,14 +42,15 @@ def test_boots_through_s3_miss_hit_delta_and_wrong_secret(s3_env: dict[str, str]
     assert cold["store"].startswith("s3://")
 
     warm = s3_boot(s3_env, tmp_path / "c2")  # a new container: empty inductor dir, same bucket
-    assert warm["cache"] == "hit" and warm["fxgraph_misses"] == 0 and warm["bytes_downloaded"] > 0
+    assert warm["cache"] == "hit" and warm["compiles"] == 0 and warm["bytes_downloaded"] > 0  # no Dynamo
+    assert precompiled(warm)["loaded"] == len(BATCHES)
     assert warm["bytes_uploaded"] == 0
 
     third = s3_boot(s3_env, tmp_path / "c3")
     assert third["cache"] == "hit" and third["bytes_uploaded"] == 0
 
     bad = s3_boot({**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong-secret-xyz"}, tmp_path / "c4")
-    assert bad["cache"] == "error" and bad["fxgraph_hits"] == 0
+    assert bad["cache"] == "error" and bad["files_restored"] == 0 and precompiled(bad)["loaded"] == 0
     assert "wrong-secret-xyz" not in bad["stderr"] and "wrong-secret-xyz" not in json.dumps(bad["cache_reason"])
     assert "403" in bad["cache_reason"] or "SignatureDoesNotMatch" in bad["cache_reason"]
 

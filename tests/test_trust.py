@@ -70,11 +70,12 @@ def manifest_now(e: Entry) -> Manifest:
 
 
 def swap_a_pickle(e: Entry, tmp: Path) -> tuple[bytes, str]:
-    """The attack of someone who can write to the store but holds no key: rewrite one FX-graph pickle, repack its
-    segment (every sha256 matching), write a new manifest listing it, without a signature. Returns the swapped
-    file's new content and its path in the entry."""
+    """The attack of someone who can write to the store but holds no key: rewrite one precompiled function (a file
+    torch unpickles), repack its segment (every sha256 matching), write a new manifest listing it, without a
+    signature. Returns the swapped file's new content and its path in the entry."""
     g = e.good.manifest
-    i, victim = next((i, f.path) for i, s in enumerate(g.segments) for f in s.files if "/fxgraph/" in f.path)
+    i, victim = next((i, f.path) for i, s in enumerate(g.segments) for f in s.files
+                     if "/precompile/" in f.path and f.path.endswith(".bin"))
     evil = pickle.dumps({"swapped": "by someone without the key"})
     (tmp / "evil").write_bytes(evil)
     files = {}
@@ -355,7 +356,7 @@ def test_boot_during_a_rotation_re_signs_the_entry(good: Good, tmp_path: Path, e
         tmp_path, e.store.url, COMPILE_CACHE_SIGNING_KEY=NEW_SIGNING_KEY, COMPILE_CACHE_VERIFY_KEYS=SIGNING_KEY
     )
     b = tf.run_boot(tmp_path, env, (*e.secrets, NEW_SIGNING_KEY))
-    assert b.metrics["cache"] == "hit" and b.metrics["fxgraph_misses"] == 0, b.metrics["cache_reason"]
+    assert b.metrics["cache"] == "hit" and b.metrics["compiles"] == 0, b.metrics["cache_reason"]
     tf.assert_correct(b, expected)
     assert b.metrics["bytes_uploaded"] == 0 and b.metrics["upload_state"] == "done"
     m = manifest_now(e)

@@ -349,9 +349,6 @@ def model_change(tmp_path: Path) -> str:
                        "return torch.nn.Sequential(load_model(WEIGHTS_DIR), torch.nn.Tanh()).eval()", "v4")
 
 
-PRECOMPILE = {"COMPILE_CACHE_JIT_RESTORE": "precompile"}  # the jit default (tests/conftest.py pins "dir")
-
-
 def precompiled(b: Any) -> dict[str, Any]:
     return b.metrics["parts"]["model"]["precompiled"]
 
@@ -363,16 +360,16 @@ def test_precompiled_functions_follow_new_weights_and_code_only_versions(tmp_pat
     w1 = write_weights(tmp_path / "w1" / "tiny")
     w2 = write_weights(tmp_path / "w2" / "tiny", perturb=0.05)
     store = str(tmp_path / "store")
-    cold = tiny_boot(store, w1, tmp_path / "i1", **PRECOMPILE)
+    cold = tiny_boot(store, w1, tmp_path / "i1")
     assert cold.metrics["cache"] == "miss" and precompiled(cold) == {"loaded": 0, "adopted": 0,
                                                                       "built": len(BATCHES), "fallback": ""}
 
-    hit = tiny_boot(store, w2, tmp_path / "i2", **PRECOMPILE)
+    hit = tiny_boot(store, w2, tmp_path / "i2")
     assert hit.metrics["cache"] == "hit" and hit.metrics["compiles"] == 0 and hit.metrics["bytes_uploaded"] == 0
     assert precompiled(hit)["loaded"] == len(BATCHES) and precompiled(hit)["built"] == 0
     assert close(hit.outputs[0], eager(w2, 4)) and not close(hit.outputs[0], eager(w1, 4))
 
-    code = tiny_boot(store, w2, tmp_path / "i3", target=code_change(tmp_path), **PRECOMPILE)
+    code = tiny_boot(store, w2, tmp_path / "i3", target=code_change(tmp_path))
     m = code.metrics
     assert m["cache"] == "seeded" and m["seeded_from"] == cold.metrics["key"] and m["compiles"] == 0
     assert precompiled(code) == {"loaded": 0, "adopted": len(BATCHES), "built": 0, "fallback": ""}
@@ -380,13 +377,13 @@ def test_precompiled_functions_follow_new_weights_and_code_only_versions(tmp_pat
     assert close(code.outputs[0], [[2 * x for x in row] for row in eager(w2, 4)])
     # References, not copies: one small new object (the .ref files), the seed's objects kept by the manifest.
     assert code.store_calls.get("put_immutable") == 1 and m["bytes_uploaded"] < 4000
-    again = tiny_boot(store, w2, tmp_path / "i4", target=code_change(tmp_path, name="v3b"), **PRECOMPILE)
+    again = tiny_boot(store, w2, tmp_path / "i4", target=code_change(tmp_path, name="v3b"))
     assert again.metrics["cache"] == "hit" and again.metrics["compiles"] == 0
     assert precompiled(again)["loaded"] == len(BATCHES) and again.metrics["bytes_uploaded"] == 0
 
     # load() sets an attribute the model does not read: the state differs, so each function is run against this
     # version's eager output before it is adopted.
-    noted = tiny_boot(store, w2, tmp_path / "i6", **PRECOMPILE, target=code_change(
+    noted = tiny_boot(store, w2, tmp_path / "i6", target=code_change(
         tmp_path, "return load_model(WEIGHTS_DIR)", "m = load_model(WEIGHTS_DIR)\n        m.note = 'v5'\n        return m",
         "v5"))
     assert noted.metrics["cache"] == "seeded" and precompiled(noted)["adopted"] == len(BATCHES)
@@ -396,7 +393,7 @@ def test_precompiled_functions_follow_new_weights_and_code_only_versions(tmp_pat
     tanh = code_change(tmp_path, "return load_model(WEIGHTS_DIR)", "return Tanh(load_model(WEIGHTS_DIR))", "v4",
                        extra="\n\nclass Tanh(torch.nn.Module):\n    def __init__(self, m):\n        super().__init__()\n"
                        "        self.m = m\n\n    def forward(self, x):\n        return torch.tanh(self.m(x))\n")
-    changed = tiny_boot(store, w2, tmp_path / "i5", target=tanh, **PRECOMPILE)
+    changed = tiny_boot(store, w2, tmp_path / "i5", target=tanh)
     assert changed.metrics["cache"] == "seeded" and precompiled(changed)["adopted"] == 0
     assert precompiled(changed)["built"] == len(BATCHES) and changed.metrics["parts"]["model"]["request_path_eager_calls"] == 0
     assert close(changed.outputs[0], torch.tanh(torch.tensor(eager(w2, 4))).tolist())
@@ -436,7 +433,9 @@ def test_versions_through_s3(s3_env: dict[str, str], tmp_path: Path) -> None:
     """The flow with the cache dir restore (jit_restore="dir": Inductor's own keys decide what hits), against the
     SeaweedFS store: a cold v1; a re-weighted version hits v1's entry, computes with its own weights and only records
     its label; a code-only version is seeded from v1, hits every FX graph and uploads only a manifest."""
-    env = {**s3_env, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    # jit_restore="dir", set here: the default (precompiled functions, test above) reads no FX graph
+    env = {**s3_env, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+           "COMPILE_CACHE_JIT_RESTORE": "dir"}
     env.pop("COMPILE_CACHE_URL")
     url = s3_env["COMPILE_CACHE_URL"]
     w1 = write_weights(tmp_path / "w1" / "tiny")
