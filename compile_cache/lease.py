@@ -22,7 +22,6 @@ The protocol, the states and the settings that drive it: docs/fleet.md. Torch-fr
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -99,7 +98,7 @@ class LeaseBody(BaseModel):
     ``updated_at`` are the writer's wall clock, for display only."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    format: int = LEASE_FORMAT
+    format: Literal[1] = LEASE_FORMAT  # a reader of another format refuses the lease (never blocked by it)
     key: str
     holder: str
     state: State = "building"
@@ -111,24 +110,20 @@ class LeaseBody(BaseModel):
     signature: str | None = None
 
     def _canonical(self) -> bytes:
-        body = self.model_dump(mode="json", exclude={"signature"})
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        """What the signature covers: the body without it, in the model's field order."""
+        return self.model_dump_json(exclude={"signature"}).encode()
 
     def to_bytes(self, trust: TrustPolicy) -> bytes:
-        body = self.model_dump(mode="json")
-        body["signature"] = trust.sign(self._canonical())
-        return json.dumps(body, sort_keys=True, indent=1).encode()
+        signed = self.model_copy(update={"signature": trust.sign(self._canonical())})
+        return signed.model_dump_json(indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LeaseBody:
         """Parse; raises IntegrityError on anything that is not a well-formed lease of this format."""
         try:
-            body = cls.model_validate_json(data)
-        except (ValidationError, ValueError) as e:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
             raise IntegrityError(f"lease is malformed: {str(e).splitlines()[0]}") from e
-        if body.format != LEASE_FORMAT:
-            raise IntegrityError(f"lease format {body.format} is not {LEASE_FORMAT}")
-        return body
 
     def untrusted_because(self, trust: TrustPolicy) -> str:
         """Why this process must not believe this lease ("" when it may)."""

@@ -7,7 +7,6 @@ Time is a fake monotonic clock the tests advance: expiry is decided on it alone,
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from compile_cache.prune import list_entries
 from compile_cache.stores.base import ObjectInfo, Progress, Store
 from compile_cache.sync import lineage_entries
 from compile_cache.trust import TrustPolicy
+from tests.test_stores import _race
 
 KEY = "v1a2b.m0d3l.torch2.13.0-py311-cpu.0123456789ab"
 TTL = 30.0
@@ -100,23 +100,6 @@ def _follow(x: Lease | Follow) -> Follow:
 
 def _body(store: Store) -> dict[str, Any]:
     return json.loads(store.read(lease_name(KEY)))
-
-
-def _race(n: int, fn: Any) -> list[Any]:
-    """fn(i) on n threads released together; their results."""
-    barrier = threading.Barrier(n)
-    out: list[Any] = [None] * n
-
-    def run(i: int) -> None:
-        barrier.wait()
-        out[i] = fn(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 # -- acquire -------------------------------------------------------------------------------------------------------
@@ -223,8 +206,8 @@ def test_exactly_one_of_racing_followers_takes_over_a_stale_lease(store: Store) 
     clock.sleep(TTL)
     assert all(f.poll().seen_as == "expired" for f in followers)
     got = _race(n, lambda i: followers[i].take_over(holder=f"f:{i}:r"))
-    winners = [g for g in got if g is not None]
-    assert len(winners) == 1
+    winners = [g for g in got if isinstance(g, Lease)]
+    assert len(winners) == 1 and got.count(None) == n - 1
     assert _body(store)["holder"] == winners[0].body.holder
     assert all(f.poll().seen_as == "live" for f in followers)  # the losers now follow the winner
     # The old holder finds out at its next write, which changes nothing.
@@ -332,6 +315,9 @@ BAD_LEASES = {
     "other key": lambda s: _write(s, LeaseBody(key=KEY, holder="x:1:y").to_bytes(OTHER)),
     "another entry's": lambda s: _write(s, LeaseBody(key=KEY + "0", holder="x:1:y").to_bytes(SIGNED)),
     "malformed": lambda s: _write(s, b'{"state": "building"'),
+    "newer format": lambda s: _write(
+        s, LeaseBody(key=KEY, holder="x:1:y").to_bytes(SIGNED).replace(b'"format": 1', b'"format": 2')
+    ),
 }
 
 
