@@ -202,6 +202,8 @@ def cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
 
 # -- inspect ---------------------------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
+    from .lease import describe as describe_lease
+    from .lease import summary as lease_summary
     from .trust import TrustPolicy
 
     m = Manifest.from_bytes(ctx.store.read(manifest_name(_resolve_key(ctx.store, args.key))))
@@ -210,12 +212,14 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     if args.diff_env:
         diff = _diff_env(m)
     failures = _export_failures(ctx.store, m)
+    lease = describe_lease(ctx.store, m.key, TrustPolicy.from_settings(ctx.settings))
     if args.json:
         body = m.model_dump(mode="json")
         body["signed"] = m.signature is not None
         body["trust"] = {"loads": verdict.loads, "signer": verdict.signer, "reason": verdict.reason}
         body.pop("signature", None)  # a MAC is not a secret, but nobody needs it printed
         body["export_failures"] = failures
+        body["lease"] = lease
         if diff is not None:
             body["diff_env"] = diff
         _say(json.dumps(body, indent=1, sort_keys=True))
@@ -235,6 +239,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     _say(f"signed         {'yes (HMAC-SHA256)' if m.signature else 'no'}")
     loads = "yes" if verdict.loads else "NO, a restore refuses it"
     _say(f"loads here     {loads}{f': {verdict.reason}' if verdict.reason else ' (signed with COMPILE_CACHE_SIGNING_KEY)'}")
+    _say(f"build lease    {lease_summary(lease)}")
     _say(f"created        {_when(m.created_at)}")
     _say(f"updated        {_when(m.updated_at)}")
     _say(

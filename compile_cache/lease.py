@@ -48,6 +48,7 @@ __all__ = [
     "acquire",
     "read_lease",
     "describe",
+    "summary",
     "stale_leases",
     "lease_name",
     "is_lease_name",
@@ -407,6 +408,17 @@ def describe(store: Store, key: str, trust: TrustPolicy, *, now: float | None = 
         "signed": b.signature is not None,
         "trusted": True,
     }
+
+
+def summary(d: dict[str, object] | None) -> str:
+    """One line for ``inspect`` from :func:`describe`'s result."""
+    if d is None:
+        return "-"
+    if not d["trusted"]:
+        return f"untrusted, no replica waits for it ({d['reason']})"
+    parts = f" of {', '.join(d['parts'])}" if d["parts"] else ""  # type: ignore[arg-type]
+    line = f"{d['state']}{parts} by {d['holder']}, {d['renewals']} renewals, written {d['age_s']} s ago (its clock)"
+    return f"{line}: {d['reason']}" if d["reason"] else line
 
 
 def stale_leases(store: Store, older_than_s: float, *, now: float | None = None) -> list[ObjectInfo]:

@@ -375,3 +375,19 @@ def test_stale_leases_lists_only_leases_older_than_the_age(store: Store) -> None
     assert stale_leases(store, 3600, now=now) == []
     old = stale_leases(store, 3600, now=now + 7200)
     assert [o.name for o in old] == [lease_name(KEY)]
+
+
+def test_inspect_shows_the_lease(store: Store, tmp_path: Path) -> None:
+    from tests.test_cli import cli, fake_cache, seed
+
+    key = seed(store, "v7", fake_cache(tmp_path, {"fxgraph/aa/g": b"g" * 100}))
+    assert "build lease    -" in cli(store, "inspect", key).stdout
+    held = _lease(acquire(store, key, OPEN, ttl_s=TTL, holder="host:7:cd", parts=("decode",)))
+    held.finish("failed", "compile error in decode")
+    cp = cli(store, "inspect", key)
+    assert cp.returncode == 0, cp.stderr
+    line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("build lease"))
+    assert line.startswith("build lease    failed of decode by host:7:cd, 1 renewals, written ")
+    assert line.endswith(": compile error in decode")
+    body = json.loads(cli(store, "inspect", key, "--json").stdout)
+    assert (body["lease"]["state"], body["lease"]["reason"]) == ("failed", "compile error in decode")
