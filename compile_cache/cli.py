@@ -317,6 +317,8 @@ def cmd_prune(args: argparse.Namespace, ctx: _Context) -> int:
         _say(f"{verb} object  {o.name}  ({_size(o.size)}, listed only by deleted entries)")
     for o in plan.orphans:
         _say(f"{verb} orphan  {o.name}  ({_size(o.size)}, {_age(now - o.modified)} old, listed by no entry)")
+    for o in plan.leases:
+        _say(f"{verb} lease   {o.name}  (unchanged for {_age(now - o.modified)}: no build holds it)")
     if plan.gc_blocked:
         _say(f"objects kept: {plan.gc_blocked}")
     total = f"{len(plan.entries)} entries, {len(plan.objects) + len(plan.orphans)} objects, {_size(plan.bytes)}"

@@ -27,7 +27,6 @@ from compile_cache.lease import (
     lease_name,
     poll_delays,
     read_lease,
-    stale_leases,
 )
 from compile_cache.manifest import manifest_name
 from compile_cache.prune import list_entries
@@ -368,15 +367,6 @@ def test_describe_shows_state_holder_and_renewals(store: Store) -> None:
     assert d is not None and (d["state"], d["reason"]) == ("failed", "compile error")
 
 
-def test_stale_leases_lists_only_leases_older_than_the_age(store: Store) -> None:
-    store.put_conditional(manifest_name(KEY), b"{}", None)
-    acquire(store, KEY, OPEN, ttl_s=TTL)
-    now = time.time()
-    assert stale_leases(store, 3600, now=now) == []
-    old = stale_leases(store, 3600, now=now + 7200)
-    assert [o.name for o in old] == [lease_name(KEY)]
-
-
 def test_inspect_shows_the_lease(store: Store, tmp_path: Path) -> None:
     from tests.test_cli import cli, fake_cache, seed
 
@@ -391,3 +381,16 @@ def test_inspect_shows_the_lease(store: Store, tmp_path: Path) -> None:
     assert line.endswith(": compile error in decode")
     body = json.loads(cli(store, "inspect", key, "--json").stdout)
     assert (body["lease"]["state"], body["lease"]["reason"]) == ("failed", "compile error in decode")
+
+
+def test_prune_deletes_only_leases_unchanged_past_the_grace(store: Store) -> None:
+    from compile_cache.prune import apply_prune, plan_prune
+
+    other = KEY.replace("m0d3l", "m0d3m")
+    acquire(store, KEY, OPEN, ttl_s=TTL)
+    assert plan_prune(store, grace_s=3600).leases == []
+    acquire(store, other, OPEN, ttl_s=TTL)
+    plan = plan_prune(store, grace_s=3600, now=time.time() + 7200)
+    assert sorted(o.name for o in plan.leases) == sorted([lease_name(KEY), lease_name(other)])
+    assert sorted(apply_prune(store, plan).leases_deleted) == sorted([lease_name(KEY), lease_name(other)])
+    assert [o.name for o in store.list("entries/")] == []
