@@ -307,7 +307,10 @@ class Follow:
         delays: Iterator[float] | None = None,
     ) -> Status:
         """Poll on the back-off schedule (:func:`poll_delays`) until the lease is no longer live or ``timeout_s``
-        (None: no limit) has passed on ``clock``; then the last status (``live`` on a timeout)."""
+        (None: no limit) has passed on ``clock``; then the last status (``live`` on a timeout).
+
+        A read that fails (StoreError) is logged and counts as "no change": a store this follower cannot reach
+        lets the lease expire here, as a dead holder would."""
         deadline = None if timeout_s is None else self.clock() + timeout_s
         schedule = delays if delays is not None else poll_delays()
         st = self.status()
@@ -317,7 +320,11 @@ class Follow:
                 return st
             wait = next(schedule) * (1 + random.uniform(0, _JITTER))
             sleep(wait if left is None else min(wait, left))
-            st = self.poll()
+            try:
+                st = self.poll()
+            except StoreError as e:
+                log.warning("could not read the build lease of %s: %s", self.key, e)
+                st = self.status()
         return st
 
     def take_over(self, holder: str | None = None, parts: tuple[str, ...] = ()) -> Lease | None:

@@ -19,6 +19,7 @@ from compile_cache.errors import StoreError
 from compile_cache.lease import (
     MAX_LEASE_BYTES,
     MAX_POLLS_PER_MINUTE,
+    POLL_CAP_S,
     Follow,
     Lease,
     LeaseBody,
@@ -250,6 +251,24 @@ def test_watch_returns_done_or_live_at_its_deadline(store: Store) -> None:
     assert st.seen_as == "live" and 0 < follow.polls <= MAX_POLLS_PER_MINUTE
     held.finish("done")
     assert follow.watch(TTL, sleep=clock.sleep).seen_as == "done"
+
+
+def test_a_follower_that_cannot_read_the_store_sees_the_lease_expire(store: Store) -> None:
+    clock = Clock()
+    held = _lease(acquire(store, KEY, OPEN, ttl_s=TTL))
+
+    class Unreachable(Counting):
+        def read_versioned(self, name: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+            super().read_versioned(name, max_bytes=max_bytes)
+            raise StoreError("connection refused")
+
+    follow = _follow(acquire(store, KEY, OPEN, ttl_s=TTL, clock=clock))
+    follow.store = unreachable = Unreachable(store)
+    held.renew()  # a change this follower cannot see
+    start = clock()
+    st = follow.watch(3600, sleep=clock.sleep)
+    assert st.seen_as == "expired" and unreachable.calls["read_versioned"] > 0
+    assert TTL <= clock() - start < TTL + POLL_CAP_S * (1 + 0.1)  # within one (jittered) poll interval of the TTL
 
 
 # -- poll rate -------------------------------------------------------------------------------------------------------
