@@ -190,7 +190,7 @@ class Lease:
     trust: TrustPolicy
     body: LeaseBody
     token: str
-    lost: bool = False
+    lost: bool = False  # someone took the lease over: nothing more is written to it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -200,19 +200,30 @@ class Lease:
     def _write(self, **changes: object) -> bool:
         """CAS the body with ``changes`` (and one more renewal) on the last token; False if the lease was lost."""
         with self._lock:
-            if self.lost or self.body.state != "building":
-                return False
-            body = self.body.model_copy(
-                update={**changes, "renewals": self.body.renewals + 1, "updated_at": time.time()}
-            )
-            try:
-                self.token = self.store.put_conditional(lease_name(self.key), body.to_bytes(self.trust), self.token)
-            except (PreconditionFailed, ObjectNotFound):
-                self.lost = True
-                log.info("build lease of %s was taken over by another replica: this build goes on unleased", self.key)
-                return False
-            self.body = body
-            return True
+            for _ in range(2):
+                if self.lost or self.body.state != "building":
+                    return False
+                body = self.body.model_copy(
+                    update={**changes, "renewals": self.body.renewals + 1, "updated_at": time.time()}
+                )
+                try:
+                    self.token = self.store.put_conditional(lease_name(self.key), body.to_bytes(self.trust), self.token)
+                    self.body = body
+                    return True
+                except (PreconditionFailed, ObjectNotFound):
+                    # An earlier write of ours may have landed with its reply lost (a put the client retried, or
+                    # one that timed out): the lease then still names this holder, and we go on from it.
+                    seen = read_lease(self.store, self.key, self.trust)
+                    if seen.body is None or seen.token is None or seen.body.holder != self.body.holder:
+                        break
+                    self.token, self.body = seen.token, seen.body
+                    if seen.body.model_copy(update={"signature": None}) == body:
+                        return True  # this very write
+            if self.body.state != "building":
+                return False  # an earlier finish of ours landed
+            self.lost = True
+            log.info("build lease of %s was taken over by another replica: this build goes on unleased", self.key)
+            return False
 
     def renew(self) -> bool:
         """Show followers this holder is alive (the object changes). False if the lease was lost or is finished.
@@ -366,6 +377,7 @@ def acquire(
 
     After a :class:`Lease`, read the manifest again before building (see :class:`Lease`). Raises StoreError when
     the store cannot be read or written: the caller builds unleased, as with the lease turned off."""
+    holder = holder or holder_id()
     if_match: str | None = None
     for _ in range(_ACQUIRE_TRIES):
         try:
@@ -373,6 +385,8 @@ def acquire(
         except (PreconditionFailed, ObjectNotFound):
             pass
         seen = read_lease(store, key, trust)
+        if seen.body is not None and seen.token is not None and seen.body.holder == holder:
+            return Lease(store, key, trust, seen.body, seen.token)  # our put landed, its reply was lost
         if seen.body is not None and seen.body.state == "building":
             return Follow(store, key, trust, ttl_s, seen, clock)
         if seen.stuck:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from compile_cache.errors import StoreError
+from compile_cache.errors import PreconditionFailed, StoreError
 from compile_cache.lease import (
     MAX_LEASE_BYTES,
     MAX_POLLS_PER_MINUTE,
@@ -193,6 +193,39 @@ def test_renewing_renews_in_the_background_until_the_block_ends(store: Store) ->
     stopped_at = _body(store)["renewals"]
     time.sleep(0.1)
     assert _body(store)["renewals"] == stopped_at == held.body.renewals
+
+
+class LostReplies(Counting):
+    """A store whose conditional puts land but whose replies get lost: the client retried the put and the retry
+    lost to the first attempt (PreconditionFailed), or the reply timed out (StoreError)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.lose: type[Exception] | None = None
+
+    def put_conditional(self, name: str, data: bytes, if_match: str | None) -> str:
+        token = super().put_conditional(name, data, if_match)
+        if self.lose is not None:
+            lose, self.lose = self.lose, None
+            raise lose("the reply was lost")
+        return token
+
+
+def test_a_write_that_landed_with_its_reply_lost_is_not_a_lost_lease(store: Store) -> None:
+    flaky = LostReplies(store)
+    flaky.lose = PreconditionFailed
+    held = _lease(acquire(flaky, KEY, OPEN, ttl_s=TTL, holder="me:1:x"))  # not a follower of its own lease
+    assert held.body.holder == "me:1:x" and not held.lost
+    flaky.lose = PreconditionFailed
+    assert held.renew() and not held.lost
+    flaky.lose = StoreError
+    with pytest.raises(StoreError):
+        held.renew()  # landed, but the holder cannot know
+    assert held.renew() and not held.lost  # the next renewal finds its own write and goes on from it
+    assert _body(store)["renewals"] == held.body.renewals == 3
+    flaky.lose = PreconditionFailed
+    assert held.finish("done") and _body(store)["state"] == "done"
+    assert flaky.calls["delete"] == 0
 
 
 # -- takeover --------------------------------------------------------------------------------------------------------
