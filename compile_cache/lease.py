@@ -303,12 +303,14 @@ class Follow:
 
     def poll(self) -> Status:
         """Read the lease once and conclude. Raises StoreError when the store cannot be read."""
-        seen = read_lease(self.store, self.key, self.trust)
+        self._saw(read_lease(self.store, self.key, self.trust))
         self.polls += 1
+        return self.status()
+
+    def _saw(self, seen: Seen) -> None:
         if seen.token != self.seen.token:
             self.changed_at = self.clock()
         self.seen = seen
-        return self.status()
 
     def watch(
         self,
@@ -344,18 +346,26 @@ class Follow:
         :meth:`poll` again (they now follow the winner). The winner re-reads the manifest before building."""
         if self.status().seen_as == "live":
             raise ValueError(f"the build lease of {self.key} is live: it cannot be taken over")
-        try:
-            return _put(self.store, self.key, self.trust, holder, parts, self.seen.token)
-        except (PreconditionFailed, ObjectNotFound):
-            return None
+        got = _claim(self.store, self.key, self.trust, holder or holder_id(), parts, self.seen.token)
+        if isinstance(got, Lease):
+            return got
+        self._saw(got)
+        return None
 
 
-def _put(
-    store: Store, key: str, trust: TrustPolicy, holder: str | None, parts: tuple[str, ...], if_match: str | None
-) -> Lease:
-    body = LeaseBody(key=key, holder=holder or holder_id(), parts=tuple(parts))
-    token = store.put_conditional(lease_name(key), body.to_bytes(trust), if_match)
-    return Lease(store, key, trust, body, token)
+def _claim(
+    store: Store, key: str, trust: TrustPolicy, holder: str, parts: tuple[str, ...], if_match: str | None
+) -> Lease | Seen:
+    """Write a new ``building`` lease over the version ``if_match`` (None: only if there is none). On a lost race,
+    what is there now, read once."""
+    body = LeaseBody(key=key, holder=holder, parts=tuple(parts))
+    try:
+        return Lease(store, key, trust, body, store.put_conditional(lease_name(key), body.to_bytes(trust), if_match))
+    except (PreconditionFailed, ObjectNotFound):
+        seen = read_lease(store, key, trust)
+    if seen.body is not None and seen.token is not None and seen.body.holder == holder:
+        return Lease(store, key, trust, seen.body, seen.token)  # our put landed, its reply was lost
+    return seen
 
 
 def acquire(
@@ -380,13 +390,9 @@ def acquire(
     holder = holder or holder_id()
     if_match: str | None = None
     for _ in range(_ACQUIRE_TRIES):
-        try:
-            return _put(store, key, trust, holder, parts, if_match)
-        except (PreconditionFailed, ObjectNotFound):
-            pass
-        seen = read_lease(store, key, trust)
-        if seen.body is not None and seen.token is not None and seen.body.holder == holder:
-            return Lease(store, key, trust, seen.body, seen.token)  # our put landed, its reply was lost
+        seen = _claim(store, key, trust, holder, parts, if_match)
+        if isinstance(seen, Lease):
+            return seen
         if seen.body is not None and seen.body.state == "building":
             return Follow(store, key, trust, ttl_s, seen, clock)
         if seen.stuck:

@@ -228,6 +228,18 @@ def test_a_write_that_landed_with_its_reply_lost_is_not_a_lost_lease(store: Stor
     assert flaky.calls["delete"] == 0
 
 
+def test_a_takeover_that_landed_with_its_reply_lost_is_held(store: Store) -> None:
+    clock = Clock()
+    _lease(acquire(store, KEY, OPEN, ttl_s=TTL, holder="dead:1:x"))
+    flaky = LostReplies(store)
+    follow = _follow(acquire(flaky, KEY, OPEN, ttl_s=TTL, clock=clock))
+    clock.sleep(TTL)
+    assert follow.poll().seen_as == "expired"
+    flaky.lose = PreconditionFailed
+    held = follow.take_over(holder="me:2:y")
+    assert held is not None and held.body.holder == "me:2:y" and held.renew()
+
+
 # -- takeover --------------------------------------------------------------------------------------------------------
 def test_exactly_one_of_racing_followers_takes_over_a_stale_lease(store: Store) -> None:
     n = 8
