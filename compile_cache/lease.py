@@ -191,7 +191,7 @@ class Lease:
     body: LeaseBody
     token: str
     lost: bool = False  # someone took the lease over: nothing more is written to it
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def state(self) -> State:
