@@ -358,6 +358,10 @@ def test_signed_lease_is_followed_under_the_same_and_the_next_key(store: Store) 
     held.finish("failed", "boom")
     assert read_lease(store, KEY, SIGNED).body is not None  # the failure record is signed too
     assert read_lease(store, KEY, OTHER).body is None
+    unsigned = _lease(acquire(store, KEY + "0", OPEN, ttl_s=TTL)).key  # a lease written without a key
+    migrating = TrustPolicy(signing_key=SIGNED.signing_key, allow_unsigned=True)
+    assert read_lease(store, unsigned, SIGNED).body is None
+    assert read_lease(store, unsigned, migrating).body is not None  # COMPILE_CACHE_ALLOW_UNSIGNED believes it
 
 
 def _tampered(store: Store) -> None:
