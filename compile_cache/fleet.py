@@ -76,7 +76,7 @@ class Coordination:
         the cache line."""
         m.lease, m.lease_holder, m.lease_wait_s, m.lease_polls = self.role, self.holder, self.waited_s, self.polls
         if self.note:
-            m.cache_reason = f"{self.note}; {m.cache_reason}" if m.cache_reason else self.note
+            m.cache_reason = f"{m.cache_reason}; {self.note}" if m.cache_reason else self.note
 
     # -- the holder ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
