@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 from . import log as logmod
@@ -63,6 +63,8 @@ class Coordination:
     lease: Lease | None = None
     renew_every_s: float = 20.0
     restored: Any = None
+    _renewals: contextlib.ExitStack | None = None  # the background renewals, from the build until the lease ends
+    _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the upload's and the exit's ends
 
     def outcome(self, first: R) -> R:
         """The restore this boot goes on from: the entry restored in place of ``first`` (its seconds include
@@ -81,13 +83,16 @@ class Coordination:
     # -- the holder ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def building(self, exit_budget_s: float) -> Iterator[None]:
-        """The build (the compile step) under the lease: renewed in the background; a build that raises ends it
-        ``failed``; a SIGTERM that would kill the process meanwhile first ends it ``released`` (within
-        ``exit_budget_s``), so followers take over at once instead of after the TTL."""
+        """The build (the compile step) under the lease. Renewals start here and go on in the background until the
+        lease ends (the upload after the build takes time too); a build that raises ends it ``failed``; a SIGTERM
+        that would kill the process meanwhile first ends it ``released`` (within ``exit_budget_s``), so followers
+        take over at once instead of after the TTL."""
         if self.lease is None:
             yield
             return
-        with self.lease.renewing(self.renew_every_s), self._released_on_sigterm(exit_budget_s):
+        self._renewals = contextlib.ExitStack()
+        self._renewals.enter_context(self.lease.renewing(self.renew_every_s))
+        with self._released_on_sigterm(exit_budget_s):
             try:
                 yield
             except BaseException as e:
@@ -130,6 +135,11 @@ class Coordination:
                 log.info("build lease of %s: %s%s", self._key, state, f" ({reason})" if reason else "")
         except StoreError as e:  # followers then see it expire and take over
             log.warning("build lease of %s: could not mark it %s: %s", self._key, state, e)
+        finally:
+            with self._ending:
+                renewals, self._renewals = self._renewals, None
+            if renewals is not None:
+                renewals.close()
 
     @contextlib.contextmanager
     def _released_on_sigterm(self, budget_s: float) -> Iterator[None]:
