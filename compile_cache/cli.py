@@ -201,6 +201,8 @@ def cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
 
 # -- inspect ---------------------------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
+    from .lease import describe as describe_lease
+    from .lease import summary as lease_summary
     from .trust import TrustPolicy
 
     m = Manifest.from_bytes(ctx.store.read(manifest_name(_resolve_key(ctx.store, args.key))))
@@ -209,6 +211,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     if args.diff_env:
         diff = _diff_env(m)
     failures = _failures(ctx.store, m)
+    lease = describe_lease(ctx.store, m.key, TrustPolicy.from_settings(ctx.settings))
     if args.json:
         body = m.model_dump(mode="json")
         body["signed"] = m.signature is not None
@@ -216,6 +219,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
         body.pop("signature", None)  # a MAC is not a secret, but nobody needs it printed
         body["failures"] = failures
         body["export_failures"] = failures  # the key's earlier name, kept for scripts that read it
+        body["lease"] = lease
         if diff is not None:
             body["diff_env"] = diff
         _say(json.dumps(body, indent=1, sort_keys=True))
@@ -235,6 +239,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     _say(f"signed         {'yes (HMAC-SHA256)' if m.signature else 'no'}")
     loads = "yes" if verdict.loads else "NO, a restore refuses it"
     _say(f"loads here     {loads}{f': {verdict.reason}' if verdict.reason else ' (signed with COMPILE_CACHE_SIGNING_KEY)'}")
+    _say(f"build lease    {lease_summary(lease)}")
     _say(f"created        {_when(m.created_at)}")
     _say(f"updated        {_when(m.updated_at)}")
     _say(
@@ -314,6 +319,8 @@ def cmd_prune(args: argparse.Namespace, ctx: _Context) -> int:
         _say(f"{verb} object  {o.name}  ({_size(o.size)}, listed only by deleted entries)")
     for o in plan.orphans:
         _say(f"{verb} orphan  {o.name}  ({_size(o.size)}, {_age(now - o.modified)} old, listed by no entry)")
+    for o in plan.leases:
+        _say(f"{verb} lease   {o.name}  (unchanged for {_age(now - o.modified)}: no build holds it)")
     if plan.gc_blocked:
         _say(f"objects kept: {plan.gc_blocked}")
     total = f"{len(plan.entries)} entries, {len(plan.objects) + len(plan.orphans)} objects, {_size(plan.bytes)}"

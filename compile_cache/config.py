@@ -135,6 +135,26 @@ class _Settings(BaseModel):
     progress: bool = Field(
         True, alias="COMPILE_CACHE_PROGRESS", description="0/false turns progress bars off (CLI)"
     )
+    build_lease: bool = Field(
+        True,
+        alias="COMPILE_CACHE_BUILD_LEASE",
+        description="0/false: no build lease, every replica that misses compiles; on: one replica builds a new key "
+        "while the others wait for its entry (docs/fleet.md)",
+    )
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        alias="COMPILE_CACHE_LEASE_TTL_S",
+        description="seconds a build lease may stay unchanged before a waiting replica takes it over, > 0; the "
+        "holder renews it every third of that",
+    )
+    lease_wait_s: float = Field(
+        300.0,
+        ge=0,
+        alias="COMPILE_CACHE_LEASE_WAIT_S",
+        description="seconds a replica's setup waits for another replica's build before it compiles itself, >= 0; "
+        "keep it + a cold compile below COG_SETUP_TIMEOUT (docs/fleet.md)",
+    )
     # The compile-config overrides follow, generated from CompileConfig's fields (see Settings below).
 
     @field_validator("url")

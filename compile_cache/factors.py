@@ -188,6 +188,9 @@ SETTINGS_EXCLUDED: dict[str, str] = {
     "max_restore_bytes": "a cap on a restore, not part of what is restored",
     "max_restore_files": "a cap on a restore, not part of what is restored",
     "progress": "progress bars in the CLI",
+    "build_lease": "who builds a missing entry, not what it holds",
+    "lease_ttl_s": "when a build lease counts as abandoned",
+    "lease_wait_s": "how long a replica waits for another's build",
 }
 
 

@@ -31,16 +31,17 @@ from .config import CompileConfig, Settings
 from .entry import Entry
 from .export import ExportSpec
 from .factors import environment_factors, runner_factors
+from .fleet import Coordination, coordinate
 from .key import CacheKey
 from .lineage import restore_or_seed
 from .metrics import BootMetrics
 from .parts import SINGLE_PART, Part, Parts, check_name
-from .restore import RestoreOptions
+from .restore import RestoreOptions, restore
 from .stores import open_store
 from .stores.base import Store
 from .strategies import Plan, prepare
 from .trust import trust_policy
-from .upload import Uploader
+from .upload import Uploader, UploadResult
 from .versions import ModelVersion, identify
 
 __all__ = ["CompiledRunner", "CompiledPredictor", "Example", "Part"]
@@ -141,7 +142,8 @@ class CompiledRunner(BaseRunner):
             plan.seeded = m.cache == "seeded"
             if plan.seeded and m.seeded_from:
                 plan.seed_stem = m.seeded_from if self._single else f"{m.seeded_from}-{plan.name}"
-        served = {plan.name: self._prepare(plan, roots["inductor"], isa) for plan in plans}
+        with self.fleet.building(settings.flush_budget_s):  # under a build lease: renewed while this runs
+            served = {plan.name: self._prepare(plan, roots["inductor"], isa) for plan in plans}
         if isa is not None:
             isa.end()  # records a decision Inductor probed, before the upload scans the cache dir
             m.isa = isa.metrics()
@@ -162,6 +164,7 @@ class CompiledRunner(BaseRunner):
             # far) is not worth an entry that would make the next boot a "hit" on nothing.
             log.info("no part compiled: nothing uploaded")
             self.uploader = None
+            self.fleet.failed(f"no part compiled: {m.eager_fallback}")
         m.total_s = time.monotonic() - t_start
         if self.uploader is not None:
             m.upload_state = "running"
@@ -210,6 +213,7 @@ class CompiledRunner(BaseRunner):
         names the nearest entries and what differs, and seeds from the newest entry of the same lineage and
         environment unless COMPILE_CACHE_KEY_BY_VERSION asks for a fresh compile (docs/versions.md)."""
         m = self.metrics
+        self.fleet = Coordination()
         store = self._open_store(settings)
         if store is None:
             m.store = "(disabled)"
@@ -217,9 +221,15 @@ class CompiledRunner(BaseRunner):
         m.store = store.url
         trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
         entry = Entry(store, key.name, roots, key.factors, trust, self.version.lineage, self.version.factors)
-        r = restore_or_seed(entry, RestoreOptions.from_settings(settings), seed=not settings.key_by_version)
+        options = RestoreOptions.from_settings(settings)
+        r = restore_or_seed(entry, options, seed=not settings.key_by_version)
+        if r.status in ("miss", "seeded") and settings.build_lease:  # one replica builds: docs/fleet.md
+            self.fleet = coordinate(store, key.name, trust, ttl_s=settings.lease_ttl_s, wait_s=settings.lease_wait_s,
+                                    restore_entry=functools.partial(restore, entry, options))
+            r = self.fleet.outcome(r)
         m.cache, m.cache_reason, m.restore_s, m.seeded_from = r.status, r.reason, r.seconds, r.seeded_from
         m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
+        self.fleet.record(m)
         if r.status in ("error", "rejected"):
             log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
         return Uploader.after_restore(r, entry, self.version.label)
@@ -309,7 +319,7 @@ class CompiledRunner(BaseRunner):
             time.sleep(SETUP_LOG_GRACE_S)
 
     # -- uploads ---------------------------------------------------------------------------------------------------
-    def _upload(self, deadline: float | None = None, lock_timeout: float = -1) -> None:
+    def _upload(self, deadline: float | None = None, lock_timeout: float = -1) -> UploadResult | None:
         assert self.uploader is not None
         r = self.uploader.upload(deadline, lock_timeout)
         if r is None:
@@ -327,6 +337,7 @@ class CompiledRunner(BaseRunner):
                 r.seconds,
             )
         self._write_metrics(r)
+        return r
 
     def _write_metrics(self, r: Any = None, *, flushed: bool = False) -> None:
         """Fold an upload's result into the metrics and rewrite the file. One lock around update and write: the
@@ -363,7 +374,9 @@ class CompiledRunner(BaseRunner):
 
         def loop() -> None:
             try:
-                self._upload()
+                r = self._upload()
+                if r is not None:  # the entry is published: a build lease this boot holds is done
+                    self.fleet.published(r.error, r.complete)
             finally:
                 self._first_upload.set()
             while interval_s > 0 and not self._stop.wait(interval_s):
@@ -401,6 +414,9 @@ class CompiledRunner(BaseRunner):
             self._stop.set()
             self.uploader.deadline = deadline  # the background upload, if still running, stops at it too
             log.info("exit flush (%s): budget %.1fs", why, budget)
+            # A build stopped before it published: followers take over at once. First, and with a share of the
+            # budget at most, so that the upload keeps the rest and a slow store cannot hold the exit.
+            self.fleet.release(min(deadline, time.monotonic() + budget / 4))
             r = self.uploader.upload(deadline, lock_timeout=max(0.0, deadline - time.monotonic()))
             if r is None:
                 log.warning("an upload is still running and the flush budget is spent: leaving it")

@@ -63,6 +63,12 @@ class BootMetrics:
     # "import_s", "isa_s"} (compile_cache/isa.py); empty otherwise
     isa: dict[str, Any] = field(default_factory=dict)
     flushed_at_exit: bool = False
+    # The build lease (docs/fleet.md): "held" (this boot built, or restored what appeared meanwhile) | "followed"
+    # (it waited for another replica's build) | "none" (no lease: a hit, the lease off, or the store unusable)
+    lease: str = "none"
+    lease_holder: str = ""  # host:pid:random of the holder: this process, or the one it followed
+    lease_wait_s: float = 0.0  # setup time spent following; restore_s does not include it
+    lease_polls: int = 0  # reads of the lease while following
     started_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +105,8 @@ class BootMetrics:
             f"  strategy   {self.strategy}",
             f"  cache      {self.cache}" + (f" ({self.cache_reason})" if self.cache_reason else ""),
             *([f"  seeded     from {self.seeded_from}"] if self.seeded_from else []),
+            *([f"  lease      {self.lease} {self.lease_holder}  waited {self.lease_wait_s:.2f}s  {self.lease_polls} "
+               "polls"] if self.lease != "none" else []),
             f"  restore    {self.restore_s:.2f}s  {self.bytes_downloaded / 1e6:.1f} MB  {self.files_restored} files"
             f"  {self.restore_mb_s:.0f} MB/s",
             f"  load       {self.load_s:.2f}s",

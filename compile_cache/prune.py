@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import IntegrityError, ObjectNotFound
+from .lease import stale_leases
 from .manifest import Manifest, object_name
 from .stores.base import ObjectInfo, Store
 
@@ -90,6 +91,7 @@ class PrunePlan:
     kept_entries: int = 0
     kept_objects: int = 0
     gc_blocked: str = ""  # why no object may be deleted ("" when GC can run)
+    leases: list[ObjectInfo] = field(default_factory=list)  # build leases unchanged for longer than the grace period
 
     @property
     def bytes(self) -> int:
@@ -102,6 +104,7 @@ class PruneResult:
     entries_skipped: list[str] = field(default_factory=list)  # changed since they were listed: kept
     objects_deleted: list[str] = field(default_factory=list)
     bytes_deleted: int = 0
+    leases_deleted: list[str] = field(default_factory=list)
 
 
 def plan_prune(
@@ -142,7 +145,7 @@ def plan_prune(
     remaining = [e for e in entries if e.key not in doomed]
 
     objects = {o.name: o for o in store.list(OBJECTS_PREFIX)}
-    plan = PrunePlan(drop, [], [], kept_entries=len(remaining))
+    plan = PrunePlan(drop, [], [], kept_entries=len(remaining), leases=stale_leases(store, grace_s, now=now))
     referenced = _referenced(remaining)
     if referenced is None:
         bad = next(e for e in remaining if e.objects is None)
@@ -170,6 +173,9 @@ def apply_prune(store: Store, plan: PrunePlan) -> PruneResult:
     from .manifest import manifest_name
 
     r = PruneResult()
+    for o in plan.leases:  # a live lease is rewritten every few seconds, so none is this old
+        store.delete(o.name)
+        r.leases_deleted.append(o.name)
     for e in plan.entries:
         try:
             _, token = store.read_versioned(manifest_name(e.key))

@@ -17,7 +17,10 @@ Torch-free and boto3-free. Messages never contain a key.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,19 +59,37 @@ class TrustPolicy:
         return cls(s.signing_key_bytes, s.verify_keys_bytes, s.allow_unsigned, s.require_signed)
 
     def _signer(self, m: Manifest) -> Signer:
-        if m.signature is None:
+        return self._signer_by(m.signature, m.signed_with)
+
+    def _signer_by(self, signature: str | None, signed_with: Callable[[bytes], bool]) -> Signer:
+        if signature is None:
             return "unsigned"
         if self.signing_key is None and not self.verify_keys:
             return "unchecked"
-        if self.signing_key is not None and m.signed_with(self.signing_key):
+        if self.signing_key is not None and signed_with(self.signing_key):
             return "current"
-        if any(m.signed_with(k) for k in self.verify_keys):
+        if any(signed_with(k) for k in self.verify_keys):
             return "previous"
         return "foreign"
 
+    def sign(self, data: bytes) -> str | None:
+        """HMAC-SHA256 (hex) of ``data`` under the signing key, None without one: for a small record kept beside a
+        manifest (the build lease), which is judged by the same rules (:meth:`judge_record`)."""
+        return _mac(self.signing_key, data) if self.signing_key else None
+
+    def judge_record(self, data: bytes, signature: str | None) -> Verdict:
+        """Whether a record with ``signature`` over ``data`` is trusted here, by the rules a manifest is judged by."""
+
+        def signed_with(key: bytes) -> bool:
+            return signature is not None and hmac.compare_digest(_mac(key, data).encode(), signature.encode())
+
+        return self._verdict(self._signer_by(signature, signed_with))
+
     def judge(self, m: Manifest) -> Verdict:
         """Whether ``m`` may be loaded here, and why (never raises)."""
-        signer = self._signer(m)
+        return self._verdict(self._signer(m))
+
+    def _verdict(self, signer: Signer) -> Verdict:
         if signer == "current":
             return Verdict(True, signer, "")
         if signer == "previous":
@@ -108,6 +129,10 @@ class TrustPolicy:
     def needs_resign(self, m: Manifest) -> bool:
         """True if ``m`` verified only with an earlier key: the current one should sign it before that key goes."""
         return self.signing_key is not None and self._signer(m) == "previous"
+
+
+def _mac(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def warn_if_unverified(store: Store, trust: TrustPolicy) -> bool:
