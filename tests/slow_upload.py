@@ -7,8 +7,9 @@ Test-only. The plan comes from ``TINY_SLOW_STORE``, a JSON object (every key opt
 - ``put_delay_s``: sleep before every object write (after the hold).
 - ``segment_bytes``: pack segments of at most this many bytes of files (SEGMENT_MAX_UNPACKED_BYTES; by default the
   tiny entry would be one segment).
-- ``stall_at_publish`` + ``marker``: the N-th manifest write touches ``marker`` and then blocks forever, leaving
-  its segment object written but unpublished until the test SIGKILLs the worker.
+- ``stall_publishing`` + ``marker``: the first manifest write that would publish a file whose name contains this
+  string touches ``marker`` and then blocks forever, leaving that file's segment object written but unpublished
+  until the test SIGKILLs the worker (the test names what must be missing, not where the cut falls).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from compile_cache import segments
 from compile_cache.config import Settings
 from compile_cache.lease import is_lease_name
+from compile_cache.manifest import Manifest
 from compile_cache.stores.base import ObjectInfo, Progress, Store
 from tests.tiny_predictor import Predictor
 
@@ -35,7 +37,6 @@ class ThrottledStore(Store):
 
     def __init__(self, inner: Store, plan: dict[str, Any], exit_started: threading.Event) -> None:
         self.inner, self.url, self.plan, self.exit_started = inner, inner.url, plan, exit_started
-        self.publishes = 0
 
     def _before_write(self) -> None:
         if self.plan.get("hold_until_exit"):
@@ -56,8 +57,8 @@ class ThrottledStore(Store):
         if is_lease_name(name):  # the plan throttles the upload; the build lease's writes go straight through
             return self.inner.put_conditional(name, data, if_match)
         self._before_write()
-        self.publishes += 1
-        if self.publishes == self.plan.get("stall_at_publish"):
+        needle = self.plan.get("stall_publishing")
+        if needle and any(needle in f for f in Manifest.from_bytes(data).files()):
             Path(self.plan["marker"]).write_text(str(os.getpid()))
             threading.Event().wait()  # until the test kills the worker
         return self.inner.put_conditional(name, data, if_match)

@@ -183,20 +183,24 @@ def test_exit_flush_finishes_the_upload(
 
 def test_sigkill_mid_upload_then_next_boot_restores(compiled: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    marker = tmp_path / "publishing-second-segment"
+    marker = tmp_path / "publishing-the-precompiled-functions"
     a = seeded(tmp_path / "a", store, compiled)
-    # 150 kB segments: the kernels fill the first four, the four graph entries one each (kernels go first).
-    plan = {"segment_bytes": 150_000, "stall_at_publish": 5, "marker": str(marker)}
+    # Small segments, packed in name order, the graph entries last (precompile/ sorts among the kernel dirs): the
+    # upload is frozen after writing the object of the first segment that holds a precompiled function, before
+    # publishing it. What is published by then are kernels that sort before it: no precompiled function to load.
+    plan = {"segment_bytes": 64_000, "stall_publishing": "/precompile/", "marker": str(marker)}
     with a.server(plan) as s:
         s.wait_ready(READY_TIMEOUT)
         end = time.monotonic() + 60
         while not marker.exists() and time.monotonic() < end:
             time.sleep(0.1)
         assert marker.exists(), s.log_tail()
-        # The background upload is frozen after writing segment 5's object, before publishing it in the manifest.
         published = read_entry(store)
-        assert len(list(store.glob("objects/*/*.tar.zst"))) == 5
-        assert 0 < len(published) < len(a.files())
+        (manifest,) = store.glob("entries/*/manifest.json")
+        segments = len(Manifest.from_bytes(manifest.read_bytes()).segments)
+        assert len(list(store.glob("objects/*/*.tar.zst"))) == segments + 1  # the frozen segment's object
+        assert published and not any("/precompile/" in n for n in published)
+        assert set(published) < set(a.files())
         for pid in s.worker_pids():
             os.kill(pid, signal.SIGKILL)
     assert read_entry(store) == published  # the unpublished object is an orphan nobody reads
@@ -204,16 +208,24 @@ def test_sigkill_mid_upload_then_next_boot_restores(compiled: Path, tmp_path: Pa
     b = boot_next(store, tmp_path / "b")
     m = b.metrics()
     assert m["cache"] == "hit" and m["files_restored"] == len(published)
-    # B compiled what was missing (new graph-entry files under the same keys) and published all of it.
-    assert m["files_uploaded"] > 0 and set(b.files()) <= set(read_entry(store))
+    # B found no precompiled function: it built one per warm-up shape (and whatever else it lacked) ...
+    pc = precompiled(m)
+    assert pc["loaded"] == 0 and pc["built"] == len(BATCHES)
+    # ... and published all of it beside the part it restored.
+    entry = read_entry(store)
+    assert m["upload_state"] == "done" and m["files_uploaded"] == len(entry) - len(published) > 0
+    assert set(published) < set(entry) == set(b.files()) and any("/precompile/" in n for n in entry)
 
 
 def test_flush_over_budget_leaves_a_consistent_partial_entry(compiled: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     a = seeded(tmp_path / "a", store, compiled)
-    # 8 segments (4 of kernels, then 4 graph entries) at >= 0.5 s each, held until the flush, which has 3 s: at most
-    # 6 publish by the deadline, plus one in flight if the process outlives it. It cannot finish.
-    plan = {"hold_until_exit": True, "put_delay_s": 0.5, "segment_bytes": 150_000}
+    # Writes held until the flush, which has 3 s, and each segment's put takes >= 0.5 s: at most 6 publish by the
+    # deadline, plus one in flight if the process outlives it. A segment holds at most segment_bytes of files (or one
+    # larger file), so the dir needs at least size / segment_bytes of them: twice what the budget allows, or more.
+    plan = {"hold_until_exit": True, "put_delay_s": 0.5, "segment_bytes": 30_000}
+    size = sum(p.stat().st_size for p in a.files().values())
+    assert size / plan["segment_bytes"] * plan["put_delay_s"] >= 2 * 3, "the plan no longer outlasts the budget"
     with a.server(plan, COMPILE_CACHE_FLUSH_BUDGET_S="3") as s:
         s.wait_ready(READY_TIMEOUT)
         assert s.shutdown("post") is not None, s.log_tail()
