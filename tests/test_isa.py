@@ -113,10 +113,13 @@ def _fake_cpu(tmp_path: Path, drop: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(isa.cpu_flags() is None, reason="no /proc/cpuinfo flags: every boot probes")
-def test_warm_boot_replays_the_entry_decision_and_still_hits(tiny_seeded_store: Path, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    shutil.copytree(tiny_seeded_store, store)
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "warm"), "COMPILE_CACHE_URL": str(store)}
+def test_warm_boot_replays_the_entry_decision_and_still_hits(tmp_path: Path) -> None:
+    # The cache-dir restore looks every graph up by its FX-graph key, which hashes Inductor's config: a replayed
+    # decision must leave those keys as a probing boot's, so this test runs jit_restore=dir.
+    env = {"COMPILE_CACHE_URL": str(tmp_path / "store"), "COMPILE_CACHE_JIT_RESTORE": "dir"}
+    cold = boot("tests.tiny_predictor:Predictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold")})
+    assert cold.metrics["isa"]["source"] == "probed" and cold.metrics["isa"]["probes"] > 0
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "warm")
     b = boot("tests.tiny_predictor:Predictor", env, {"batch": 1})
     m = b.metrics
     assert m["cache"] == "hit"
@@ -144,13 +147,12 @@ def test_warm_boot_replays_the_entry_decision_and_still_hits(tiny_seeded_store: 
 
 
 @pytest.mark.skipif(isa.cpu_flags() is None, reason="no /proc/cpuinfo flags: every boot probes")
-def test_precompiled_functions_load_under_the_replayed_decision(tmp_path: Path) -> None:
-    env = {"COMPILE_CACHE_URL": str(tmp_path / "store"), "COMPILE_CACHE_JIT_RESTORE": "precompile"}
-    cold = boot("tests.tiny_predictor:Predictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold")})
-    assert cold.metrics["isa"]["source"] == "probed" and cold.metrics["isa"]["probes"] > 0
-    assert (tmp_path / "cold" / isa.RECORD).is_file()
-    b = boot("tests.tiny_predictor:Predictor", {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "warm")},
-             {"batch": 4})
+def test_precompiled_functions_load_under_the_replayed_decision(tiny_seeded_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"  # the session's seed: a cold boot under the default restore (precompile)
+    shutil.copytree(tiny_seeded_store, store)
+    env = {"COMPILE_CACHE_URL": str(store), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "warm")}
+    b = boot("tests.tiny_predictor:Predictor", env, {"batch": 4})
+    assert (tmp_path / "warm" / isa.RECORD).is_file()  # the seed boot recorded its decision; the entry brought it
     m = b.metrics
     assert m["cache"] == "hit" and m["isa"]["source"] == "recorded" and m["isa"]["probes"] == 0, m["isa"]
     assert m["parts"]["model"]["precompiled"]["loaded"] == 2 and m["parts"]["model"]["precompiled"]["built"] == 0

@@ -82,14 +82,14 @@ def test_two_parts_cold_boot_compiles_each_part_by_its_strategy(two_parts: dict[
     m, parts = b["metrics"], b["metrics"]["parts"]
     assert m["cache"] == "miss" and m["strategy"] == "mixed"
     assert parts["encoder"]["strategy"] == "export" and parts["head"]["strategy"] == "jit"
-    assert (parts["encoder"]["jit_restore"], parts["head"]["jit_restore"]) == ("", "dir")  # jit's mode (conftest)
+    assert (parts["encoder"]["jit_restore"], parts["head"]["jit_restore"]) == ("", "precompile")  # the default
     assert parts["encoder"]["fxgraph_misses"] == 0  # torch.export + AOTInductor: no FX graph cache
     assert precompiled(m, "head")["built"] == len(BATCHES)  # jit: each warm-up shape precompiled
     # every existing key is the sum over the parts
     for k in ("fxgraph_hits", "fxgraph_misses", "request_path_compiles", "request_path_eager_calls"):
         assert m[k] == sum(p[k] for p in parts.values()), k
     assert m["bytes_uploaded"] > 0 and m["eager_fallback"] == ""
-    assert "part encoder: export  " in b["logs"] and "part head: jit, jit_restore dir  " in b["logs"]  # a line each
+    assert "part encoder: export  " in b["logs"] and "part head: jit, jit_restore precompile  " in b["logs"]  # a line each
     for n, r in zip(b["batches"], b["resps"], strict=True):
         assert close(r["output"], parts_eager(n))
 
