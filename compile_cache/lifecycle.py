@@ -192,7 +192,8 @@ class CompiledRunner(BaseRunner):
         if self.uploader is not None:
             self._start_background_upload(settings.upload_interval_s)
         if pending:
-            self._background = self._start_background_build(settings, roots["inductor"], t_start)
+            self._background = self._background_build(settings, roots["inductor"], t_start)
+            self._background.start()
         if self.uploader is not None or pending:
             self._register_exit_flush()
         self._hand_setup_logs_to_the_runtime()
@@ -293,16 +294,14 @@ class CompiledRunner(BaseRunner):
         return CompiledModel(plan.module, plan.module, plan.cfg, name=plan.name, strategy=plan.cfg.strategy,
                              jit_restore=plan.cfg.jit_restore)
 
-    def _start_background_build(self, settings: Settings, cache_dir: Path, t_start: float) -> BackgroundServe:
+    def _background_build(self, settings: Settings, cache_dir: Path, t_start: float) -> BackgroundServe:
         cls = type(self)
         target = f"{inspect.getfile(cls)}:{cls.__name__}"  # the child loads it as the runtime loaded it here
         log_dir = (settings.log_file or cache_dir / "compile_cache" / "log.txt").parent
         pending = {n: (plan, self._swappables[n]) for n, plan in self._pending.items()}
-        bg = BackgroundServe(self, pending, self.fleet, self._restore_entry,
-                             child=lambda: ChildBuild(target, dict(os.environ), log_dir / "background-build.log"),
-                             wait_s=settings.lease_wait_s, cache_dir=cache_dir, t_start=t_start)
-        bg.start()
-        return bg
+        return BackgroundServe(self, pending, self.fleet, self._restore_entry,
+                               child=lambda: ChildBuild(target, dict(os.environ), log_dir / "background-build.log"),
+                               wait_s=settings.lease_wait_s, cache_dir=cache_dir, t_start=t_start)
 
     def _background_done(self, bg: BackgroundServe, why: str) -> None:
         """The background is over: every pending part is swapped in, or stays eager (``why``). Counted as compiled
@@ -314,11 +313,15 @@ class CompiledRunner(BaseRunner):
             m.built_here = bg.built_here and bg.build is not None and bg.build.state == "done"
             m.background_build = bg.build.to_dict() if bg.build is not None else {}
             m.lease, m.lease_holder, m.lease_wait_s, m.lease_polls = c.role, c.holder, c.waited_s, c.polls
+            if c.note and c.note not in m.cache_reason:  # what the lease came to: followed, taken over, ...
+                m.cache_reason = f"{m.cache_reason}; {c.note}" if m.cache_reason else c.note
             for name, (_, sw) in bg.pending.items():
                 part = m.parts[name]
                 part["build_pending"] = False
-                if sw.swapped_at_s is None and why and not part["eager_fallback"]:
-                    part["eager_fallback"] = f"no compiled build: {why}"
+                if sw.swapped_at_s is None:
+                    sw.settle()
+                    if why and not part["eager_fallback"]:
+                        part["eager_fallback"] = f"no compiled build: {why}"
             if why:
                 m.eager_fallback = "; ".join(x for x in (m.eager_fallback, why) if x)
         if why:
@@ -448,6 +451,9 @@ class CompiledRunner(BaseRunner):
                 else:
                     m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
                     m.upload_error = r.error
+            bg = getattr(self, "_background", None)
+            if bg is not None and bg.proc is not None:
+                m.background_build = bg.proc.result.to_dict()
             for name, sw in getattr(self, "_swappables", {}).items():
                 m.parts[name]["swapped_at_s"], m.parts[name]["eager_calls_before_swap"] = sw.swapped_at_s, sw.eager_calls
             m.flushed_at_exit = m.flushed_at_exit or flushed

@@ -74,6 +74,11 @@ class Swappable:
         self.swapped_at_s = round(at_s, 4)
         self.current = model
 
+    def settle(self) -> None:
+        """No build is coming (it failed, or the entry does not cover this part): the eager model serves on as a
+        fallback, and its calls no longer count as served before a swap."""
+        self.before_swap = None  # type: ignore[assignment]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.current, name)
 
@@ -112,7 +117,7 @@ class BackgroundServe:
     built_here: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     _stopping: bool = False
-    _proc: ChildBuild | None = None
+    proc: ChildBuild | None = None  # the child, where this replica builds
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -123,8 +128,8 @@ class BackgroundServe:
     def stop(self, deadline: float) -> None:
         """At exit: no more swaps; the child ends now; a lease this replica holds ends ``released``."""
         self._stopping = True
-        if self._proc is not None:
-            self._proc.kill()
+        if self.proc is not None:
+            self.proc.kill()
         self.fleet.release(deadline)
 
     def _run(self) -> None:
@@ -137,7 +142,8 @@ class BackgroundServe:
             why = f"{type(e).__name__}: {e}"
             log.exception("background build: %s", why)
         finally:
-            self.runner._background_done(self, why)
+            if not self._stopping:  # stopped at exit: the parts never got compiled, compiled_s stays null
+                self.runner._background_done(self, why)
             self.done.set()
 
     def _entry(self) -> tuple[Any, str]:
@@ -151,10 +157,11 @@ class BackgroundServe:
                 return None, f"the build of {c.holder} failed ({c.reason})"
         if self._stopping:
             return None, "stopped"
-        self._proc = proc = self.child()
+        self.proc = proc = self.child()
         self.built_here = True
         with c.building(exit_budget_s=1.0):  # renewals while the child builds (no SIGTERM hook: not the main thread)
             proc.start()
+            self.runner._write_metrics()  # background_build: running, with the child's pid
             self.build = proc.wait()
         if self.build.state != "done":
             why = f"background build {self.build.state}: {self.build.reason} (its log: {self.build.log})"

@@ -1,6 +1,7 @@
 """Boot a runner in this (fresh) process as a container would, run predictions, print one JSON line.
 
     python tests/boot.py MODULE:CLASS [--predict JSON-kwargs ...] [--wait-upload]
+                         [--wait-compiled SECONDS [--predict-after JSON-kwargs ...]]
 
 The JSON line has the metrics, the outputs (an error message for a prediction that raised) and the compiles counted
 on the request path. Used by the integration tests to get a truly fresh Dynamo/Inductor state per simulated
@@ -10,6 +11,8 @@ container. Predictions go through ``run()``, as the runtime calls them (a ``pred
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -23,6 +26,9 @@ def main() -> None:
     ap.add_argument("target")
     ap.add_argument("--predict", action="append", default=[], help="JSON object of predict() kwargs")
     ap.add_argument("--wait-upload", action="store_true", help="wait for the background upload before printing")
+    ap.add_argument("--wait-compiled", type=float, default=None,
+                    help="then wait up to this long until no part waits for a background build (on_miss=serve)")
+    ap.add_argument("--predict-after", action="append", default=[], help="predictions after --wait-compiled")
     ap.add_argument("--count-store-calls", action="store_true",
                     help="count the store's calls by kind (the real store underneath); reported as store_calls")
     args = ap.parse_args()
@@ -39,20 +45,27 @@ def main() -> None:
     ref = mod if mod.endswith(".py") else str(ROOT / (mod.replace(".", "/") + ".py"))
     p = load_predictor_from_ref(f"{ref}:{cls}")
     p.setup()
-    outputs = []
-    for k in args.predict:
-        try:
-            outputs.append(p.run(**json.loads(k)))
-        except Exception as e:  # a failed prediction: the next one still runs, as in the runtime
-            outputs.append({"error": f"{type(e).__name__}: {e}"})
+    outputs = [_predict(p, k) for k in args.predict]
     if args.wait_upload:
         p.wait_for_upload()
+    compiled = None
+    if args.wait_compiled is not None:
+        compiled = p.wait_until_compiled(args.wait_compiled)
+        outputs += [_predict(p, k) for k in args.predict_after]
     from compile_cache.export import build_attempts
 
     out = {"metrics": p.metrics.to_dict(), "outputs": outputs,
            "request_path_compiles": p.metrics.request_path_compiles, "export_attempts": build_attempts(),
-           "store_calls": calls}
+           "store_calls": calls, "compiled": compiled}
     print("BOOT-RESULT " + json.dumps(out), flush=True)
+
+
+def _predict(p: object, kwargs: str) -> object:
+    try:
+        out = p.run(**json.loads(kwargs))  # type: ignore[attr-defined]
+        return asyncio.run(out) if inspect.iscoroutine(out) else out  # an async run(), as the runtime awaits it
+    except Exception as e:  # a failed prediction: the next one still runs, as in the runtime
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _count_store_calls(calls: dict[str, int]) -> None:

@@ -20,7 +20,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -79,12 +79,14 @@ class Boot:
     stderr: str
     export_attempts: int = -1  # exports (build_package calls) the boot started
     store_calls: dict | None = None  # with count_calls: the store's calls by kind
+    compiled: bool | None = None  # with wait_compiled: whether no part waited for a build any more in time
 
 
 def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = True, check: bool = True,
-         count_calls: bool = False) -> Boot:
+         count_calls: bool = False, wait_compiled: float | None = None, after: Sequence[dict] = ()) -> Boot:
     """Boot ``target`` (module:Class, or FILE.py:Class) in a fresh process — a new "container" — and run
-    predictions."""
+    predictions; with ``wait_compiled``, then wait that long for the background build (on_miss=serve) and run the
+    predictions ``after``."""
     args = [PYTHON, str(ROOT / "tests" / "boot.py"), target]
     for p in predicts:
         args += ["--predict", json.dumps(p)]
@@ -92,14 +94,19 @@ def boot(target: str, env: dict[str, str], *predicts: dict, wait_upload: bool = 
         args.append("--wait-upload")
     if count_calls:
         args.append("--count-store-calls")
+    if wait_compiled is not None:
+        args += ["--wait-compiled", str(wait_compiled)]
+        for p in after:
+            args += ["--predict-after", json.dumps(p)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    cp = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    cp = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                        timeout=600 + (wait_compiled or 0))
     line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("BOOT-RESULT ")), None)
     if check and (cp.returncode != 0 or line is None):
         raise AssertionError(f"boot failed (exit {cp.returncode}):\n{cp.stderr[-4000:]}")
     data = json.loads(line[len("BOOT-RESULT ") :]) if line else {"metrics": {}, "outputs": [], "request_path_compiles": -1}
     return Boot(data["metrics"], data["outputs"], data["request_path_compiles"], cp.stderr,
-                data.get("export_attempts", -1), data.get("store_calls"))
+                data.get("export_attempts", -1), data.get("store_calls"), data.get("compiled"))
 
 
 @pytest.fixture(scope="session")

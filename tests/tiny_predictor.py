@@ -176,3 +176,10 @@ class SequentialPredictor(Predictor):
 
     def load(self, weights=None):  # type: ignore[no-untyped-def]
         return torch.nn.Sequential(TinyMLP(), torch.nn.Tanh()).eval()
+
+
+class AsyncRunner(Runner):
+    """``Runner`` with an async ``run()``: the Cog runtime runs several predictions at once (COG_MAX_CONCURRENCY)."""
+
+    async def run(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:  # type: ignore[override]
+        return self.model(inputs(batch)).tolist()
