@@ -18,6 +18,7 @@ import atexit
 import functools
 import inspect
 import os
+import resource
 import signal
 import sys
 import threading
@@ -312,6 +313,9 @@ class CompiledRunner(BaseRunner):
             m.compiled_s = time.monotonic() - bg.t_start
             m.built_here = bg.built_here and bg.build is not None and bg.build.state == "done"
             m.background_build = bg.build.to_dict() if bg.build is not None else {}
+            if m.background_build:  # beside the child's peak: the two copies of the weights docs/fleet.md sizes
+                m.background_build["serving_peak_rss_mb"] = round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             m.lease, m.lease_holder, m.lease_wait_s, m.lease_polls = c.role, c.holder, c.waited_s, c.polls
             if c.note and c.note not in m.cache_reason:  # what the lease came to: followed, taken over, ...
                 m.cache_reason = f"{m.cache_reason}; {c.note}" if m.cache_reason else c.note
@@ -453,7 +457,7 @@ class CompiledRunner(BaseRunner):
                     m.upload_error = r.error
             bg = getattr(self, "_background", None)
             if bg is not None and bg.proc is not None:
-                m.background_build = bg.proc.result.to_dict()
+                m.background_build = {**m.background_build, **bg.proc.result.to_dict()}
             for name, sw in getattr(self, "_swappables", {}).items():
                 m.parts[name]["swapped_at_s"], m.parts[name]["eager_calls_before_swap"] = sw.swapped_at_s, sw.eager_calls
             m.flushed_at_exit = m.flushed_at_exit or flushed
