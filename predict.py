@@ -86,7 +86,9 @@ class Runner(CompiledRunner):
         return ExportSpec((example, example.clone()), {0: {0: batch, 1: seq}, 1: {0: batch, 1: seq}})
 
     def embed(self, sentences: list[str]) -> list[list[float]]:
-        exact = self.metrics.strategy == "export"  # one package serves every shape: no padding to buckets
+        # One package (export) or the eager model (compile off, or a build still pending) serves every shape: no
+        # padding to buckets.
+        exact = self.model.strategy == "export" or not self.model.is_compiled
         out: list[list[float]] = []
         step = MAX_BATCH if exact else BATCH_BUCKETS[-1]
         for i in range(0, len(sentences), step):

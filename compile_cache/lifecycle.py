@@ -173,8 +173,8 @@ class CompiledRunner(BaseRunner):
             self.model = served[SINGLE_PART]
 
         # 5. upload what is new, in the background; flush the rest at exit (under "serve", the build publishes)
-        compiled = {n: served_as(p["strategy"], p["jit_restore"]) for n, p in m.parts.items()
-                    if not p["eager_fallback"] and n not in pending}
+        compiled = {p.name: served_as(m.parts[p.name]["strategy"], m.parts[p.name]["jit_restore"]) for p in now
+                    if p.cfg.enable and not m.parts[p.name]["eager_fallback"]}
         if self.uploader is not None and not compiled:
             # Nothing compiled: whatever the cache dir gained (Inductor's own probing, if a failed compile got that
             # far) is not worth an entry that would make the next boot a "hit" on nothing.
@@ -256,7 +256,8 @@ class CompiledRunner(BaseRunner):
         covered = covered_parts(r.status, r.manifest.parts if r.manifest is not None else None, [p.name for p in plans])
         self._pending = {p.name: p for p in serve if p.name not in covered}
         self._restore_entry = functools.partial(restore, entry, options)
-        missed = r.status in ("miss", "seeded") and settings.build_lease
+        # A boot that compiles nothing (COMPILE_CACHE_COMPILE=0) builds nothing: no lease
+        missed = r.status in ("miss", "seeded") and settings.build_lease and any(p.cfg.enable for p in plans)
         if self._pending and missed:  # one replica builds, in the background: docs/fleet.md
             self.fleet = begin(store, key.name, trust, ttl_s=settings.lease_ttl_s)
         elif missed:  # one replica builds, the others wait for its entry: docs/fleet.md
