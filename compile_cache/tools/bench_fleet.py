@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import write_json_atomic
+from ..predictors import DEFAULT_PREDICTOR
 from .bench import _base_env, _error, _load_avg, _machine, _say, percentiles, repo_relative
-from .cogrun import CogServer
+from .cogrun import CogServer, project_of
 from .seaweed import Seaweed, isolated_env
 
 __all__ = ["FLEETS", "TOLERANCE", "chart", "latency", "main", "outputs_match", "summarize", "targets"]
@@ -203,7 +204,7 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}s"
 
 
-def report(r: Mapping[str, Any], out: Path) -> str:
+def report(r: Mapping[str, Any]) -> str:
     mc = r["machine"]
     lines = [
         f"compile_cache bench-fleet: {r['replicas']} replicas of {r['predictor']}, torch {r['torch_version']}, "
@@ -225,7 +226,6 @@ def report(r: Mapping[str, Any], out: Path) -> str:
     for t in r["targets"].values():
         lines.append(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['rule']}: {t['value']} (limit {t['limit']})")
     lines += [f"WARNING: {w}" for w in r["warnings"]]
-    lines.append(f"wrote {out / 'fleet.json'} and {out / 'fleet.png'}")
     return "\n".join(lines)
 
 
@@ -360,16 +360,14 @@ def _torch_version() -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from ..predictors import DEFAULT_PREDICTOR
+_EXAMPLES = """example:
+  make bench-fleet BENCH_OUT=bench-out REPLICAS=3
+  python -m compile_cache.tools.bench_fleet --out bench-out/fleet --replicas 3 --threads 1"""
 
-    ap = argparse.ArgumentParser(
-        prog="python -m compile_cache.tools.bench_fleet",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  make bench-fleet BENCH_OUT=bench-out REPLICAS=3\n"
-        "  python -m compile_cache.tools.bench_fleet --out bench-out/fleet --replicas 3",
-    )
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m compile_cache.tools.bench_fleet", description=__doc__,
+                                 epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
                     help=f"where fleet.json, fleet.png and each replica's logs go ({DEFAULT_OUT})")
     ap.add_argument("--replicas", type=int, default=3, metavar="N", help="replicas per fleet (3)")
@@ -392,9 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.replicas, args.idle_requests) < 1 or min(args.timeout, args.interval) <= 0 or (args.threads or 1) < 1:
         _error("--replicas, --idle-requests and --threads must be >= 1; --timeout and --interval > 0")
         return 2
-    target = args.predictor.partition(":")[0]
-    if not Path(target).is_file():
-        _error(f"--predictor {args.predictor!r}: no file {target} (relative to {Path.cwd()})")
+    try:
+        project_of(args.predictor)  # the replicas run it as its container would: from its project dir
+    except (ValueError, FileNotFoundError) as e:
+        _error(str(e))
         return 2
     out: Path = args.out
     args.work = out / "work"
@@ -444,12 +443,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     result = summarize(records, meta)
     write_json_atomic(out / "fleet.json", result)
+    _say(report(result))
+    _say(f"wrote {out / 'fleet.json'}")
     try:
         chart(out / "fleet.png", result)
-    except ImportError as e:
-        _error(f"the chart needs matplotlib (requirements-dev.txt): {e}; fleet.json is written")
+    except ImportError as e:  # matplotlib is a dev requirement (make installs it)
+        _error(f"no chart: {e}")
         return 1
-    _say(report(result, out))
+    _say(f"wrote {out / 'fleet.png'}")
     return 1 if result["failed"] else 0
 
 
