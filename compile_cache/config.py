@@ -38,6 +38,8 @@ _MEMORY_FORMATS = ("contiguous", "channels_last")
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 # What a call with a shape nobody declared gets once setup is done (docs/runner.md says why "eager" is the default).
 _ON_NEW_SHAPE = ("eager", "compile", "error")
+# What a part that no restored entry covers does until it is compiled (docs/fleet.md).
+_ON_MISS = ("wait", "serve")
 
 
 def _invalid(name: str, value: object, accepted: str, reason: str = "") -> ConfigError:
@@ -297,11 +299,21 @@ class CompileConfig(BaseModel):
                     "eager | compile | error: what a call with an undeclared shape gets after setup "
                     "(default eager: served uncompiled, logged once per shape, counted)"),
     ] = "eager"
+    # On a miss (no entry covers the part): "wait" compiles in setup (the default: a boot that predicts and stops,
+    # like make predict or the warm CLI, leaves an entry behind); "serve" serves the part eager as soon as load() is
+    # done while a child process builds the entry, then swaps the compiled part in (docs/fleet.md). Not a cache
+    # factor: both build the same entry.
+    on_miss: Annotated[
+        Literal[_ON_MISS],  # type: ignore[valid-type]
+        EnvOverride("COMPILE_CACHE_ON_MISS",
+                    "wait | serve: on a miss, compile in setup (wait) or serve eager at once, build in the "
+                    "background and swap in (serve; docs/fleet.md)"),
+    ] = "wait"
     # The model's weight values decide generated code (e.g. the model branches on a weight's value while tracing,
     # or folds weights into constants itself): the key then hashes every weight byte (docs/versions.md).
     key_weight_values: bool = False
 
-    @field_validator("mode", "memory_format", "sdpa_backend", "on_new_shape", mode="before")
+    @field_validator("mode", "memory_format", "sdpa_backend", "on_new_shape", "on_miss", mode="before")
     @classmethod
     def _one_of(cls, v: Any, info: Any) -> Any:
         """A wrong value names the accepted ones (``None`` only where the field allows it)."""
@@ -310,6 +322,7 @@ class CompileConfig(BaseModel):
             "memory_format": (_MEMORY_FORMATS, False),
             "sdpa_backend": (_SDPA_BACKENDS, True),
             "on_new_shape": (_ON_NEW_SHAPE, False),
+            "on_miss": (_ON_MISS, False),
         }[info.field_name]
         if (v is None and none_ok) or v in accepted:
             return v

@@ -131,6 +131,7 @@ LEGACY: dict[str, str] = {
 EXCLUDED: dict[str, str] = {
     "jit_restore": "both restores read and write the same entry",
     "on_new_shape": "what a call with an undeclared shape gets after setup; it changes no generated code",
+    "on_miss": "whether a miss compiles in setup or in the background; both build the same entry",
     "key_weight_values": "it moves the model part instead: model.weights then hashes every weight byte",
 }
 

@@ -31,7 +31,7 @@ from .lease import Follow, Lease, acquire
 from .stores.base import Store
 from .trust import TrustPolicy
 
-__all__ = ["Coordination", "coordinate"]
+__all__ = ["Coordination", "begin", "coordinate"]
 
 log = logmod.log
 
@@ -63,6 +63,12 @@ class Coordination:
     lease: Lease | None = None
     renew_every_s: float = 20.0
     restored: Any = None
+    # Why a follower stopped following: "done" (restored), "failed" (the holder's build failed), "waited" (the wait
+    # ran out), "lost" (takeovers lost, or a takeover's store error), "undone" (done, but the entry did not
+    # restore), "unavailable" (no lease: a store error); "" while it holds the lease or has not settled.
+    stopped: str = ""
+    reason: str = ""  # stopped "failed": the holder's reason
+    _got: Any = None  # begin()'s Lease or Follow, until settle()
     _renewals: contextlib.ExitStack | None = None  # the background renewals, from the build until the lease ends
     _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the upload's and the exit's ends
 
@@ -72,6 +78,76 @@ class Coordination:
         if self.restored is None:
             return first
         return replace(self.restored, seconds=self.restored.seconds + first.seconds)  # type: ignore[type-var]
+
+    def settle(self, wait_s: float, restore_entry: Callable[[], R],
+               clock: Callable[[], float] = time.monotonic) -> None:
+        """Follow a live lease up to ``wait_s`` (taking it over where its holder looks dead), or, holding it, read
+        the entry again: see the module docstring. Afterwards ``restored`` is set (the entry restored: a hit), or
+        ``lease`` (this boot builds under it), or neither (it builds unleased: ``stopped`` says why)."""
+        got, self._got = self._got, None
+        t0 = clock()
+        takeovers = 0
+        while isinstance(got, Follow):
+            self.role = "followed"
+            self.holder = got.seen.body.holder if got.seen.body is not None else self.holder
+            log.info("cache miss: following the build of %s (waiting up to %g s)", self.holder, wait_s)
+            before = got.polls
+            st = got.watch(max(0.0, t0 + wait_s - clock()))
+            self.polls += got.polls - before
+            self.holder = st.body.holder if st.body is not None else self.holder
+            if st.seen_as == "done":
+                r = restore_entry()
+                if r.status == "hit":
+                    self.restored, self.note, self.stopped = r, f"followed the build of {self.holder}", "done"
+                else:
+                    self.note = (f"the build of {self.holder} is done but its entry did not restore ({r.status}); "
+                                 "building")
+                    self.stopped = "undone"
+                got = None
+            elif st.seen_as == "failed":
+                self.note = f"the build of {self.holder} failed ({st.reason}); building here, once"
+                self.stopped, self.reason = "failed", st.reason
+                got = None
+            elif st.seen_as == "live":
+                self.note = f"waited {wait_s:g} s (COMPILE_CACHE_LEASE_WAIT_S) for the build of {self.holder}; building"
+                self.stopped = "waited"
+                got = None
+            elif takeovers >= _TAKEOVERS:
+                self.note = f"lease of {self.holder} {st.seen_as}, takeovers lost {takeovers} times; building"
+                self.stopped = "lost"
+                got = None
+            else:  # expired or released: take it over
+                takeovers += 1
+                try:
+                    taken = got.take_over()
+                except StoreError as e:
+                    self.note, self.stopped = f"lease takeover failed ({e}); building", "lost"
+                    got = None
+                else:
+                    if taken is not None:
+                        log.info("build lease of %s %s (%s): taken over", taken.key, st.seen_as,
+                                 st.reason or self.holder)
+                        self.note = f"took over the {st.seen_as} build of {self.holder}"
+                        got = taken
+                    else:  # another follower won: follow it
+                        with contextlib.suppress(StoreError):
+                            got.poll()
+                            self.polls += 1
+            if self.note and got is None:
+                log.info("cache: %s", self.note)
+        self.waited_s = clock() - t0
+        if isinstance(got, Lease):
+            self.role, self.holder = "held", got.body.holder
+            r = restore_entry()  # the entry may have been published between the miss and the acquire
+            if r.status == "hit":
+                self.restored, self.stopped = r, "done"
+                self.note = "; ".join(x for x in (self.note, "published meanwhile, restored; lease done") if x)
+                self.lease = got
+                self._finish("done")
+                self.lease = None
+            else:
+                self.note = "; ".join(x for x in (self.note, "building; lease held") if x)
+                self.lease = got
 
     def record(self, m: Any) -> None:
         """Into the boot metrics: ``lease``, ``lease_holder``, ``lease_wait_s``, ``lease_polls``, and the note on
@@ -174,68 +250,27 @@ def coordinate(
 ) -> Coordination:
     """After a miss: take ``key``'s build lease or follow it (see the module docstring). ``restore_entry`` restores
     the key's entry by the ordinary restore path and returns its result (status ``"hit"`` when it restored one)."""
+    c = begin(store, key, trust, ttl_s=ttl_s, clock=clock)
+    c.settle(wait_s, restore_entry, clock=clock)
+    return c
+
+
+def begin(store: Store, key: str, trust: TrustPolicy, *, ttl_s: float,
+          clock: Callable[[], float] = time.monotonic) -> Coordination:
+    """The first step of :func:`coordinate`, one store call: take the lease (role ``held``, not yet settled: the
+    entry is read again in :meth:`Coordination.settle`) or find a live one (``followed``), or ``none`` on a store
+    error. The ``serve`` policy takes it in setup, to say what it does, and settles it in the background."""
     c = Coordination(renew_every_s=ttl_s / 3)
     try:
         got: Lease | Follow | None = acquire(store, key, trust, ttl_s=ttl_s, clock=clock)
     except StoreError as e:
         log.warning("build lease of %s cannot be used (%s): building here, unleased", key, e)
-        c.note = "lease unavailable; building"
+        c.note, c.stopped = "lease unavailable; building", "unavailable"
         return c
-    t0 = clock()
-    takeovers = 0
-    while isinstance(got, Follow):
+    c._got = got
+    if isinstance(got, Follow):
         c.role = "followed"
         c.holder = got.seen.body.holder if got.seen.body is not None else c.holder
-        log.info("cache miss: following the build of %s (waiting up to %g s)", c.holder, wait_s)
-        before = got.polls
-        st = got.watch(max(0.0, t0 + wait_s - clock()))
-        c.polls += got.polls - before
-        c.holder = st.body.holder if st.body is not None else c.holder
-        if st.seen_as == "done":
-            r = restore_entry()
-            if r.status == "hit":
-                c.restored, c.note = r, f"followed the build of {c.holder}"
-            else:
-                c.note = f"the build of {c.holder} is done but its entry did not restore ({r.status}); building"
-            got = None
-        elif st.seen_as == "failed":
-            c.note = f"the build of {c.holder} failed ({st.reason}); building here, once"
-            got = None
-        elif st.seen_as == "live":
-            c.note = f"waited {wait_s:g} s (COMPILE_CACHE_LEASE_WAIT_S) for the build of {c.holder}; building"
-            got = None
-        elif takeovers >= _TAKEOVERS:
-            c.note = f"lease of {c.holder} {st.seen_as}, takeovers lost {takeovers} times; building"
-            got = None
-        else:  # expired or released: take it over
-            takeovers += 1
-            try:
-                taken = got.take_over()
-            except StoreError as e:
-                c.note = f"lease takeover failed ({e}); building"
-                got = None
-            else:
-                if taken is not None:
-                    log.info("build lease of %s %s (%s): taken over", key, st.seen_as, st.reason or c.holder)
-                    c.note = f"took over the {st.seen_as} build of {c.holder}"
-                    got = taken
-                else:  # another follower won: follow it
-                    with contextlib.suppress(StoreError):
-                        got.poll()
-                        c.polls += 1
-        if c.note and got is None:
-            log.info("cache: %s", c.note)
-    c.waited_s = clock() - t0
-    if isinstance(got, Lease):
+    elif isinstance(got, Lease):
         c.role, c.holder = "held", got.body.holder
-        r = restore_entry()  # the entry may have been published between the miss and the acquire
-        if r.status == "hit":
-            c.restored = r
-            c.note = "; ".join(x for x in (c.note, "published meanwhile, restored; lease done") if x)
-            c.lease = got
-            c._finish("done")
-            c.lease = None
-        else:
-            c.note = "; ".join(x for x in (c.note, "building; lease held") if x)
-            c.lease = got
     return c

@@ -33,7 +33,7 @@ from typing import Any
 
 from .metrics import write_json_atomic
 
-__all__ = ["RECORD", "CPUINFO", "IsaStep", "begin", "cpu_flags", "features_of", "needed_by"]
+__all__ = ["RECORD", "CPUINFO", "IsaStep", "begin", "import_inductor", "cpu_flags", "features_of", "needed_by"]
 
 log = logging.getLogger("compile_cache")
 
@@ -116,18 +116,26 @@ def needed_by(cfg: Any) -> bool:
     return bool(cfg.enable and cfg.strategy == "jit" and cfg.backend == "inductor")
 
 
+def import_inductor(*, packages: bool = False) -> None:
+    """What every jit part imports (compiling it, or loading a precompiled function: scripts/precompile_imports.py
+    lists what that imports), and with ``packages`` what loading an export package imports. Called in setup's
+    thread, after load(): importing Dynamo from another thread while the model's packages import (or while a request
+    runs eager) breaks its circular imports."""
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.codecache  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+    if packages:
+        import torch._inductor.package  # noqa: F401
+
+
 def begin(cache_dir: Path) -> IsaStep:
     """Import Dynamo and Inductor, then settle the ISA: replay the record in ``cache_dir`` where this host confirms
     it, else leave the probe to Inductor, recorded. Call :meth:`IsaStep.end` when the compile step is done."""
     step = IsaStep(_cache_dir=cache_dir)
     t = time.monotonic()
     try:
-        # What every jit part imports (compiling it, or loading a precompiled function: scripts/precompile_imports.py
-        # lists what that imports), timed apart from the decision. In this thread, after load(): importing Dynamo
-        # from another thread while the model's packages import breaks its circular imports.
-        import torch._dynamo  # noqa: F401
-        import torch._inductor.codecache  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
+        import_inductor()
         from torch._inductor import cpu_vec_isa
     except Exception as e:  # an import that fails here fails the compile too, which falls back and says why
         step.reason = f"cannot import Inductor ({type(e).__name__}: {e})"

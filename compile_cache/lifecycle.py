@@ -4,6 +4,9 @@
               -> background upload -> exit flush registered
     exit:     atexit (and, where they would kill the worker, SIGTERM/SIGINT) -> one bounded flush -> metrics file
 
+Under ``on_miss="serve"`` a part the restored entry does not cover serves eager instead of being prepared, and
+setup returns; a background build brings it to compiled and swaps it in (compile_cache/serve.py, docs/fleet.md).
+
 A cache problem (store down, corrupt, foreign, tampered) never fails a boot: it is logged and costs a cold compile.
 A part that fails to compile falls back alone (export -> jit -> eager); the others stay compiled.
 A bad setting does fail the boot, at once, with a message naming the variable: it would not fix itself.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -26,17 +30,19 @@ from cog import BasePredictor, BaseRunner
 
 from . import isa as cpu_isa
 from . import log as logmod
-from .compiler import Example, cache_roots, counts
+from .background import ChildBuild
+from .compiler import CompiledModel, Example, cache_roots, counts
 from .config import CompileConfig, Settings
 from .entry import Entry
 from .export import ExportSpec
 from .factors import environment_factors, runner_factors
-from .fleet import Coordination, coordinate
+from .fleet import Coordination, begin, coordinate
 from .key import CacheKey
 from .lineage import restore_or_seed
 from .metrics import BootMetrics
 from .parts import SINGLE_PART, Part, Parts, check_name
 from .restore import RestoreOptions, restore
+from .serve import BackgroundServe, Swappable, covered_parts, served_as
 from .stores import open_store
 from .stores.base import Store
 from .strategies import Plan, prepare
@@ -130,20 +136,25 @@ class CompiledRunner(BaseRunner):
         for plan in plans:
             plan.stem = key.name if self._single else f"{key.name}-{plan.name}"
 
-        # 3. restore
-        self.uploader = self._restore(settings, key, roots)
+        # 3. restore (under "serve", what the entry does not cover is left pending: self._pending)
+        self.uploader = self._restore(settings, key, roots, plans)
+        pending = self._pending
 
         # 4. compile: each part by its own strategy, falling back alone. Jit parts build C++ kernels for the CPU ISA
         # Inductor picks: the entry's recorded decision is replayed where this CPU confirms it (compile_cache/isa.py)
         t = time.monotonic()
-        isa = cpu_isa.begin(roots["inductor"]) if any(cpu_isa.needed_by(p.cfg) for p in plans) else None
+        now = [p for p in plans if p.name not in pending]
+        isa = cpu_isa.begin(roots["inductor"]) if any(cpu_isa.needed_by(p.cfg) for p in now) else None
+        if pending:  # the swap-in imports them later, beside requests: here, in setup's thread (serve.py)
+            cpu_isa.import_inductor(packages=any(p.cfg.strategy == "export" for p in pending.values()))
         before = counts()
         for plan in plans:
             plan.seeded = m.cache == "seeded"
             if plan.seeded and m.seeded_from:
                 plan.seed_stem = m.seeded_from if self._single else f"{m.seeded_from}-{plan.name}"
         with self.fleet.building(settings.flush_budget_s):  # under a build lease: renewed while this runs
-            served = {plan.name: self._prepare(plan, roots["inductor"], isa) for plan in plans}
+            served = {plan.name: self._serve_eager(plan) if plan.name in pending
+                      else self._prepare(plan, roots["inductor"], isa) for plan in plans}
         if isa is not None:
             isa.end()  # records a decision Inductor probed, before the upload scans the cache dir
             m.isa = isa.metrics()
@@ -151,27 +162,38 @@ class CompiledRunner(BaseRunner):
         self._record_counts(before)
         strategies = {p["strategy"] for p in m.parts.values()}
         m.strategy = strategies.pop() if len(strategies) == 1 else "mixed"
-        self.parts = Parts(served)
-        if self._single:
-            self.model = served[SINGLE_PART]
         for name, model in served.items():
             model.on_request = functools.partial(self._on_request, name)
             model.serve()  # from now on a new shape gets the part's on_new_shape
+        self._swappables = {name: Swappable(served[name]) for name in pending}
+        served.update(self._swappables)
+        self.parts = Parts(served)
+        if self._single:
+            self.model = served[SINGLE_PART]
 
-        # 5. upload what is new, in the background; flush the rest at exit
-        if self.uploader is not None and all(p["eager_fallback"] for p in m.parts.values()):
+        # 5. upload what is new, in the background; flush the rest at exit (under "serve", the build publishes)
+        compiled = {n: served_as(p["strategy"], p["jit_restore"]) for n, p in m.parts.items()
+                    if not p["eager_fallback"] and n not in pending}
+        if self.uploader is not None and not compiled:
             # Nothing compiled: whatever the cache dir gained (Inductor's own probing, if a failed compile got that
             # far) is not worth an entry that would make the next boot a "hit" on nothing.
             log.info("no part compiled: nothing uploaded")
             self.uploader = None
             self.fleet.failed(f"no part compiled: {m.eager_fallback}")
-        m.total_s = time.monotonic() - t_start
+        m.total_s = m.ready_s = time.monotonic() - t_start
+        m.built_here = bool(compiled) and m.cache != "hit"
         if self.uploader is not None:
             m.upload_state = "running"
+            self.uploader.parts = compiled  # the manifest lists the parts it covers
+        if not pending:
+            m.compiled_s = m.total_s
         log.info("\n%s", m.timeline())
-        m.write(settings.metrics_file)  # before the upload thread starts: from then on, only _write_metrics writes
+        m.write(settings.metrics_file)  # before the threads start: from then on, only _write_metrics writes
         if self.uploader is not None:
             self._start_background_upload(settings.upload_interval_s)
+        if pending:
+            self._background = self._start_background_build(settings, roots["inductor"], t_start)
+        if self.uploader is not None or pending:
             self._register_exit_flush()
         self._hand_setup_logs_to_the_runtime()
 
@@ -208,31 +230,101 @@ class CompiledRunner(BaseRunner):
             plans.append(plan)
         return plans
 
-    def _restore(self, settings: Settings, key: CacheKey, roots: dict[str, Path]) -> Uploader | None:
+    def _restore(self, settings: Settings, key: CacheKey, roots: dict[str, Path], plans: list[Plan]) -> Uploader | None:
         """One restore for every part; returns the uploader of this entry, or None when there is no store. A miss
         names the nearest entries and what differs, and seeds from the newest entry of the same lineage and
-        environment unless COMPILE_CACHE_KEY_BY_VERSION asks for a fresh compile (docs/versions.md)."""
+        environment unless COMPILE_CACHE_KEY_BY_VERSION asks for a fresh compile (docs/versions.md).
+
+        Parts under ``on_miss="serve"`` that the entry does not cover go into ``self._pending``: the build lease is
+        only taken (fleet.begin) and settled in the background, and no uploader is returned (the build publishes)."""
         m = self.metrics
-        self.fleet = Coordination()
+        self.fleet, self._pending = Coordination(), {}
+        serve = [p for p in plans if p.cfg.enable and p.cfg.on_miss == "serve"]
         store = self._open_store(settings)
         if store is None:
             m.store = "(disabled)"
+            if serve:
+                log.warning("on_miss=serve needs a store to build into: compiling in setup")
             return None
         m.store = store.url
         trust = trust_policy(settings, store)  # which entries may load; warns if nothing verifies a shared store
         entry = Entry(store, key.name, roots, key.factors, trust, self.version.lineage, self.version.factors)
         options = RestoreOptions.from_settings(settings)
         r = restore_or_seed(entry, options, seed=not settings.key_by_version)
-        if r.status in ("miss", "seeded") and settings.build_lease:  # one replica builds: docs/fleet.md
+        covered = covered_parts(r.status, r.manifest.parts if r.manifest is not None else None, [p.name for p in plans])
+        self._pending = {p.name: p for p in serve if p.name not in covered}
+        self._restore_entry = functools.partial(restore, entry, options)
+        missed = r.status in ("miss", "seeded") and settings.build_lease
+        if self._pending and missed:  # one replica builds, in the background: docs/fleet.md
+            self.fleet = begin(store, key.name, trust, ttl_s=settings.lease_ttl_s)
+        elif missed:  # one replica builds, the others wait for its entry: docs/fleet.md
             self.fleet = coordinate(store, key.name, trust, ttl_s=settings.lease_ttl_s, wait_s=settings.lease_wait_s,
-                                    restore_entry=functools.partial(restore, entry, options))
+                                    restore_entry=self._restore_entry)
             r = self.fleet.outcome(r)
         m.cache, m.cache_reason, m.restore_s, m.seeded_from = r.status, r.reason, r.seconds, r.seeded_from
         m.bytes_downloaded, m.files_restored, m.restore_mb_s = r.bytes_downloaded, r.files, r.throughput_mb_s
         self.fleet.record(m)
         if r.status in ("error", "rejected"):
             log.warning("cache %s: %s; booting cold", r.status.upper(), r.reason)
+        if self._pending:
+            doing = (f"following the build of {self.fleet.holder}" if self.fleet.role == "followed"
+                     else "building in the background")
+            names = "" if self._single else f" {', '.join(self._pending)}"
+            note = f"serving{names} eager; {doing}"
+            m.cache_reason = f"{m.cache_reason}; {note}" if m.cache_reason else note
+            return None
         return Uploader.after_restore(r, entry, self.version.label)
+
+    def _serve_eager(self, plan: Plan) -> CompiledModel:
+        """A part whose build is pending: its eager model, until the background swaps the compiled one in."""
+        self.metrics.parts[plan.name] = {
+            "strategy": plan.cfg.strategy,
+            "jit_restore": plan.cfg.jit_restore if plan.cfg.strategy == "jit" else "",
+            "compile_s": 0.0,
+            "fxgraph_hits": 0,
+            "fxgraph_misses": 0,
+            "request_path_compiles": 0,
+            "request_path_eager_calls": 0,
+            "eager_fallback": "",
+            "swapped_at_s": None,
+            "eager_calls_before_swap": 0,
+            "build_pending": True,
+        }
+        return CompiledModel(plan.module, plan.module, plan.cfg, name=plan.name, strategy=plan.cfg.strategy,
+                             jit_restore=plan.cfg.jit_restore)
+
+    def _start_background_build(self, settings: Settings, cache_dir: Path, t_start: float) -> BackgroundServe:
+        cls = type(self)
+        target = f"{inspect.getfile(cls)}:{cls.__name__}"  # the child loads it as the runtime loaded it here
+        log_dir = (settings.log_file or cache_dir / "compile_cache" / "log.txt").parent
+        pending = {n: (plan, self._swappables[n]) for n, plan in self._pending.items()}
+        bg = BackgroundServe(self, pending, self.fleet, self._restore_entry,
+                             child=lambda: ChildBuild(target, dict(os.environ), log_dir / "background-build.log"),
+                             wait_s=settings.lease_wait_s, cache_dir=cache_dir, t_start=t_start)
+        bg.start()
+        return bg
+
+    def _background_done(self, bg: BackgroundServe, why: str) -> None:
+        """The background is over: every pending part is swapped in, or stays eager (``why``). Counted as compiled
+        either way (``compiled_s``): no part waits for a build any more."""
+        c = self.fleet
+        with self._metrics_lock:
+            m = self.metrics
+            m.compiled_s = time.monotonic() - bg.t_start
+            m.built_here = bg.built_here and bg.build is not None and bg.build.state == "done"
+            m.background_build = bg.build.to_dict() if bg.build is not None else {}
+            m.lease, m.lease_holder, m.lease_wait_s, m.lease_polls = c.role, c.holder, c.waited_s, c.polls
+            for name, (_, sw) in bg.pending.items():
+                part = m.parts[name]
+                part["build_pending"] = False
+                if sw.swapped_at_s is None and why and not part["eager_fallback"]:
+                    part["eager_fallback"] = f"no compiled build: {why}"
+            if why:
+                m.eager_fallback = "; ".join(x for x in (m.eager_fallback, why) if x)
+        if why:
+            log.warning("serving EAGER (predictions stay correct, only slower): %s", why)
+        log.info("compile_cache: no part waits for a build any more (%.2f s after setup started)", m.compiled_s)
+        self._write_metrics()
 
     def _prepare(self, plan: Plan, cache_dir: Path, isa: cpu_isa.IsaStep | None = None) -> Any:
         """One part through its strategies; its own metrics (counts are this part's: parts compile one by one)."""
@@ -257,6 +349,8 @@ class CompiledRunner(BaseRunner):
             "request_path_compiles": 0,
             "request_path_eager_calls": 0,
             "eager_fallback": why_eager,
+            "swapped_at_s": None,
+            "eager_calls_before_swap": 0,
             **(split or {}),
         }
         pc = getattr(p.model.fn, "precompiled_counts", None)
@@ -279,12 +373,13 @@ class CompiledRunner(BaseRunner):
             self.metrics.cache, self.metrics.cache_reason = "error", str(e)
             return None
 
-    def _record_counts(self, before: Any) -> None:
+    def _record_counts(self, before: Any, *, add: bool = False) -> None:
+        """The counts since ``before`` into the metrics (``add``: on top of those there, for a later swap-in)."""
         c = counts() - before
         m = self.metrics
-        m.fxgraph_hits, m.fxgraph_misses = c.fxgraph_hits, c.fxgraph_misses
-        m.aotautograd_hits, m.aotautograd_misses = c.aotautograd_hits, c.aotautograd_misses
-        m.compiles, m.graph_breaks = c.compiles, c.graph_breaks
+        for name in ("fxgraph_hits", "fxgraph_misses", "aotautograd_hits", "aotautograd_misses", "compiles",
+                     "graph_breaks"):
+            setattr(m, name, getattr(c, name) + (getattr(m, name) if add else 0))
 
     def _on_request(self, part: str, event: str, shape: str, n: int) -> None:
         """A part compiled (``event="compile"``) or served uncompiled (``"eager"``) a shape nobody declared: count it
@@ -340,21 +435,31 @@ class CompiledRunner(BaseRunner):
         return r
 
     def _write_metrics(self, r: Any = None, *, flushed: bool = False) -> None:
-        """Fold an upload's result into the metrics and rewrite the file. One lock around update and write: the
-        background thread and the exit flush both call this, and the file must end with the latest state."""
-        assert self.uploader is not None
+        """Fold an upload's result (with an uploader) and the swaps into the metrics and rewrite the file. One lock
+        around update and write: the background threads and the exit flush all call this, and the file must end
+        with the latest state."""
         with self._metrics_lock:
-            m, tot = self.metrics, self.uploader.total
-            m.bytes_uploaded, m.files_uploaded, m.upload_s = tot.bytes_uploaded, tot.files, tot.seconds
-            if r is None:
-                m.upload_state = "partial" if m.upload_state == "running" else m.upload_state
-            else:
-                m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
-                m.upload_error = r.error
+            m = self.metrics
+            if self.uploader is not None:
+                tot = self.uploader.total
+                m.bytes_uploaded, m.files_uploaded, m.upload_s = tot.bytes_uploaded, tot.files, tot.seconds
+                if r is None:
+                    m.upload_state = "partial" if m.upload_state == "running" else m.upload_state
+                else:
+                    m.upload_state = "error" if r.error else ("done" if r.complete else "partial")
+                    m.upload_error = r.error
+            for name, sw in getattr(self, "_swappables", {}).items():
+                m.parts[name]["swapped_at_s"], m.parts[name]["eager_calls_before_swap"] = sw.swapped_at_s, sw.eager_calls
             m.flushed_at_exit = m.flushed_at_exit or flushed
             m.write(self.settings.metrics_file)
 
     # -- public controls for tools (CLI warm, bench, tests) --------------------------------------------------------
+    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """Block until no part waits for a background build (``on_miss="serve"``): True, or False after
+        ``timeout`` seconds. True at once where nothing was pending."""
+        bg = getattr(self, "_background", None)
+        return True if bg is None else bg.done.wait(timeout)
+
     def wait_for_upload(self, timeout: float | None = None) -> bool:
         """Block until the first background upload is done (True), or ``timeout`` seconds passed (False)."""
         done = getattr(self, "_first_upload", None)
@@ -410,13 +515,19 @@ class CompiledRunner(BaseRunner):
         try:
             budget = self.settings.flush_budget_s
             deadline = time.monotonic() + budget
-            assert self.uploader is not None
-            self._stop.set()
-            self.uploader.deadline = deadline  # the background upload, if still running, stops at it too
             log.info("exit flush (%s): budget %.1fs", why, budget)
             # A build stopped before it published: followers take over at once. First, and with a share of the
-            # budget at most, so that the upload keeps the rest and a slow store cannot hold the exit.
-            self.fleet.release(min(deadline, time.monotonic() + budget / 4))
+            # budget at most, so that the upload keeps the rest and a slow store cannot hold the exit. A background
+            # build (serve) is killed: nothing half-built is published.
+            share = min(deadline, time.monotonic() + budget / 4)
+            if getattr(self, "_background", None) is not None:
+                self._background.stop(share)
+            self.fleet.release(share)
+            if self.uploader is None:
+                self._write_metrics(flushed=True)
+                return
+            self._stop.set()
+            self.uploader.deadline = deadline  # the background upload, if still running, stops at it too
             r = self.uploader.upload(deadline, lock_timeout=max(0.0, deadline - time.monotonic()))
             if r is None:
                 log.warning("an upload is still running and the flush budget is spent: leaving it")

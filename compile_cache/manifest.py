@@ -84,6 +84,10 @@ class Manifest(BaseModel):
     model_factors: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, float] = Field(default_factory=dict)
     seeded_from: str = ""
+    # The parts the entry covers: part name -> what serves it ("export", "jit/precompile", "jit/dir"), written by the
+    # processes that compiled them (a part that fell back to eager is not listed). Under the "serve" policy a boot
+    # swaps in only these (docs/fleet.md). Empty in entries written before parts were listed: nothing is known.
+    parts: dict[str, str] = Field(default_factory=dict)
     signature: str | None = None
 
     # -- content ---------------------------------------------------------------------------------------------------
@@ -108,6 +112,10 @@ class Manifest(BaseModel):
         if len(versions) > MAX_VERSIONS:
             versions = dict(sorted(versions.items(), key=lambda kv: kv[1])[-MAX_VERSIONS:])
         return self.model_copy(update={"versions": versions, "updated_at": time.time()}, deep=True)
+
+    def with_parts(self, parts: Mapping[str, str]) -> Manifest:
+        """A copy that lists ``parts`` among the parts it covers."""
+        return self.model_copy(update={"parts": {**self.parts, **parts}, "updated_at": time.time()}, deep=True)
 
     def with_segment(self, seg: Segment) -> Manifest:
         """A copy with ``seg`` added (a no-op copy if it adds no file the manifest lacks)."""

@@ -17,9 +17,12 @@ from typing import Any
 __all__ = ["BootMetrics", "JIT_PART_KEYS", "PART_KEYS", "write_json_atomic"]
 
 # The keys of each entry of ``parts``: "strategy" is "jit" or "export"; "jit_restore" the jit strategy's restore
-# mode, "precompile" or "dir" ("" under "export"). A part restored by precompile also has "precompiled".
+# mode, "precompile" or "dir" ("" under "export"). A part restored by precompile also has "precompiled". Under the
+# serve policy (docs/fleet.md), "swapped_at_s" is when a part built in the background was swapped in (seconds from
+# setup's start; None otherwise) and "eager_calls_before_swap" the calls it served eager before; "build_pending" marks
+# a part that serves eager while its build runs.
 PART_KEYS = ("strategy", "jit_restore", "compile_s", "fxgraph_hits", "fxgraph_misses", "request_path_compiles",
-             "request_path_eager_calls", "eager_fallback")
+             "request_path_eager_calls", "eager_fallback", "swapped_at_s", "eager_calls_before_swap")
 # A jit part's ``compile_s`` split (they add up to it): Inductor's import and the CPU ISA decision (carried by the first
 # jit part, whose compile step paid them), loading (compile_model, precompiled functions) and the warm-up calls.
 JIT_PART_KEYS = ("import_s", "isa_s", "load_s", "first_calls_s")
@@ -69,6 +72,15 @@ class BootMetrics:
     lease_holder: str = ""  # host:pid:random of the holder: this process, or the one it followed
     lease_wait_s: float = 0.0  # setup time spent following; restore_s does not include it
     lease_polls: int = 0  # reads of the lease while following
+    # The serve policy (docs/fleet.md). ``ready_s``: setup's seconds, when it returned (as ``total_s``);
+    # ``compiled_s``: seconds from setup's start until no part waits for a build any more (one that fell back to
+    # eager counts as done), None until then; ``built_here``: this replica (its process, or its background child)
+    # compiled the entry; ``background_build``: the child's {"state", "pid", "seconds", "peak_rss_mb",
+    # "exit_code", "reason", "log"}, {} where none ran.
+    ready_s: float = 0.0
+    compiled_s: float | None = None
+    built_here: bool = False
+    background_build: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +103,7 @@ class BootMetrics:
                 f"  fx graph hits {p['fxgraph_hits']}"
                 f"  misses {p['fxgraph_misses']}" + (f"  EAGER ({p['eager_fallback']})" if p["eager_fallback"] else "")
                 + _precompiled(p.get("precompiled"))
+                + ("  serving EAGER until its build is swapped in" if p.get("build_pending") else "")
             )
             if "first_calls_s" in p:
                 per_part.append(f"      import {p['import_s']:.2f}s  ISA {p['isa_s']:.2f}s  load {p['load_s']:.2f}s"

@@ -81,6 +81,9 @@ class Uploader:
     # process never publishes them under its signature, nor references such a seed's segments.
     unverified: set[str] = field(default_factory=set)
     _seed_kept: list[Segment] | None = None
+    # The parts this process compiled, by name (what serves each: Manifest.parts), set once they are: the manifest
+    # says which parts an entry covers (a part that fell back to eager is not covered).
+    parts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for m in (self.manifest, self.seed):
@@ -140,7 +143,9 @@ class Uploader:
         )
 
     def _labelled(self, m: Manifest) -> Manifest:
-        return m if self.model_version in m.labels() else m.with_label(self.model_version)
+        """``m`` with this version's label and the parts this process compiled (``parts``)."""
+        m = m if self.model_version in m.labels() else m.with_label(self.model_version)
+        return m if self.parts.items() <= m.parts.items() else m.with_parts(self.parts)
 
     def _meta_due(self) -> bool:
         """Whether the manifest must be written with no new file: a seeded entry not published yet, or an entry
@@ -148,7 +153,7 @@ class Uploader:
         the store nothing."""
         if self.manifest is None:
             return self.seed is not None
-        return self.model_version not in self.manifest.labels()
+        return self.model_version not in self.manifest.labels() or not self.parts.items() <= self.manifest.parts.items()
 
     def upload(self, deadline: float | None = None, lock_timeout: float = -1) -> UploadResult | None:
         """Upload what is new. Raises nothing for store trouble: the result's ``error`` says it.
