@@ -48,17 +48,21 @@ def parts(*eager_calls: int) -> dict[str, Any]:
 def records() -> dict[str, list[dict[str, Any]]]:
     """Three replicas per fleet: eager setups 4/5/6 s; today every replica builds (compiled at 80/90/100 s);
     new: replica 0 holds the lease and builds, the others follow, all ready in about 6 s and compiled by 75 s."""
-    eager = [rec(i, {"ready_s": 4.0 + i, "total_s": 4.0 + i, "compiled_s": None}, [(10.0 + i, False)] * 4)
+    eager = [rec(i, {"ready_s": 4.0 + i, "total_s": 4.0 + i, "compiled_s": None, "strategy": "export"},
+                 [(10.0 + i, False)] * 4)
              for i in range(3)]
     today = [rec(i, {"ready_s": 80.0 + 10 * i, "compiled_s": 80.0 + 10 * i, "built_here": True, "lease": "none",
                      "parts": parts(0)}, [(8.0, False)], outputs=[near(1.0 + 1e-5)], first_compiled_at_s=85.0 + i)
              for i in range(3)]
     new = [
-        rec(0, {"ready_s": 6.0, "compiled_s": 75.0, "built_here": True, "lease": "held", "parts": parts(3, 2)},
+        rec(0, {"ready_s": 6.0, "compiled_s": 75.0, "built_here": True, "lease": "held", "parts": parts(3, 2),
+                "strategy": "export"},
             [(40.0, True)] * 5 + [(8.0, False)], first_compiled_at_s=78.0),
-        rec(1, {"ready_s": 5.5, "compiled_s": 74.0, "built_here": False, "lease": "followed", "parts": parts(4, 0)},
+        rec(1, {"ready_s": 5.5, "compiled_s": 74.0, "built_here": False, "lease": "followed", "parts": parts(4, 0),
+                "strategy": "export"},
             [(30.0, True)] * 4 + [(8.0, False)], first_compiled_at_s=77.0),
-        rec(2, {"ready_s": 6.5, "compiled_s": 73.0, "built_here": False, "lease": "followed", "parts": parts(1, 1)},
+        rec(2, {"ready_s": 6.5, "compiled_s": 73.0, "built_here": False, "lease": "followed", "parts": parts(1, 1),
+                "strategy": "export"},
             [(20.0, True)] * 2 + [(8.0, False)], first_compiled_at_s=76.0),
     ]
     return {"eager": eager, "today": today, "new": new}
@@ -148,6 +152,17 @@ def test_an_output_off_the_eager_one_is_flagged() -> None:
     r = summarize(recs, META)
     assert all(x["outputs_match_eager"] is None for x in r["fleets"]["new"]["replicas"])
     assert any("no output to compare with" in w for w in r["warnings"])
+
+
+def test_an_eager_fleet_that_builds_or_runs_another_strategy_is_flagged() -> None:
+    recs = records()
+    for r in recs["eager"]:
+        r["metrics"].update(strategy="jit", built_here=True)
+    r = summarize(recs, META)
+    assert r["fleets"]["eager"]["builds"] == 3
+    assert "eager: 3 replicas report built_here with compile off" in r["warnings"]
+    assert any("strategy ['jit'] and the new fleet ['export']" in w for w in r["warnings"])
+    assert r["failed"] == 0  # flagged, not failed: the figures are still what was measured
 
 
 def test_report_and_chart_from_a_fleet_json(tmp_path: Path) -> None:

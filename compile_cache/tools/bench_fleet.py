@@ -112,6 +112,7 @@ def _replica(rec: Mapping[str, Any], reference: Any) -> dict[str, Any]:
         "built_here": bool(m.get("built_here", False)),
         "lease": m.get("lease"),
         "cache": m.get("cache"),
+        "strategy": m.get("strategy"),
         "eager_calls_before_swap": sum(int(p.get("eager_calls_before_swap") or 0) for p in (m.get("parts") or {}).values()),
         "outputs_match_eager": None if reference is None or not outputs else all(outputs_match(o, reference) for o in outputs),
         "predictions": len(calls),
@@ -182,6 +183,15 @@ def summarize(records: Mapping[str, Sequence[Mapping[str, Any]]], meta: Mapping[
     warnings = [f"replica {f}" for f in failed]
     if reference is None:
         warnings.append("the eager fleet served nothing: no output to compare with")
+    if fleets["eager"]["builds"]:
+        warnings.append(f"eager: {fleets['eager']['builds']} replicas report built_here with compile off")
+    strategies = {n: sorted({str(r["strategy"]) for r in fleets[n]["replicas"]}) for n in ("eager", "new")}
+    if strategies["eager"] != strategies["new"]:
+        # A runner may shape its inputs by the strategy it reports (the example pads to buckets under jit): then the
+        # idle and during-build latencies time different work.
+        warnings.append(f"the eager fleet reports strategy {strategies['eager']} and the new fleet {strategies['new']}:"
+                        " a runner that shapes its inputs by strategy runs other shapes, so the latencies differ by more"
+                        " than the build's load")
     for name in FLEETS:
         off = [r["replica"] for r in fleets[name]["replicas"] if r["outputs_match_eager"] is False]
         if off:
@@ -242,7 +252,7 @@ def chart(path: Path, r: Mapping[str, Any]) -> None:
     rows = [(name, x) for name, f in r["fleets"].items() for x in f["replicas"]]
     fig, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(rows)), layout="constrained")
     end = 1.0
-    for y, (_name, x) in enumerate(rows):
+    for y, (name, x) in enumerate(rows):
         ready, swap, stop = x["process_ready_at_s"], x["first_compiled_at_s"], x["end_at_s"]
         if ready is None:
             continue
@@ -251,7 +261,9 @@ def chart(path: Path, r: Mapping[str, Any]) -> None:
         for (label, color), (a, b) in zip(_SEGMENTS, spans, strict=True):
             if a is not None and b is not None and b > a:
                 ax.barh(y, b - a, left=a, color=color, label=label)
-        tag = "built here" if x["built_here"] else (x["lease"] or "")
+        if swap is not None:  # the compiled segment is one prediction long: mark where it starts
+            ax.plot([swap], [y], marker="|", markersize=14, color=_SEGMENTS[2][1])
+        tag = "compile off" if name == "eager" else "built here" if x["built_here"] else (x["lease"] or "")
         ax.text(stop, y, f"  {tag}", va="center", fontsize=8)
         end = max(end, stop)
     handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))  # one entry per kind of segment
