@@ -13,15 +13,17 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= auto
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
+REPLICAS ?= 3
 GPU_CHECK_ARGS ?=
 
-.PHONY: predict test install weights bench bench-versions table1 restore-strategies gpu-wheels gpu-check clean help
+.PHONY: predict test install weights bench bench-fleet bench-versions table1 restore-strategies gpu-wheels gpu-check clean help
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
 	@echo "make predict JSON=1                           the same, the raw output as one JSON line on stdout"
 	@echo "make test [TEST_WORKERS=0]                    the whole test suite (files in parallel; 0: one process)"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
+	@echo "make bench-fleet BENCH_OUT=dir [REPLICAS=3]   a fleet on a new key: eager / every replica builds / one builds"
 	@echo "make bench-versions BENCH_OUT=dir             new versions (weights, code, model) against one store"
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 on the LLM example (cold vs warm, ~30 min)"
 	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
@@ -56,6 +58,10 @@ test: $(STAMP) $(WEIGHTS)
 
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m compile_cache bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# REPLICAS replicas per fleet, each in the Cog runtime, against one SeaweedFS store (compile_cache/tools/bench_fleet.py).
+bench-fleet: $(STAMP) $(WEIGHTS)
+	$(BIN)/python -m compile_cache.tools.bench_fleet --out $(BENCH_OUT)/fleet --replicas $(REPLICAS) $(BENCH_ARGS)
 
 # BENCH_ARGS="--strategy jit" for the jit strategy (default: the predictor's declared one).
 bench-versions: $(STAMP) $(WEIGHTS)
