@@ -2,8 +2,9 @@
 
 The first tests drive :func:`coordinate` on a store with a stand-in restore (no compile). The others boot the tiny
 runner in fresh processes ("containers") beside each other on one store: one builds, the other follows and restores
-its entry; a holder killed mid-build is taken over after the TTL; a failed build stops the followers at once; with
-the lease off every replica builds. Boots run under the default jit restore (``precompile``), as in production.
+its entry; a failed build stops the followers at once; with the lease off every replica builds. A holder killed
+mid-build and taken over after the TTL (Coordination.settle, the same under both policies) is in tests/test_serve.py.
+Boots run under the default jit restore (``precompile``), as in production.
 """
 
 from __future__ import annotations
@@ -210,26 +211,6 @@ def test_lease_off_every_replica_builds(tmp_path: Path) -> None:
     for x in (a, b):
         assert x.metrics["lease"] == "none" and x.metrics["cache"] == "miss" and _built(x.metrics)
     assert _lease_file(tmp_path / "store") is None
-
-
-def test_a_holder_killed_mid_build_is_taken_over_after_the_ttl(tmp_path: Path) -> None:
-    store = {"COMPILE_CACHE_URL": str(tmp_path / "store"), "COMPILE_CACHE_LEASE_TTL_S": "2"}
-    never = str(tmp_path / "never-opened")
-    first_env = _env(tmp_path, "first", store, TINY_GATE=never)
-    first, _ = _start(GATED, first_env)
-    lease = _wait_for("the first boot's lease", lambda: _lease_file(tmp_path / "store"))
-    second_env = _env(tmp_path, "second", store, TINY_GATE=str(tmp_path))  # an open gate
-    second, out = _start(GATED, second_env)
-    _wait_for("the second boot to follow", lambda: _in_log(second_env, "following the build of"))
-    os.kill(int(lease["holder"].split(":")[1]), signal.SIGKILL)
-    first.join(60)
-    second.join(BOOT_S)
-    m = out[0].metrics
-    assert m["lease"] == "held" and m["cache"] == "miss" and _built(m), out[0].stderr[-3000:]
-    assert f"took over the expired build of {lease['holder']}" in m["cache_reason"]
-    done = _lease_file(tmp_path / "store")
-    assert done is not None and done["state"] == "done" and done["holder"] == m["lease_holder"] != lease["holder"]
-    _assert_restored(boot(GATED, _env(tmp_path, "third", store), {"batch": 1}))  # the fleet ends compiled
 
 
 def test_a_failed_build_stops_the_followers_at_once(tmp_path: Path) -> None:
