@@ -20,8 +20,10 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -133,3 +135,20 @@ def precompiled(metrics: dict, part: str = "model") -> dict:
     built by this boot, and why the part fell back to the jit function ("" if it did not)."""
     return metrics["parts"][part]["precompiled"]
 
+
+def wait_for(what: str, cond: Any, timeout: float = 600.0) -> Any:
+    """Poll ``cond()`` every 0.1 s until it returns something true, and return that; fail after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if v := cond():
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def lease_file(store_dir: Path) -> dict[str, Any] | None:
+    """The body of the one build lease in a local store, or None."""
+    from compile_cache.lease import lease_name
+
+    found = list(store_dir.glob(lease_name("*")))
+    return json.loads(found[0].read_text()) if found else None

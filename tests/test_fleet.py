@@ -9,7 +9,6 @@ Boots run under the default jit restore (``precompile``), as in production.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -21,10 +20,10 @@ from typing import Any
 import pytest
 
 from compile_cache.fleet import coordinate
-from compile_cache.lease import acquire, lease_name, read_lease
+from compile_cache.lease import acquire, read_lease
 from compile_cache.stores import LocalStore
 from compile_cache.trust import TrustPolicy
-from tests.conftest import Boot, boot
+from tests.conftest import Boot, boot, lease_file, wait_for
 from tests.tiny_predictor import BATCHES, close, eager
 
 TINY = "tests.tiny_predictor:Runner"
@@ -76,7 +75,7 @@ def test_renewals_go_on_after_the_build_until_the_lease_ends(tmp_path: Path) -> 
     with c.building(exit_budget_s=1):
         pass
     after_build = renewals()
-    _wait_for("a renewal after the build (the upload is still to come)", lambda: renewals() > after_build, 30)
+    wait_for("a renewal after the build (the upload is still to come)", lambda: renewals() > after_build, 30)
     c.published("", complete=True)
     ended = renewals()
     time.sleep(0.3)
@@ -152,18 +151,6 @@ def _start(target: str, env: dict[str, str]) -> tuple[threading.Thread, list[Boo
     return t, out
 
 
-def _wait_for(what: str, cond: Any, timeout: float = BOOT_S) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := cond():
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _lease_file(store_dir: Path) -> dict[str, Any] | None:
-    found = list(store_dir.glob(lease_name("*")))
-    return json.loads(found[0].read_text()) if found else None
 
 
 def _in_log(env: dict[str, str], text: str) -> bool:
@@ -210,7 +197,7 @@ def test_lease_off_every_replica_builds(tmp_path: Path) -> None:
     a, b = _together((TINY, _env(tmp_path, "a", store)), (TINY, _env(tmp_path, "b", store)))
     for x in (a, b):
         assert x.metrics["lease"] == "none" and x.metrics["cache"] == "miss" and _built(x.metrics)
-    assert _lease_file(tmp_path / "store") is None
+    assert lease_file(tmp_path / "store") is None
 
 
 def test_a_failed_build_stops_the_followers_at_once(tmp_path: Path) -> None:
@@ -220,16 +207,16 @@ def test_a_failed_build_stops_the_followers_at_once(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     first_env = _env(tmp_path, "first", store, TINY_GATE=str(gate), TINY_BREAK_FORWARD="1")
     first, first_out = _start(GATED, first_env)
-    _wait_for("the first boot's lease", lambda: _lease_file(tmp_path / "store"))
+    wait_for("the first boot's lease", lambda: lease_file(tmp_path / "store"))
     second_env = _env(tmp_path, "second", store, TINY_GATE=str(gate), TINY_BREAK_FORWARD="1")
     second, second_out = _start(GATED, second_env)
-    _wait_for("the second boot to follow", lambda: _in_log(second_env, "following the build of"))
+    wait_for("the second boot to follow", lambda: _in_log(second_env, "following the build of"))
     gate.touch()
     first.join(BOOT_S)
     second.join(BOOT_S)
     holder, follower = first_out[0].metrics, second_out[0].metrics
     assert holder["lease"] == "held" and holder["eager_fallback"], first_out[0].stderr[-3000:]
-    lease = _lease_file(tmp_path / "store")
+    lease = lease_file(tmp_path / "store")
     assert lease is not None and lease["state"] == "failed" and lease["holder"] == holder["lease_holder"]
     assert "no part compiled" in lease["reason"] and "tiny_broken" in lease["reason"]
     assert follower["lease"] == "followed" and follower["lease_holder"] == holder["lease_holder"]
@@ -245,10 +232,10 @@ def test_a_holder_stopped_mid_build_releases_the_lease_and_exits_in_cogs_window(
     store = {"COMPILE_CACHE_URL": str(tmp_path / "store")}
     env = _env(tmp_path, "first", store, TINY_GATE=str(tmp_path / "never-opened"))
     t, _ = _start(GATED, env)
-    lease = _wait_for("the lease", lambda: _lease_file(tmp_path / "store"))
-    _wait_for("the build to start", lambda: _lease_file(tmp_path / "store")["renewals"] > 0)
+    lease = wait_for("the lease", lambda: lease_file(tmp_path / "store"))
+    wait_for("the build to start", lambda: lease_file(tmp_path / "store")["renewals"] > 0)
     os.kill(int(lease["holder"].split(":")[1]), signal.SIGTERM)
     t.join(10)  # Cog's window between SIGTERM and SIGKILL
     assert not t.is_alive()
-    after = _lease_file(tmp_path / "store")
+    after = lease_file(tmp_path / "store")
     assert after is not None and after["state"] == "released" and after["holder"] == lease["holder"]

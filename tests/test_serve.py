@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from compile_cache.lease import lease_name
 from compile_cache.tools.cogrun import CogServer
-from tests.conftest import ROOT, Boot, boot, precompiled
+from tests.conftest import ROOT, Boot, boot, lease_file, precompiled, wait_for
 from tests.tiny_predictor import BATCHES, close, eager
 
 TINY = "tests.tiny_predictor:Runner"
@@ -48,18 +47,6 @@ def _metrics(env: dict[str, str]) -> dict[str, Any]:
         return {}
 
 
-def _wait_for(what: str, cond: Any, timeout: float = BOOT_S) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := cond():
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _lease(store_dir: Path) -> dict[str, Any] | None:
-    found = list(store_dir.glob(lease_name("*")))
-    return json.loads(found[0].read_text()) if found else None
 
 
 def _alive(pid: int) -> bool:
@@ -72,7 +59,7 @@ def _alive(pid: int) -> bool:
 
 def _child_pid(env: dict[str, str]) -> int:
     """The pid of the container's background build, once it runs."""
-    return int(_wait_for("the background build to start",
+    return int(wait_for("the background build to start",
                          lambda: _metrics(env).get("background_build", {}).get("pid")))
 
 
@@ -156,8 +143,8 @@ def test_a_container_stopped_mid_build_ends_its_child_and_releases_the_lease(tmp
         assert srv.shutdown("sigterm", timeout=30) is not None, srv.log_tail()
         stopped_in = time.monotonic() - t
     assert stopped_in < 10, stopped_in  # inside Cog's shutdown window
-    _wait_for("the child to be gone", lambda: not _alive(child), 10)
-    lease = _lease(store_dir)
+    wait_for("the child to be gone", lambda: not _alive(child), 10)
+    lease = lease_file(store_dir)
     assert lease is not None and lease["state"] == "released", lease
     assert not list(store_dir.glob("entries/*/manifest.json"))  # nothing half-built published
     m = _metrics(env)
@@ -168,7 +155,7 @@ def test_a_container_stopped_mid_build_ends_its_child_and_releases_the_lease(tmp
 def test_a_fleet_under_serve_builds_once_on_s3(tmp_path: Path, s3_env: dict[str, str]) -> None:
     a_env, b_env = _env(tmp_path, "a", s3_env), _env(tmp_path, "b", s3_env)
     a, a_out = _start(TINY, a_env, wait_compiled=BOOT_S, after=[{"batch": 4}])
-    _wait_for("the first container's build", lambda: _metrics(a_env).get("background_build"))
+    wait_for("the first container's build", lambda: _metrics(a_env).get("background_build"))
     b, b_out = _start(TINY, b_env, wait_compiled=BOOT_S, after=[{"batch": 4}])
     a.join(BOOT_S + 60)
     b.join(BOOT_S + 60)
@@ -189,19 +176,19 @@ def test_a_holder_killed_mid_build_is_taken_over_and_its_child_dies_with_it(tmp_
     a_env = _env(tmp_path, "a", store, TINY_GATE=str(tmp_path / "never-opened"))
     a, _ = _start(GATED, a_env, wait_compiled=BOOT_S)
     child = _child_pid(a_env)
-    holder = _wait_for("the lease", lambda: _lease(store_dir))["holder"]
+    holder = wait_for("the lease", lambda: lease_file(store_dir))["holder"]
     b_env = _env(tmp_path, "b", store, TINY_GATE=str(tmp_path))  # an open gate
     b, b_out = _start(GATED, b_env, wait_compiled=BOOT_S, after=[{"batch": 4}])
-    _wait_for("the second container to follow", lambda: _metrics(b_env).get("lease") == "followed")
+    wait_for("the second container to follow", lambda: _metrics(b_env).get("lease") == "followed")
     os.kill(int(holder.split(":")[1]), signal.SIGKILL)
-    _wait_for("the killed holder's child to die with it", lambda: not _alive(child), 15)
+    wait_for("the killed holder's child to die with it", lambda: not _alive(child), 15)
     a.join(60)
     b.join(BOOT_S + 60)
     m = b_out[0].metrics
     assert b_out[0].compiled and close(b_out[0].outputs[1], eager(4)), b_out[0].stderr[-3000:]
     _swapped(m)
     assert m["lease"] == "held" and m["built_here"] and f"took over the expired build of {holder}" in m["cache_reason"]
-    done = _lease(store_dir)
+    done = lease_file(store_dir)
     assert done is not None and done["state"] == "done" and done["holder"] == m["lease_holder"] != holder
 
 
@@ -215,7 +202,7 @@ def test_a_failed_build_leaves_the_fleet_eager_without_retrying(tmp_path: Path) 
     a, a_out = _start(GATED, a_env, wait_compiled=BOOT_S, after=[{"batch": 4}])
     _child_pid(a_env)
     b, b_out = _start(GATED, b_env, wait_compiled=BOOT_S, after=[{"batch": 4}])
-    _wait_for("the second container to follow", lambda: _metrics(b_env).get("lease") == "followed")
+    wait_for("the second container to follow", lambda: _metrics(b_env).get("lease") == "followed")
     gate.touch()
     a.join(BOOT_S + 60)
     b.join(BOOT_S + 60)
@@ -226,7 +213,7 @@ def test_a_failed_build_leaves_the_fleet_eager_without_retrying(tmp_path: Path) 
         part = x.metrics["parts"]["model"]
         assert part["eager_fallback"] and part["eager_calls_before_swap"] == 1  # the call after: a fallback's
     assert h["background_build"]["state"] == "failed" and "no part compiled" in h["background_build"]["reason"], h
-    lease = _lease(store_dir)
+    lease = lease_file(store_dir)
     assert lease is not None and lease["state"] == "failed" and "no part compiled" in lease["reason"]
     assert f["lease"] == "followed" and f["background_build"] == {} and not f["built_here"], f
     assert "failed" in f["eager_fallback"] and 1 <= f["lease_polls"] <= 15, f
