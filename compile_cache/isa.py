@@ -116,15 +116,15 @@ def needed_by(cfg: Any) -> bool:
     return bool(cfg.enable and cfg.strategy == "jit" and cfg.backend == "inductor")
 
 
-def import_inductor(*, packages: bool = False) -> None:
-    """What every jit part imports (compiling it, or loading a precompiled function: scripts/precompile_imports.py
-    lists what that imports), and with ``packages`` what loading an export package imports. Called in setup's
-    thread, after load(): importing Dynamo from another thread while the model's packages import (or while a request
-    runs eager) breaks its circular imports."""
-    import torch._dynamo  # noqa: F401
-    import torch._inductor.codecache  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
-
+def import_inductor(*, jit: bool = True, packages: bool = False) -> None:
+    """With ``jit``, what every jit part imports (compiling it, or loading a precompiled function:
+    scripts/precompile_imports.py lists what that imports); with ``packages``, what loading an export package imports
+    (Dynamo with it, not the compiler). Called in setup's thread, after load(): importing Dynamo from another thread
+    while the model's packages import (or while a request runs eager) breaks its circular imports."""
+    if jit:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.codecache  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
     if packages:
         import torch._inductor.package  # noqa: F401
 

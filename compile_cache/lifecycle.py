@@ -147,7 +147,8 @@ class CompiledRunner(BaseRunner):
         now = [p for p in plans if p.name not in pending]
         isa = cpu_isa.begin(roots["inductor"]) if any(cpu_isa.needed_by(p.cfg) for p in now) else None
         if pending:  # the swap-in imports them later, beside requests: here, in setup's thread (serve.py)
-            cpu_isa.import_inductor(packages=any(p.cfg.strategy == "export" for p in pending.values()))
+            export = [p.cfg.strategy == "export" for p in pending.values()]
+            cpu_isa.import_inductor(jit=not all(export), packages=any(export))
         before = counts()
         for plan in plans:
             plan.seeded = m.cache == "seeded"

@@ -185,13 +185,6 @@ def summarize(records: Mapping[str, Sequence[Mapping[str, Any]]], meta: Mapping[
         warnings.append("the eager fleet served nothing: no output to compare with")
     if fleets["eager"]["builds"]:
         warnings.append(f"eager: {fleets['eager']['builds']} replicas report built_here with compile off")
-    strategies = {n: sorted({str(r["strategy"]) for r in fleets[n]["replicas"]}) for n in ("eager", "new")}
-    if strategies["eager"] != strategies["new"]:
-        # A runner may shape its inputs by the strategy it reports (the example pads to buckets under jit): then the
-        # idle and during-build latencies time different work.
-        warnings.append(f"the eager fleet reports strategy {strategies['eager']} and the new fleet {strategies['new']}:"
-                        " a runner that shapes its inputs by strategy runs other shapes, so the latencies differ by more"
-                        " than the build's load")
     for name in FLEETS:
         off = [r["replica"] for r in fleets[name]["replicas"] if r["outputs_match_eager"] is False]
         if off:
