@@ -298,21 +298,6 @@ def test_store_capped_reads(store: Store, tmp_path: Path) -> None:
 
 
 # -- boots: fresh processes -------------------------------------------------------------------------------------------
-def test_boot_with_a_key_refuses_the_swapped_pickle_and_serves_cold(good: Good, tmp_path: Path, expected: dict) -> None:
-    e = tf.local_entry(good, tmp_path)
-    swap_a_pickle(e, tmp_path)
-    swapped = manifest_now(e)
-    env = tf.boot_env(tmp_path, e.store.url, COMPILE_CACHE_SIGNING_KEY=SIGNING_KEY)
-    b = tf.run_boot(tmp_path, env, e.secrets)
-    tf.assert_bad_entry_not_loaded(b, expected, "rejected")
-    assert "unsigned" in b.metrics["cache_reason"] and b.metrics["compiles"] > 0 and not b.metrics["eager_fallback"]
-    assert WARNING not in b.stderr
-    # Its upload replaced the attacker's manifest by a signed one of the files it compiled itself.
-    m = manifest_now(e)
-    assert m.signed_with(KEY) and not {s.sha256 for s in swapped.segments} & {s.sha256 for s in m.segments}
-    assert verify_entry(e.store, e.key, trust=TrustPolicy(KEY)).ok
-
-
 def test_boot_with_a_key_refuses_another_keys_s3_entry_and_serves_cold(
     good: Good, tmp_path: Path, expected: dict, s3_env: dict[str, str], seaweed: Any
 ) -> None:
@@ -365,13 +350,17 @@ def test_boot_during_a_rotation_re_signs_the_entry(good: Good, tmp_path: Path, e
     assert r.status == "hit", r.reason
 
 
-def test_scripts_predict_with_a_key_refuses_a_stripped_signature(good: Good, tmp_path: Path) -> None:
-    """`make predict` is scripts/predict in the real Cog runtime: here with the tiny predictor, a signing key and
-    a store whose manifest had its signature stripped. It reports `cache: rejected` and prints the right output."""
+def test_scripts_predict_with_a_key_refuses_the_swapped_pickle_and_serves_cold(good: Good, tmp_path: Path) -> None:
+    """`make predict` is scripts/predict in the real Cog runtime: here with the tiny predictor, a signing key and a
+    store where someone without the key swapped a pickle and published an unsigned manifest. It reports
+    `cache: rejected`, loads nothing of the entry, compiles cold and prints the right output; its upload replaces
+    the attacker's manifest by a signed one of the files it compiled itself."""
     e = tf.local_entry(good, tmp_path)
-    e.set_manifest(good.manifest.to_bytes(None))
+    swap_a_pickle(e, tmp_path)
+    swapped = manifest_now(e)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPILE_CACHE_", "TORCHINDUCTOR_"))}
-    env.update(COMPILE_CACHE_URL=str(e.store.root), COMPILE_CACHE_SIGNING_KEY=SIGNING_KEY, PYTHONPATH=str(ROOT))
+    env.update(COMPILE_CACHE_URL=str(e.store.root), COMPILE_CACHE_SIGNING_KEY=SIGNING_KEY, PYTHONPATH=str(ROOT),
+               COMPILE_CACHE_METRICS_FILE=str(tmp_path / "metrics.json"), COMPILE_CACHE_LOG_FILE=str(tmp_path / "log.txt"))
     cp = subprocess.run(
         [sys.executable, "scripts/predict", "--predictor", "tests/tiny_predictor.py:Predictor", "-i", "batch=1",
          "--json"],
@@ -379,6 +368,17 @@ def test_scripts_predict_with_a_key_refuses_a_stripped_signature(good: Good, tmp
     )
     assert cp.returncode == 0, cp.stderr[-4000:]
     assert "cache: rejected" in cp.stderr, cp.stderr[-4000:]
-    assert close(json.loads(cp.stdout.strip().splitlines()[-1]), eager(1))
-    tf.assert_no_secrets([cp.stdout, cp.stderr], e.secrets)
-    assert manifest_now(e).signed_with(KEY)  # the cold boot's own files, signed
+    out = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert close(out, eager(1))
+    texts = [cp.stdout, cp.stderr, *((tmp_path / n).read_text() for n in ("metrics.json", "log.txt"))]
+    tf.assert_no_secrets(texts, e.secrets)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["cache"] == "rejected" and "unsigned" in m["cache_reason"], m["cache_reason"]
+    assert m["fxgraph_hits"] == 0 and m["aotautograd_hits"] == 0 and m["files_restored"] == 0
+    pc = m["parts"]["model"]["precompiled"]
+    assert pc["loaded"] == 0 and pc["adopted"] == 0, pc
+    assert m["compiles"] > 0 and not m["eager_fallback"]
+    assert WARNING not in cp.stderr
+    new = manifest_now(e)
+    assert new.signed_with(KEY) and not {s.sha256 for s in swapped.segments} & {s.sha256 for s in new.segments}
+    assert verify_entry(e.store, e.key, trust=TrustPolicy(KEY)).ok
