@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from ..stores import LocalStore
 from ..trust import TrustPolicy
 from .bench import overhead_removed, percentiles
 from .benchboot import BootFailed, spawn
-from .gpucheck_models import MODELS, ROOT, CheckModel
+from .gpucheck_models import MODELS, ROOT, CheckModel, Size
 
 __all__ = ["main", "RUN_KEYS", "TOP_KEYS", "RUNS", "foreign_gpu_fault", "default_models"]
 
@@ -113,7 +113,16 @@ class Check:
     kind: str  # "gpu" | "cpu"
     deadline: float
     result: dict[str, Any] = field(default_factory=dict)
+    quick: bool = False  # --quick: each size's first batch only
     started: float = field(default_factory=time.monotonic)
+
+    def size(self, model: CheckModel) -> Size:
+        """The model's size for this machine; with ``--quick`` cut to its first batch (half the cold compiles)."""
+        s = model.sizes[self.kind]
+        if not self.quick:
+            return s
+        return replace(s, batches=s.batches[:1], latency_batches=s.latency_batches[:1],
+                       table1_batches=s.table1_batches[:1])
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -365,7 +374,7 @@ def _chart(path: Path, res: dict[str, Any]) -> None:
 
 # -- the driver ------------------------------------------------------------------------------------------------------
 def _check_model(c: Check, model: CheckModel, runs: tuple[Run, ...], all_modes: bool) -> None:
-    size = model.sizes[c.kind]
+    size = c.size(model)
     if c.left() < FIRST_RUN_NEED_S:  # a model after others: no eager boot to be cut off by the budget mid-way
         _say(f"{model.name}: skipped, {c.left():.0f}s left of the budget")
         c.result["runs"] += [_unmeasured(model, run, skipped=f"budget: {c.left():.0f}s left before this model, a "
@@ -451,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"stop starting boots past this (default: {GPU_BUDGET_S:.0f} on a GPU, none with --cpu)")
     ap.add_argument("--all-modes", action="store_true", help="with --cpu: boot the modes that share the default's")
+    ap.add_argument("--quick", action="store_true",
+                    help="each model at its first batch size only: half the cold compiles (the test uses it)")
     ap.add_argument("--keep-work", action="store_true", help="keep the boots' dirs and logs (printed)")
     args = ap.parse_args(argv)
 
@@ -467,10 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s if args.budget_s is not None else (GPU_BUDGET_S if kind == "gpu" else 24 * 3600.0)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    c = Check(args.out, work, kind, time.monotonic() + budget)
+    c = Check(args.out, work, kind, time.monotonic() + budget, quick=args.quick)
     c.result = {
         "device": None, "torch": None, "triton": None, "cuda": None, "runs": [], "table1": [],
         "kind": kind,
+        "quick": args.quick,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["scripts/gpu_check", *(sys.argv[1:] if argv is None else argv)]),
         "budget_s": budget,
@@ -490,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 c.result["models_unavailable"][name] = why
                 _say(f"{name}: skipped ({why})")
                 continue
-            size = model.sizes[kind]
+            size = c.size(model)
             c.result["sizes"][name] = {"weights": size.weights, "batches": list(size.batches),
                                        "latency_batches": list(size.latency_batches),
                                        "table1_batches": list(size.table1_batches), **size.env}

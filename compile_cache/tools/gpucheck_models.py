@@ -29,7 +29,8 @@ class Size:
 
     weights: str  # the example's own name for a weight config (its make_weights.py --config)
     batches: tuple[int, ...]  # batch sizes every part is declared (and compiled) at in the Table 1 run
-    latency_batches: tuple[int, int]  # the two latency is reported at; the only ones the other runs declare
+    # the two latency is reported at (the first alone with --quick); the only ones the other runs declare
+    latency_batches: tuple[int, ...]
     table1_batches: tuple[int, ...] = ()  # Table 1 cells (only for the first jit run; empty: none)
     env: dict[str, str] = field(default_factory=dict)  # the runner's own size settings
 
