@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         p = load_predictor(args.target)
-        p.setup()
+        p.setup(os.environ.get("COG_WEIGHTS") or None)  # what the runtime hands the parent's setup, if anything
     except Exception:
         log.exception("background build: setup raised")
         return EXIT_SETUP_RAISED

@@ -260,6 +260,8 @@ class CompiledRunner(BaseRunner):
         options = RestoreOptions.from_settings(settings)
         r = restore_or_seed(entry, options, seed=not settings.key_by_version)
         covered = covered_parts(r.status, r.manifest.parts if r.manifest is not None else None, [p.name for p in plans])
+        if r.status == "error":  # a store that cannot be read now cannot publish a build either: compile here
+            serve = []
         self._pending = {p.name: p for p in serve if p.name not in covered}
         self._restore_entry = functools.partial(restore, entry, options)
         # A boot that compiles nothing (COMPILE_CACHE_COMPILE=0) builds nothing: no lease
