@@ -240,6 +240,8 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Context) -> int:
     loads = "yes" if verdict.loads else "NO, a restore refuses it"
     _say(f"loads here     {loads}{f': {verdict.reason}' if verdict.reason else ' (signed with COMPILE_CACHE_SIGNING_KEY)'}")
     _say(f"build lease    {lease_summary(lease)}")
+    covered = ", ".join(f"{n} ({how})" for n, how in sorted(m.parts.items()))
+    _say(f"parts covered  {covered or '(not listed: an entry written before manifests listed parts)'}")
     _say(f"created        {_when(m.created_at)}")
     _say(f"updated        {_when(m.updated_at)}")
     _say(

@@ -158,11 +158,13 @@ def test_inspect_shows_factors_segments_and_writers(store: Store, two_versions: 
     segs = [ln for ln in out.splitlines() if ln.strip().startswith("objects/")]
     assert len(segs) == 2 and all("written by " in s and ":" in s for s in segs)
     assert two_versions["only_v1"] in out
+    assert "parts covered  (not listed" in out  # seeded by an uploader that compiled no part
 
     cp = cli(store, "inspect", "v2.", "--json")  # a unique prefix is enough
     assert cp.returncode == 0, cp.stderr
     body = json.loads(cp.stdout)
     assert body["key"] == two_versions["k2"] and body["factors"] == FACTORS and body["signed"] is False
+    assert body["parts"] == {}
     assert body["segments"][0]["written_by"] and body["segments"][0]["written_at"] > 0
 
 

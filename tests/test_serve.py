@@ -119,6 +119,8 @@ def test_a_miss_serves_at_once_and_swaps_in_under_concurrent_predictions(tmp_pat
     build = m["background_build"]
     assert build["state"] == "done" and build["exit_code"] == 0 and build["peak_rss_mb"] > 0, build
     assert not _alive(build["pid"])
+    manifest = json.loads(next((tmp_path / "store").glob("entries/*/manifest.json")).read_text())
+    assert manifest["parts"] == {"model": "jit/precompile"}  # the parts the entry covers
 
     warm = boot(TINY.replace("Runner", "AsyncRunner"), _env(tmp_path, "b", store), {"batch": 4})
     w = warm.metrics
