@@ -385,6 +385,7 @@ def cmd_warm(args: argparse.Namespace, ctx: _Context) -> int:
         raise ConfigError("warm needs a store, but COMPILE_CACHE_DISABLE is on")
     # The predictor reads its settings from the environment, exactly as in a container.
     os.environ[_URL_ENV] = s.url
+    os.environ["COMPILE_CACHE_ON_MISS"] = "wait"  # warm is the build: in this process, whatever the container's policy
     tmp = None
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         tmp = tempfile.mkdtemp(prefix="compile-cache-warm-")
