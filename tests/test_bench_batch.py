@@ -8,13 +8,15 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from compile_cache.tools import bench_batch
+from compile_cache.tools import bench_batch, gpucheck
 from compile_cache.tools.bench_batch import chart, concurrency_for, report, summarize, summarize_run, targets
+from compile_cache.tools.gpucheck import Check, batching_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 META = {"predictor": "predict.py:Runner", "batched_predictor": "predict.py:BatchedRunner", "torch_version": "2.x",
@@ -184,3 +186,44 @@ def test_the_make_target_runs_the_tool(tmp_path: Path) -> None:
     assert f"-m compile_cache.tools.bench_batch --out {tmp_path}/batch --quick" in cp.stdout
     helped = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "make bench-batch BENCH_OUT=dir" in helped
+
+
+# -- the GPU check's --batching step ---------------------------------------------------------------------------------
+def test_the_gpu_check_keeps_the_runs_targets_and_servers_of_batch_json() -> None:
+    r = json.loads(json.dumps(summarize(loads(), servers(), {**META, "weights": "the runner's own"})))
+    got = batching_summary(r)
+    assert got["runs"] == r["runs"] and got["targets"] == r["targets"] and got["weights"] == "the runner's own"
+    assert got["servers"]["on"] == {"served_compiled": True, "cache": "hit", "strategy": "export", "setup_s": 1.5,
+                                    "concurrency": 64, "request_path_compiles": 0, "error": ""}
+    assert batching_summary({}) == {"runs": [], "targets": {}, "servers": {}, "weights": None, "warnings": []}
+
+
+def test_the_gpu_check_skips_batching_without_the_time_for_it(tmp_path: Path) -> None:
+    c = Check(tmp_path, tmp_path / "work", "cpu", time.monotonic() + gpucheck.BATCHING_S / 4)
+    assert gpucheck._batching(c) == 0
+    assert c.result["batching"]["skipped"].startswith("budget: ") and not (tmp_path / "batch").exists()
+
+
+def test_the_gpu_check_offers_the_batching_step(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        gpucheck.main(["--help"])
+    assert e.value.code == 0 and "--batching" in capsys.readouterr().out
+
+
+def test_random_weights_have_the_examples_shapes_and_a_tokenizer_that_knows_its_text(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    bench_batch._random_weights(tmp_path / "w")
+    cfg = AutoConfig.from_pretrained(tmp_path / "w")
+    assert {k: getattr(cfg, k) for k in bench_batch._MINILM} == bench_batch._MINILM
+    ids = AutoTokenizer.from_pretrained(tmp_path / "w")(["A man is eating food."])["input_ids"][0]
+    assert len(ids) > 7 and 1 not in ids  # every character known: no [UNK] (id 1)
+    real = ROOT / "weights" / "all-MiniLM-L6-v2"
+    if not (real / "model.safetensors").is_file():
+        pytest.skip("no weights/all-MiniLM-L6-v2 to compare with (make weights)")
+    assert json.loads((real / "config.json").read_text()).items() >= bench_batch._MINILM.items()
+    with safe_open(tmp_path / "w" / "model.safetensors", "pt") as ours, safe_open(real / "model.safetensors",
+                                                                                   "pt") as theirs:
+        shapes = {k: ours.get_slice(k).get_shape() for k in ours.keys()}
+        assert shapes and all(theirs.get_slice(k).get_shape() == v for k, v in shapes.items())

@@ -35,6 +35,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -43,13 +44,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import ToolError
 from ..metrics import write_json_atomic
 from ..predictors import DEFAULT_PREDICTOR
 from .bench import _base_env, _error, _load_avg, _machine, _say, repo_relative
 from .bench_fleet import _check, _read_json, _torch_version, latency
-from .cogrun import CogServer, project_of
+from .cogrun import PACKAGE_ROOT, CogServer, project_of
 
-__all__ = ["CLIENTS", "chart", "concurrency_for", "main", "report", "summarize", "summarize_run", "targets"]
+__all__ = ["CLIENTS", "chart", "concurrency_for", "main", "make_random_weights", "report", "summarize", "summarize_run", "targets"]
 
 DEFAULT_OUT = "bench-out/batch"
 DEFAULT_BATCHED = "predict.py:BatchedRunner"
@@ -254,6 +256,39 @@ def concurrency_for(ref: str, clients: int) -> int:
     return clients
 
 
+# all-MiniLM-L6-v2's architecture (its config.json): random weights of the same shapes cost what the real ones do.
+_MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+           "vocab_size": 30522, "max_position_embeddings": 512}
+
+
+def make_random_weights(dest: Path) -> None:
+    """The example's weights directory with random weights at all-MiniLM-L6-v2's shapes and a character-level
+    tokenizer (a machine without ``weights/``, the GPU machine: the real files are more than the device tool
+    carries). Imports torch and transformers: run it in a child process (:func:`_random_weights`)."""
+    import string
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    dest.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(dest)
+    torch.manual_seed(0)
+    BertModel(BertConfig(**_MINILM), add_pooling_layer=False).save_pretrained(dest)
+
+
+def _random_weights(dest: Path) -> None:
+    """:func:`make_random_weights` in a child process: this one imports no torch."""
+    code = ("import sys, pathlib; from compile_cache.tools.bench_batch import make_random_weights; "
+            "make_random_weights(pathlib.Path(sys.argv[1]))")
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    cp = subprocess.run([sys.executable, "-c", code, str(dest)], env={**os.environ, "PYTHONPATH": path},
+                        capture_output=True, text=True, timeout=600)
+    if cp.returncode != 0:
+        raise ToolError(f"random weights: exit {cp.returncode}:\n{cp.stderr[-2000:]}")
+
+
 def _load(srv: CogServer, inputs: dict[str, Any], clients: int, batching: bool, *, duration_s: float | None,
           requests: int | None, timeout: float) -> dict[str, Any]:
     """``clients`` threads, each sending predictions back to back: for ``duration_s`` seconds (none is started
@@ -393,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--request-timeout", type=float, default=120.0, metavar="S", help="seconds per prediction (120)")
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="OMP_NUM_THREADS for both servers, as in make bench (default: torch's own choice)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="serve random weights at the example's shapes (MODEL_WEIGHTS_DIR; a machine without "
+                         "weights/), with a character-level tokenizer")
     ap.add_argument("--keep-work", action="store_true", help="keep OUT/work (the store and the Inductor caches)")
     return ap
 
@@ -419,6 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     env, passed = _base_env("default", args.threads)
     env = {k: v for k, v in env.items() if k not in _CONTROLLED}
     env["COMPILE_CACHE_URL"] = str((args.work / "store").resolve())
+    if args.random_weights:
+        try:
+            _random_weights(args.work / "weights")
+        except (ToolError, subprocess.TimeoutExpired) as e:
+            _error(str(e))
+            return 1
+        env["MODEL_WEIGHTS_DIR"] = str((args.work / "weights").resolve())
     plan = {
         "off": (args.predictor, {}),
         "on": (args.batched_predictor, {"COMPILE_CACHE_BATCH": json.dumps({"max_delay_ms": args.max_delay_ms})}),
@@ -426,12 +471,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = _load_avg()
     loads: list[dict[str, Any]] = []
     servers: dict[str, dict[str, Any]] = {}
+    interrupted = False
     try:
         for n, (key, (ref, extra)) in enumerate(plan.items(), 1):
             _say(f"[{n}/{len(plan)}] batching {key}: {repo_relative(ref)}, clients {list(args.clients)} ...")
             servers[key] = _serve(key, ref, {**env, **extra}, args, loads)
             if servers[key].get("error"):
                 _say(f"       ERROR {servers[key]['error']}")
+    except KeyboardInterrupt:  # a caller's time limit (scripts/gpu_check): _serve stopped its server; keep the runs
+        interrupted = True
     finally:
         if not args.keep_work:
             shutil.rmtree(args.work, ignore_errors=True)
@@ -441,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_version": _torch_version(),
         "threads_requested": args.threads,
         "input": args.input,
+        "weights": "random, at the example's shapes (--random-weights)" if args.random_weights else "the runner's own",
         "max_delay_ms": args.max_delay_ms,
         "duration_s": None if args.requests else args.duration,
         "requests_per_client": args.requests,
@@ -452,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "env_passed": passed,
     }
     result = summarize(loads, servers, meta)
+    if interrupted:
+        result["warnings"].append("interrupted: the runs and servers missing here were not measured")
+        result["failed"] += 1
     write_json_atomic(out / "batch.json", result)
     _say(report(result))
     _say(f"wrote {out / 'batch.json'}")
