@@ -7,6 +7,9 @@ Default strategy: ``export`` — one AOTInductor package serves every batch (1-6
 without Dynamo, and lives in the store (code only: the weights come from ``weights/``). With
 ``COMPILE_CACHE_STRATEGY=jit`` requests are padded to a small set of (batch, sequence) buckets instead, and warm-up
 runs every bucket, so no request ever compiles (``torch.compile`` specialises on shapes).
+
+``BatchedRunner`` serves the same model with an async ``run()`` whose concurrent predictions are joined into one model
+call (``COG_MAX_CONCURRENCY`` > 1, e.g. ``COG_PREDICT_TYPE_STUB=predict.py:BatchedRunner``; docs/runner.md, Batching).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 from cog import Input
 
-from compile_cache import CompileConfig, CompiledRunner, Dim, Example, ExportSpec
+from compile_cache import Batch, CompileConfig, CompiledRunner, Dim, Example, ExportSpec
 
 WEIGHTS_DIR = Path(os.environ.get("MODEL_WEIGHTS_DIR", "weights/all-MiniLM-L6-v2"))
 MAX_BATCH = 64  # export: the package's batch dim is 1..MAX_BATCH
@@ -107,3 +110,34 @@ class Runner(CompiledRunner):
         if not sentences:
             raise ValueError("text is empty: give at least one non-blank line")
         return self.embed(sentences)
+
+
+def collate_to_bucket(calls: list[tuple[tuple[torch.Tensor, torch.Tensor], dict]]) -> tuple[tuple, dict, list[int]]:
+    """Joins requests' (token ids, mask): each padded (id 0, mask 0) to the length bucket of the longest. A bucket is
+    a declared length under every strategy: a jit warm-up length, and inside the export package's seq dim; the
+    batcher then pads or splits the rows to declared batch sizes."""
+    seq = bucket(max(ids.shape[1] for (ids, _), _ in calls), SEQ_BUCKETS)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, seq - t.shape[1]))
+
+    joined = tuple(torch.cat([pad(args[i]) for args, _ in calls]) for i in (0, 1))
+    return joined, {}, [args[0].shape[0] for args, _ in calls]
+
+
+class BatchedRunner(Runner):
+    """``Runner`` with an async ``run()``: each prediction's sentences ride in one model call with those of the
+    predictions that arrive within 5 ms, up to 16 rows."""
+
+    compile_config = Runner.compile_config.model_copy(
+        update={"batch": Batch(max_size=16, max_delay_ms=5, collate=collate_to_bucket)})
+
+    async def run(  # type: ignore[override]
+        self, text: str = Input(description="One sentence per line", default=DEFAULT_TEXT)
+    ) -> list[list[float]]:
+        sentences = [s.strip() for s in text.splitlines() if s.strip()]
+        if not sentences:
+            raise ValueError("text is empty: give at least one non-blank line")
+        enc = self.tokenizer(sentences, padding=True, truncation=True, max_length=SEQ_BUCKETS[-1], return_tensors="pt")
+        out = await self.model.batched(enc["input_ids"], enc["attention_mask"])
+        return out.tolist()

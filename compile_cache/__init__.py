@@ -1,6 +1,6 @@
 """compile_cache: compiled PyTorch models in Cog that boot warm.
 
-    from compile_cache import CompiledRunner, CompileConfig, Example, Dim, ExportSpec, Part
+    from compile_cache import CompiledRunner, CompileConfig, Batch, Example, Dim, ExportSpec, Part
 
 The names that need torch (the runner base classes, ``Example``, ``Dim``, ``ExportSpec``) are imported lazily, so
 that store-only tools (the CLI's ``ls``/``prune``) do not import torch.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import CompileConfig, Settings
+from .config import Batch, CompileConfig, Settings
 from .errors import CacheError, ConfigError, EntryRejected, IntegrityError, NewShapeError, StoreError
 from .parts import Part
 
@@ -21,6 +21,7 @@ __all__ = [
     "CompiledRunner",
     "CompiledPredictor",
     "CompileConfig",
+    "Batch",
     "Example",
     "Dim",
     "ExportSpec",

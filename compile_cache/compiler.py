@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import CompileConfig
-from .errors import NewShapeError
+from .errors import ConfigError, NewShapeError
 
 __all__ = [
     "Example",
@@ -215,6 +215,12 @@ class CompiledModel:
                             "counted, and on_new_shape='error' cannot fail them", self.name)
             self.fn = ro
         self.policy = policy
+
+    async def batched(self, *args: Any, **kwargs: Any) -> Any:
+        """Joined with concurrent calls into one model call: set by setup on a part whose config declares ``batch``
+        (compile_cache/batching.py); this one says that it does not."""
+        raise ConfigError(f"part {self.name!r} has no batching: declare Part(..., batch=Batch(...)) or "
+                          "CompileConfig(batch=Batch(...)) to await its batched()")
 
     @property
     def is_compiled(self) -> bool:

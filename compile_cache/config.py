@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import UnionType
@@ -28,7 +28,7 @@ from pydantic import (
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "CompileConfig", "EnvOverride", "DEFAULT_STORE_URL", "env_table", "env_overrides"]
+__all__ = ["Settings", "CompileConfig", "Batch", "EnvOverride", "DEFAULT_STORE_URL", "env_table", "env_overrides"]
 
 DEFAULT_STORE_URL = "file://.cache/compile-store"
 
@@ -242,6 +242,20 @@ class EnvOverride:
 Strategy = Literal["jit", "export"]
 
 
+class Batch(BaseModel):
+    """Request batching for a part (compile_cache/batching.py, docs/runner.md "Batching"): calls to the part's
+    ``batched`` that arrive within ``max_delay_ms`` of the first queued one, up to ``max_size`` rows, are joined
+    along ``dim`` into one model call. ``collate(calls) -> (args, kwargs, sizes)`` replaces the default join (e.g. to
+    pad token ids to a common length); it is code, so it is in no dump and no key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_size: int = Field(32, ge=1)
+    max_delay_ms: float = Field(5.0, ge=0)
+    dim: int = 0
+    collate: Callable[..., Any] | None = Field(None, exclude=True)
+
+
 class CompileConfig(BaseModel):
     """What to compile and how: declared on the predictor class, like TorchServe's ``pt2:`` section.
 
@@ -312,6 +326,14 @@ class CompileConfig(BaseModel):
     # The model's weight values decide generated code (e.g. the model branches on a weight's value while tracing,
     # or folds weights into constants itself): the key then hashes every weight byte (docs/versions.md).
     key_weight_values: bool = False
+    # Join concurrent calls of a part into one model call (compile_cache/batching.py); None: each call runs alone.
+    # Not a cache factor: a batch is padded or split to shapes the part already declares.
+    batch: Annotated[
+        Batch | None,
+        EnvOverride("COMPILE_CACHE_BATCH",
+                    'off | a JSON object of max_size, max_delay_ms, dim, over the declared batching (or its '
+                    'defaults), e.g. {"max_size": 16}', words={"off": None}),
+    ] = None
 
     @field_validator("mode", "memory_format", "sdpa_backend", "on_new_shape", "on_miss", mode="before")
     @classmethod
@@ -345,7 +367,9 @@ class CompileConfig(BaseModel):
             v = getattr(s, o.setting)
             if v is None:
                 continue
-            if isinstance(v, dict):  # a JSON object adds to the declared options
+            if isinstance(v, dict) and (model := _model_of(name)) is not None:  # over the declared one, or defaults
+                v = model.model_validate({**dict(getattr(self, name) or {}), **v})
+            elif isinstance(v, dict):  # a JSON object adds to the declared options
                 v = {**getattr(self, name), **v}
             elif isinstance(v, str):
                 v = o.words.get(v, v)
@@ -390,15 +414,46 @@ def _json_object(v: Any) -> Any:
     return v
 
 
-def _setting(name: str, o: EnvOverride) -> tuple[Any, Any]:
-    """The Settings field (type, Field) of one override: None = keep what the predictor declares."""
-    annotation = CompileConfig.model_fields[name].annotation
+def _unwrap(annotation: Any) -> Any:
     args = [a for a in get_args(annotation) if a is not type(None)]
     if get_origin(annotation) in (Union, UnionType) and len(args) == 1:  # X | None: what X accepts
-        annotation = args[0]
+        return args[0]
+    return annotation
+
+
+def _model_of(name: str) -> type[BaseModel] | None:
+    """The pydantic model a ``CompileConfig`` field holds (``batch``: :class:`Batch`), or None."""
+    annotation = _unwrap(CompileConfig.model_fields[name].annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _model_fields_json(model: type[BaseModel], words: tuple[str, ...]) -> Callable[[Any], Any]:
+    """A word, or a JSON object of the model's dumped fields, each checked as the model checks it."""
+    def check(v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in words:
+            return v.strip().lower()
+        v = _json_object(v)
+        known = {n for n, f in model.model_fields.items() if not f.exclude}
+        if set(v) - known:
+            raise ValueError(f"unknown key(s) {sorted(set(v) - known)}; accepted: {sorted(known)}")
+        try:
+            model.model_validate(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return v
+    return check
+
+
+def _setting(name: str, o: EnvOverride) -> tuple[Any, Any]:
+    """The Settings field (type, Field) of one override: None = keep what the predictor declares."""
+    annotation = _unwrap(CompileConfig.model_fields[name].annotation)
     words = (get_args(annotation) if get_origin(annotation) is Literal else ()) + tuple(o.words)
-    if words:
-        typ: Any = Annotated[Literal[words], BeforeValidator(_lower)]
+    if (model := _model_of(name)) is not None:
+        typ: Any = Annotated[Literal[words] | dict[str, Any],  # type: ignore[valid-type]
+                             BeforeValidator(_model_fields_json(model, words))]
+    elif words:
+        typ = Annotated[Literal[words], BeforeValidator(_lower)]
     elif get_origin(annotation) is dict:
         typ = Annotated[annotation, BeforeValidator(_json_object)]
     else:

@@ -133,6 +133,7 @@ EXCLUDED: dict[str, str] = {
     "on_new_shape": "what a call with an undeclared shape gets after setup; it changes no generated code",
     "on_miss": "whether a miss compiles in setup or in the background; both build the same entry",
     "key_weight_values": "it moves the model part instead: model.weights then hashes every weight byte",
+    "batch": "batching pads or splits calls to shapes the part already declares; it compiles nothing new",
 }
 
 

@@ -32,6 +32,8 @@ from cog import BasePredictor, BaseRunner
 from . import isa as cpu_isa
 from . import log as logmod
 from .background import ChildBuild
+from .batching import attach as attach_batching
+from .batching import prediction_scopes
 from .compiler import CompiledModel, Example, cache_roots, counts
 from .config import CompileConfig, Settings
 from .entry import Entry
@@ -170,6 +172,9 @@ class CompiledRunner(BaseRunner):
         self._swappables = {name: Swappable(served[name]) for name in pending}
         served.update(self._swappables)
         self.parts = Parts(served)
+        self._batchers = attach_batching(plans, served, self._write_metrics)  # each part with cfg.batch: .batched
+        for name, b in self._batchers.items():
+            m.parts[name]["batch"] = b.stats.to_dict()
         if self._single:
             self.model = served[SINGLE_PART]
 
@@ -196,7 +201,7 @@ class CompiledRunner(BaseRunner):
         if pending:
             self._background = self._background_build(settings, roots["inductor"], t_start)
             self._background.start()
-        if self.uploader is not None or pending:
+        if self.uploader is not None or pending or self._batchers:  # batching: its metrics are written at exit
             self._register_exit_flush()
         self._hand_setup_logs_to_the_runtime()
 
@@ -399,11 +404,9 @@ class CompiledRunner(BaseRunner):
             m.parts[part][key] += n
             setattr(m, key, getattr(m, key) + n)
         try:
-            from cog import current_scope
-
-            scope: Any = current_scope()
-            scope.record_metric(key, n, mode="incr")
-            scope.record_metric("request_compile_shape" if event == "compile" else "request_eager_shape", shape)
+            for scope in prediction_scopes():  # a batched call's: every prediction of its batch
+                scope.record_metric(key, n, mode="incr")
+                scope.record_metric("request_compile_shape" if event == "compile" else "request_eager_shape", shape)
         except Exception:  # outside the Cog runtime (tests, CLI) there is no scope worth failing for
             log.debug("could not record the request-path metric", exc_info=True)
 
@@ -460,6 +463,8 @@ class CompiledRunner(BaseRunner):
             bg = getattr(self, "_background", None)
             if bg is not None and bg.proc is not None:
                 m.background_build = {**m.background_build, **bg.proc.result.to_dict()}
+            for name, b in getattr(self, "_batchers", {}).items():
+                m.parts[name]["batch"] = b.stats.to_dict()
             for name, sw in getattr(self, "_swappables", {}).items():
                 m.parts[name]["swapped_at_s"], m.parts[name]["eager_calls_before_swap"] = sw.swapped_at_s, sw.eager_calls
             m.flushed_at_exit = m.flushed_at_exit or flushed

@@ -20,7 +20,8 @@ __all__ = ["BootMetrics", "JIT_PART_KEYS", "PART_KEYS", "write_json_atomic"]
 # mode, "precompile" or "dir" ("" under "export"). A part restored by precompile also has "precompiled". Under the
 # serve policy (docs/fleet.md), "swapped_at_s" is when a part built in the background was swapped in (seconds from
 # setup's start; None otherwise) and "eager_calls_before_swap" the calls it served eager before; "build_pending" marks
-# a part that serves eager while its build runs.
+# a part that serves eager while its build runs. A part with ``batch`` configured also has "batch": {"batches",
+# "sizes" (real rows per joined call -> count), "wait_ms_p50", "wait_ms_p99"} (compile_cache/batching.py).
 PART_KEYS = ("strategy", "jit_restore", "compile_s", "fxgraph_hits", "fxgraph_misses", "request_path_compiles",
              "request_path_eager_calls", "eager_fallback", "swapped_at_s", "eager_calls_before_swap")
 # A jit part's ``compile_s`` split (they add up to it): Inductor's import and the CPU ISA decision (carried by the first

@@ -50,7 +50,8 @@ class Part:
         if not self.config_overrides:
             return base
         try:
-            return CompileConfig.model_validate({**base.model_dump(), **self.config_overrides})
+            # dict(base), not a dump: a dump leaves out what is code (a Batch's collate)
+            return CompileConfig.model_validate({**dict(base), **self.config_overrides})
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(map(str, err["loc"]))

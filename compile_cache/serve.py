@@ -91,10 +91,10 @@ def _on_prediction(eager: bool) -> None:
     """The prediction's Cog metric ``served_before_swap``: whether its last call of a part built in the background
     was served eager, before the swap (a prediction that spans the swap reports its last call)."""
     try:
-        from cog import current_scope
+        from .batching import prediction_scopes
 
-        scope: Any = current_scope()
-        scope.record_metric("served_before_swap", eager)
+        for scope in prediction_scopes():  # a batched call serves several predictions
+            scope.record_metric("served_before_swap", eager)
     except Exception:  # outside the Cog runtime there is no prediction to tell
         pass
 

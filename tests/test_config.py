@@ -34,6 +34,9 @@ def test_empty_values_count_as_unset() -> None:
         ("COMPILE_CACHE_OPTIONS", "{not json", "JSON object"),
         ("COMPILE_CACHE_OPTIONS", "[1, 2]", "JSON object"),
         ("COMPILE_CACHE_STRATEGY", "aot", "jit | export"),
+        ("COMPILE_CACHE_BATCH", "on", "JSON object"),
+        ("COMPILE_CACHE_BATCH", '{"max_size": 0}', "max_size"),
+        ("COMPILE_CACHE_BATCH", '{"collate": "x"}', "max_delay_ms"),
     ],
 )
 def test_invalid_value_names_variable_and_accepted_forms(var: str, value: str, accepted: str) -> None:
@@ -65,6 +68,17 @@ def test_compile_overrides_from_env() -> None:
     assert (c.backend, c.dynamic, c.fullgraph, c.enable) == ("aot_eager", None, True, False)
     assert c.options == {"a": 1, "b": 2}
     assert base.with_overrides(Settings.from_env({})) == base
+
+
+def test_batch_override_applies_over_the_declared_batching_or_its_defaults() -> None:
+    from compile_cache import Batch
+
+    declared = CompileConfig(batch=Batch(max_size=4, collate=len))
+    c = declared.with_overrides(Settings.from_env({"COMPILE_CACHE_BATCH": '{"max_delay_ms": 2}'}))
+    assert c.batch == Batch(max_size=4, max_delay_ms=2.0, collate=len)  # the declared collate stays
+    assert declared.with_overrides(Settings.from_env({"COMPILE_CACHE_BATCH": "Off"})).batch is None
+    assert CompileConfig().with_overrides(Settings.from_env({"COMPILE_CACHE_BATCH": '{"dim": 1}'})).batch == Batch(dim=1)
+    assert "collate" not in declared.model_dump()["batch"]
 
 
 def test_compile_config_rejects_unknown_fields_and_modes() -> None:

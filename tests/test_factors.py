@@ -14,6 +14,7 @@ import types
 import typing
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 
@@ -259,6 +260,8 @@ def _away_from_default(name: str) -> object:
         return {"x": 1}
     if typing.get_origin(annotation) is typing.Literal:
         return next(v for v in typing.get_args(annotation) if v != default)
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation()  # a model's defaults: away from a default of None
     pytest.fail(f"CompileConfig.{name}: no value away from the default for {annotation!r}; add its type here")
 
 

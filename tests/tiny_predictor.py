@@ -12,7 +12,7 @@ import time
 import torch
 from cog import Input
 
-from compile_cache import CompileConfig, CompiledPredictor, CompiledRunner, Dim, Example, ExportSpec
+from compile_cache import Batch, CompileConfig, CompiledPredictor, CompiledRunner, Dim, Example, ExportSpec
 
 FEATURES = 16
 BATCHES = (1, 4)
@@ -183,3 +183,13 @@ class AsyncRunner(Runner):
 
     async def run(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:  # type: ignore[override]
         return self.model(inputs(batch)).tolist()
+
+
+class BatchedRunner(AsyncRunner):
+    """``AsyncRunner`` whose concurrent predictions are joined into one model call (up to 8 rows within 50 ms): the
+    joined rows are padded or split to the declared batches, 1 and 4."""
+
+    compile_config = _Tiny.compile_config.model_copy(update={"batch": Batch(max_size=8, max_delay_ms=50)})
+
+    async def run(self, batch: int = Input(default=1, ge=1, le=64)) -> list[list[float]]:  # type: ignore[override]
+        return (await self.model.batched(inputs(batch))).tolist()
