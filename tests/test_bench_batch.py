@@ -178,14 +178,17 @@ def test_help_and_bad_arguments() -> None:
     assert not (ROOT / "unused").exists()
 
 
+def make(*args: str) -> str:
+    cp = subprocess.run(["make", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    return cp.stdout
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_the_make_target_runs_the_tool(tmp_path: Path) -> None:
-    cp = subprocess.run(["make", "-n", "bench-batch", f"BENCH_OUT={tmp_path}", "BENCH_ARGS=--quick"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, cp.stderr
-    assert f"-m compile_cache.tools.bench_batch --out {tmp_path}/batch --quick" in cp.stdout
-    helped = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    assert "make bench-batch BENCH_OUT=dir" in helped
+    dry = make("-n", "bench-batch", f"BENCH_OUT={tmp_path}", "BENCH_ARGS=--quick")
+    assert f"-m compile_cache.tools.bench_batch --out {tmp_path}/batch --quick" in dry
+    assert "make bench-batch BENCH_OUT=dir" in make("help")
 
 
 # -- the GPU check's --batching step ---------------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 
 Two servers, one after the other, each in the real Cog runtime (:class:`~.cogrun.CogServer`: its own port,
 TORCHINDUCTOR_CACHE_DIR, metrics file and log) with ``COG_MAX_CONCURRENCY`` at the largest client count, against
-one local store under the out dir (the first boot that misses compiles in setup and fills it):
+one local store under the out dir and under one lineage (``COMPILE_CACHE_MODEL_NAME``), so both have one key: the
+first server compiles in setup and fills the store, the second restores from it.
 
     off  ``--predictor`` (``predict.py:Runner``): every prediction calls the model alone
     on   ``--batched-predictor`` (``predict.py:BatchedRunner``): concurrent predictions joined into one model call
          (``COMPILE_CACHE_BATCH`` sets ``max_delay_ms``, so the latency target knows it)
 
 A runner whose ``run()`` is synchronous gets ``COG_MAX_CONCURRENCY=1`` (the runtime refuses more for it): its
-clients then queue on the runtime's one slot, retrying while it answers 409.
+clients then queue on the runtime's one slot, retrying every 0.1 s while it answers 409 (:meth:`CogServer.predict`):
+served in no particular order, so that server's p99 grows with the clients while its throughput stays the slot's.
 
 Each server must serve compiled from READY on (its metrics file: no eager fallback, no build pending); it is warmed
 up with one burst of concurrent predictions at each client count (not counted), then loaded at each client count in
@@ -32,7 +34,6 @@ import argparse
 import ast
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -40,15 +41,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import ToolError
-from ..metrics import write_json_atomic
 from ..predictors import DEFAULT_PREDICTOR
-from .bench import _base_env, _error, _load_avg, _machine, _say, repo_relative
-from .bench_fleet import _check, _read_json, _torch_version, latency
+from .bench import _base_env, _error, _load_avg, _say, repo_relative
+from .bench_fleet import _check, _read_json, _torch_version, latency, publish, run_meta
 from .cogrun import PACKAGE_ROOT, CogServer, project_of
 
 __all__ = ["CLIENTS", "chart", "concurrency_for", "main", "make_random_weights", "report", "summarize", "summarize_run", "targets"]
@@ -61,7 +60,10 @@ THROUGHPUT_FACTOR = 1.3  # batched over unbatched throughput, at TARGET_CLIENTS
 TARGET_CLIENTS = 16
 P99_SLACK = 1.1  # batched p99 at 1 client <= P99_SLACK * (unbatched p99 + max_delay_ms)
 # Variables the servers set; inherited values would blur the comparison (the rest pass through, as in bench.py).
-_CONTROLLED = ("COMPILE_CACHE_BATCH", "COMPILE_CACHE_ON_MISS", "COG_MAX_CONCURRENCY")
+_CONTROLLED = ("COMPILE_CACHE_BATCH", "COMPILE_CACHE_ON_MISS", "COMPILE_CACHE_MODEL_NAME", "COG_MAX_CONCURRENCY")
+# Both servers' lineage: the key's model part is otherwise the runner class's name, and the two runners compile the
+# same model (batching is not a key factor), so the second server restores what the first one built.
+LINEAGE = "bench-batch"
 QUICK_DURATION_S = 3.0  # --quick: seconds per run
 
 
@@ -457,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env, passed = _base_env("default", args.threads)
     env = {k: v for k, v in env.items() if k not in _CONTROLLED}
     env["COMPILE_CACHE_URL"] = str((args.work / "store").resolve())
+    env["COMPILE_CACHE_MODEL_NAME"] = LINEAGE
     if args.random_weights:
         try:
             _random_weights(args.work / "weights")
@@ -494,26 +497,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": None if args.requests else args.duration,
         "requests_per_client": args.requests,
         "latency_method": "the client's round trip of each prediction (HTTP POST to its answer)",
-        "machine": {**_machine(), "load_avg_before": load_before, "load_avg_after": _load_avg()},
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m compile_cache.tools.bench_batch " + shlex.join(repo_relative(a) for a in argv),
-        "cwd": repo_relative(os.getcwd()),
-        "env_passed": passed,
+        **run_meta("bench_batch", argv, passed, load_before),
     }
     result = summarize(loads, servers, meta)
     if interrupted:
         result["warnings"].append("interrupted: the runs and servers missing here were not measured")
         result["failed"] += 1
-    write_json_atomic(out / "batch.json", result)
-    _say(report(result))
-    _say(f"wrote {out / 'batch.json'}")
-    try:
-        chart(out / "batch.png", result)
-    except ImportError as e:  # matplotlib is a dev requirement (make installs it)
-        _error(f"no chart: {e}")
-        return 1
-    _say(f"wrote {out / 'batch.png'}")
-    return 1 if result["failed"] else 0
+    return publish(out, "batch", result, report, chart)
 
 
 if __name__ == "__main__":
