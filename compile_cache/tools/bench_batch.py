@@ -203,7 +203,8 @@ def report(r: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_LINES = ((False, "batching off", "#7f7f7f"), (True, "batching on", "#1f77b4"))
+# (batching, label, colour, where a point's client count is written: the two lines' labels apart)
+_LINES = ((False, "batching off", "#7f7f7f", (5, 4)), (True, "batching on", "#1f77b4", (5, -11)))
 
 
 def chart(path: Path, r: Mapping[str, Any]) -> None:
@@ -214,14 +215,14 @@ def chart(path: Path, r: Mapping[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
-    for batching, label, color in _LINES:
+    for batching, label, color, offset in _LINES:
         pts = [x for x in r["runs"] if x["batching"] == batching and None not in (x["p50_ms"], x["throughput_per_s"])]
         if not pts:
             continue
         ax.plot([x["p50_ms"] for x in pts], [x["throughput_per_s"] for x in pts], marker="o", color=color, label=label)
         for x in pts:
             ax.annotate(f"{x['clients']}", (x["p50_ms"], x["throughput_per_s"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8, color=color)
+                        xytext=offset, fontsize=8, color=color)
     ax.set_xlabel("p50 latency, ms (client round trip)")
     ax.set_ylabel("throughput, predictions / s")
     ax.set_xscale("log")
