@@ -17,7 +17,8 @@ Each server must serve compiled from READY on (its metrics file: no eager fallba
 up with one burst of concurrent predictions at each client count (not counted), then loaded at each client count in
 turn: that many threads, each sending the same prediction (``--input``) back to back over HTTP for ``--duration``
 seconds (or ``--requests`` each). Latency is the client's round trip (what a caller waits: queue, batch wait and the
-model call).
+model call). ``--random-weights`` serves random weights at the example's shapes where ``weights/`` has none
+(``scripts/gpu_check --batching`` on the GPU machine).
 
 batch.json: ``runs``, one per (clients, batching), each with ``clients``, ``batching``, ``throughput_per_s``
 (predictions answered / seconds from the first sent to the last answered), ``p50_ms``, ``p99_ms``, ``mean_batch``
@@ -50,7 +51,8 @@ from .bench import _base_env, _error, _load_avg, _say, repo_relative
 from .bench_fleet import _check, _read_json, _torch_version, latency, publish, run_meta
 from .cogrun import PACKAGE_ROOT, CogServer, project_of
 
-__all__ = ["CLIENTS", "chart", "concurrency_for", "main", "make_random_weights", "report", "summarize", "summarize_run", "targets"]
+__all__ = ["CLIENTS", "chart", "concurrency_for", "main", "make_random_weights", "report", "summarize", "summarize_run",
+           "targets"]
 
 DEFAULT_OUT = "bench-out/batch"
 DEFAULT_BATCHED = "predict.py:BatchedRunner"
