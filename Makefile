@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 REPLICAS ?= 3
 GPU_CHECK_ARGS ?=
 
-.PHONY: predict test install weights bench bench-fleet bench-versions table1 restore-strategies gpu-wheels gpu-check clean help
+.PHONY: predict test install weights bench bench-fleet bench-batch bench-versions table1 restore-strategies gpu-wheels gpu-check clean help
 
 help:
 	@echo "make predict [TEXT='one sentence per line']   boot, predict once, shut down (second run: warm)"
@@ -24,6 +24,7 @@ help:
 	@echo "make test [TEST_WORKERS=0]                    the whole test suite (files in parallel; 0: one process)"
 	@echo "make bench BENCH_OUT=dir                      eager / cold / warm boots and latency, side by side"
 	@echo "make bench-fleet BENCH_OUT=dir [REPLICAS=3]   a fleet on a new key: eager / every replica builds / one builds"
+	@echo "make bench-batch BENCH_OUT=dir                the example, batching off / on, 1 to 64 clients (--quick)"
 	@echo "make bench-versions BENCH_OUT=dir             new versions (weights, code, model) against one store"
 	@echo "make table1 BENCH_OUT=dir                     replay of Table 1 on the LLM example (cold vs warm, ~30 min)"
 	@echo "make restore-strategies BENCH_OUT=dir         jit restore strategies: dir, Mega-Cache, AOT precompile"
@@ -62,6 +63,11 @@ bench: $(STAMP) $(WEIGHTS)
 # REPLICAS replicas per fleet, each in the Cog runtime, against one SeaweedFS store (compile_cache/tools/bench_fleet.py).
 bench-fleet: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m compile_cache.tools.bench_fleet --out $(BENCH_OUT)/fleet --replicas $(REPLICAS) $(BENCH_ARGS)
+
+# Two Cog servers of the example, batching off and on, each loaded by 1, 4, 16 and 64 clients
+# (compile_cache/tools/bench_batch.py).
+bench-batch: $(STAMP) $(WEIGHTS)
+	$(BIN)/python -m compile_cache.tools.bench_batch --out $(BENCH_OUT)/batch $(BENCH_ARGS)
 
 # BENCH_ARGS="--strategy jit" for the jit strategy (default: the predictor's declared one).
 bench-versions: $(STAMP) $(WEIGHTS)

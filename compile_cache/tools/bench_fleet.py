@@ -357,6 +357,33 @@ def _run_fleet(name: str, env: dict[str, str], args: argparse.Namespace) -> list
     return recs
 
 
+def run_meta(module: str, argv: Sequence[str], passed: Mapping[str, str], load_before: Any) -> dict[str, Any]:
+    """What every Cog-runtime benchmark's JSON records of its run: the machine and its load before and after, when,
+    the command that reruns it (``python -m compile_cache.tools.<module> ...``), the variables passed through."""
+    return {
+        "machine": {**_machine(), "load_avg_before": load_before, "load_avg_after": _load_avg()},
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": f"python -m compile_cache.tools.{module} " + shlex.join(repo_relative(a) for a in argv),
+        "cwd": repo_relative(os.getcwd()),
+        "env_passed": passed,
+    }
+
+
+def publish(out: Path, stem: str, result: Mapping[str, Any], report_of: Any, chart_of: Any) -> int:
+    """Write ``OUT/<stem>.json``, print its report, draw ``OUT/<stem>.png``; the exit status: 1 when something
+    failed (``result["failed"]``) or there is no chart."""
+    write_json_atomic(out / f"{stem}.json", result)
+    _say(report_of(result))
+    _say(f"wrote {out / f'{stem}.json'}")
+    try:
+        chart_of(out / f"{stem}.png", result)
+    except ImportError as e:  # matplotlib is a dev requirement (make installs it)
+        _error(f"no chart: {e}")
+        return 1
+    _say(f"wrote {out / f'{stem}.png'}")
+    return 1 if result["failed"] else 0
+
+
 def _torch_version() -> str:
     try:
         return version("torch")  # not imported: the replicas run torch, this process only watches them
@@ -440,23 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timeout_s": args.timeout,
         "idle_requests": args.idle_requests,
         "latency_method": "Cog's predict_time of each prediction (the round trip where it reports none)",
-        "machine": {**_machine(), "load_avg_before": load_before, "load_avg_after": _load_avg()},
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m compile_cache.tools.bench_fleet " + shlex.join(repo_relative(a) for a in argv),
-        "cwd": repo_relative(os.getcwd()),
-        "env_passed": passed,
+        **run_meta("bench_fleet", argv, passed, load_before),
     }
-    result = summarize(records, meta)
-    write_json_atomic(out / "fleet.json", result)
-    _say(report(result))
-    _say(f"wrote {out / 'fleet.json'}")
-    try:
-        chart(out / "fleet.png", result)
-    except ImportError as e:  # matplotlib is a dev requirement (make installs it)
-        _error(f"no chart: {e}")
-        return 1
-    _say(f"wrote {out / 'fleet.png'}")
-    return 1 if result["failed"] else 0
+    return publish(out, "fleet", summarize(records, meta), report, chart)
 
 
 if __name__ == "__main__":

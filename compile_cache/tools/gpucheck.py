@@ -9,7 +9,8 @@ dir, every boot a new process with fresh ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITO
     warm    the same run config against that store: restores, then serves; latency (paired with eager), outputs
             vs eager, autotune/Triton counters; the first jit run also times the Table 1 modes
 
-then a foreign-GPU fault against one warm entry. Results go to ``DIR/gpu_check.json`` (rewritten after every boot,
+then a foreign-GPU fault against one warm entry; with ``--batching``, last, the example served with batching off
+and on under concurrent clients (:mod:`compile_cache.tools.bench_batch` in its quick mode). Results go to ``DIR/gpu_check.json`` (rewritten after every boot,
 so a run stopped by its time limit still leaves what it measured) and ``DIR/gpu_check.png``.
 
 ``--cpu`` runs the same code paths on CPU at the smallest sizes. There, ``reduce-overhead`` compiles as the default
@@ -26,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +49,7 @@ from .bench import overhead_removed, percentiles
 from .benchboot import BootFailed, spawn
 from .gpucheck_models import MODELS, ROOT, CheckModel, Size
 
-__all__ = ["main", "RUN_KEYS", "TOP_KEYS", "RUNS", "foreign_gpu_fault", "default_models"]
+__all__ = ["main", "RUN_KEYS", "TOP_KEYS", "RUNS", "batching_summary", "foreign_gpu_fault", "default_models"]
 
 # gpu_check.json's keys: an interface (add keys, never rename one).
 TOP_KEYS = ("device", "torch", "triton", "cuda", "runs", "table1")
@@ -59,6 +61,8 @@ KEY_FACTORS = ("device", "gpu.arch", "gpu.name", "cuda", "triton", "cpu.isa", "t
 # (docs/benchmarks.md, "Figures behind the code's comments").
 GPU_BUDGET_S = 420.0
 FIRST_RUN_NEED_S = 60.0  # a run (cold + warm boot) is not started with less left; later: 1.2x the slowest so far
+# --batching: the last seconds of the budget, kept from the models (two boots of the example and eight short runs).
+BATCHING_S = 180.0
 LATENCY_ITERS = {"gpu": 20, "cpu": 5}
 TABLE1_ITERS = {"gpu": 3, "cpu": 1}
 # Variables a boot's mode is made of; inherited values would blur the modes.
@@ -313,6 +317,59 @@ def foreign_gpu_fault(store: Path, key: str, work: Path) -> dict[str, Any]:
     }
 
 
+# -- batching --------------------------------------------------------------------------------------------------------
+def batching_summary(batch: dict[str, Any]) -> dict[str, Any]:
+    """gpu_check.json's ``batching`` from bench_batch's batch.json: its runs, targets and servers, as they are."""
+    keep = ("served_compiled", "cache", "strategy", "setup_s", "concurrency", "request_path_compiles", "error")
+    return {
+        "runs": batch.get("runs", []),
+        "targets": batch.get("targets", {}),
+        "servers": {k: {f: s.get(f) for f in keep} for k, s in batch.get("servers", {}).items()},
+        "weights": batch.get("weights"),
+        "warnings": batch.get("warnings", []),
+    }
+
+
+def _batching(c: Check) -> int:
+    """``python -m compile_cache.tools.bench_batch --quick`` into ``OUT/batch`` in what is left of the budget
+    (random weights at the example's shapes where ``weights/`` has none); its exit status. On the time limit it is
+    interrupted (SIGINT), so that it stops its servers."""
+    left = c.left()
+    if left < BATCHING_S / 2:  # not even the two boots and the runs on a fast machine
+        c.result["batching"] = {"skipped": f"budget: {left:.0f}s left, it needs at least {BATCHING_S / 2:.0f}s"}
+        return 0
+    out = c.out / "batch"
+    cmd = [sys.executable, "-m", "compile_cache.tools.bench_batch", "--out", str(out), "--quick",
+           "--timeout", f"{left / 2:.0f}"]
+    if not (ROOT / "weights" / "all-MiniLM-L6-v2" / "model.safetensors").is_file():
+        cmd.append("--random-weights")
+    _say(f"batching: {shlex.join(cmd[1:])} ({left:.0f}s left)")
+    t = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc: int | None = proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = None
+    c.phase("batching", time.monotonic() - t)
+    try:
+        batch = json.loads((out / "batch.json").read_text())
+    except (OSError, ValueError):
+        batch = {}
+    c.result["batching"] = {**batching_summary(batch), "exit_code": rc, "log": "batch/log.txt"}
+    for x in batch.get("runs", []):
+        _say(f"batching {'on' if x['batching'] else 'off'}, {x['clients']} clients: {x['throughput_per_s']}/s, "
+             f"p50 {x['p50_ms']} ms, p99 {x['p99_ms']} ms, mean batch {x['mean_batch']}")
+    return 0 if rc == 0 else 1
+
+
 # -- the chart -------------------------------------------------------------------------------------------------------
 def _chart(path: Path, res: dict[str, Any]) -> None:
     import matplotlib
@@ -462,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-modes", action="store_true", help="with --cpu: boot the modes that share the default's")
     ap.add_argument("--quick", action="store_true",
                     help="each model at its first batch size only: half the cold compiles (the test uses it)")
+    ap.add_argument("--batching", action="store_true",
+                    help=f"last, the example with batching off and on under concurrent clients (its own "
+                         f"{BATCHING_S:.0f}s of the budget; DIR/batch)")
     ap.add_argument("--keep-work", action="store_true", help="keep the boots' dirs and logs (printed)")
     args = ap.parse_args(argv)
 
@@ -478,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s if args.budget_s is not None else (GPU_BUDGET_S if kind == "gpu" else 24 * 3600.0)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    c = Check(args.out, work, kind, time.monotonic() + budget, quick=args.quick)
+    end = time.monotonic() + budget
+    c = Check(args.out, work, kind, end - (BATCHING_S if args.batching else 0.0), quick=args.quick)
     c.result = {
         "device": None, "torch": None, "triton": None, "cuda": None, "runs": [], "table1": [],
         "kind": kind,
@@ -514,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                 rc = 1
         if any("error" in r for r in c.result["runs"]):
             rc = 1
+        if args.batching:
+            c.deadline = end
+            rc = _batching(c) or rc
     finally:
         c.save()
         try:
