@@ -88,10 +88,13 @@ class Runner(CompiledRunner):
         example = torch.ones(4, 16, dtype=torch.int64)  # sizes inside the dims, distinct per dim (see export.py)
         return ExportSpec((example, example.clone()), {0: {0: batch, 1: seq}, 1: {0: batch, 1: seq}})
 
+    def exact_shapes(self) -> bool:
+        """One package (export) or the eager model (compile off, or a build still pending) serves every shape: no
+        padding to buckets, which only a compiled jit model needs."""
+        return self.model.strategy == "export" or not self.model.is_compiled
+
     def embed(self, sentences: list[str]) -> list[list[float]]:
-        # One package (export) or the eager model (compile off, or a build still pending) serves every shape: no
-        # padding to buckets.
-        exact = self.model.strategy == "export" or not self.model.is_compiled
+        exact = self.exact_shapes()
         out: list[list[float]] = []
         step = MAX_BATCH if exact else BATCH_BUCKETS[-1]
         for i in range(0, len(sentences), step):
@@ -112,25 +115,30 @@ class Runner(CompiledRunner):
         return self.embed(sentences)
 
 
-def collate_to_bucket(calls: list[tuple[tuple[torch.Tensor, torch.Tensor], dict]]) -> tuple[tuple, dict, list[int]]:
-    """Joins requests' (token ids, mask): each padded (id 0, mask 0) to the length bucket of the longest. A bucket is
-    a declared length under every strategy: a jit warm-up length, and inside the export package's seq dim; the
-    batcher then pads or splits the rows to declared batch sizes."""
-    seq = bucket(max(ids.shape[1] for (ids, _), _ in calls), SEQ_BUCKETS)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, seq - t.shape[1]))
-
-    joined = tuple(torch.cat([pad(args[i]) for args, _ in calls]) for i in (0, 1))
-    return joined, {}, [args[0].shape[0] for args, _ in calls]
-
-
 class BatchedRunner(Runner):
     """``Runner`` with an async ``run()``: each prediction's sentences ride in one model call with those of the
     predictions that arrive within 5 ms, up to 16 rows."""
 
-    compile_config = Runner.compile_config.model_copy(
-        update={"batch": Batch(max_size=16, max_delay_ms=5, collate=collate_to_bucket)})
+    compile_config = Runner.compile_config.model_copy(update={"batch": Batch(max_size=16, max_delay_ms=5)})
+
+    def setup(self, weights: object = None) -> None:
+        # The collate reads what serves (exact_shapes), so it is this runner's own method, bound here.
+        batch = self.compile_config.batch.model_copy(update={"collate": self.collate})  # type: ignore[union-attr]
+        self.compile_config = self.compile_config.model_copy(update={"batch": batch})
+        super().setup(weights)
+
+    def collate(self, calls: list[tuple[tuple[torch.Tensor, torch.Tensor], dict]]) -> tuple[tuple, dict, list[int]]:
+        """Joins requests' (token ids, mask), each padded (id 0, mask 0) to the longest: to its length where one
+        package or the eager model serves every shape, else to its length bucket (a jit warm-up length); the batcher
+        then pads or splits the rows to declared batch sizes."""
+        longest = max(ids.shape[1] for (ids, _), _ in calls)
+        seq = max(longest, 2) if self.exact_shapes() else bucket(longest, SEQ_BUCKETS)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, seq - t.shape[1]))
+
+        joined = tuple(torch.cat([pad(args[i]) for args, _ in calls]) for i in (0, 1))
+        return joined, {}, [args[0].shape[0] for args, _ in calls]
 
     async def run(  # type: ignore[override]
         self, text: str = Input(description="One sentence per line", default=DEFAULT_TEXT)

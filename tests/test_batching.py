@@ -248,6 +248,11 @@ def test_the_example_batched_runner_pads_to_declared_shapes_and_answers_as_the_s
         assert torch.allclose(torch.tensor(out), torch.tensor(want), atol=ATOL, rtol=RTOL), t
     assert len(joined) < len(texts), joined
     assert all(s[0] in predict.BATCH_BUCKETS and s[1] in predict.SEQ_BUCKETS for s in joined), joined
+    # Where every shape is served (the eager model here; an export package alike), the collate pads to the longest.
+    r.model.fn = eager_fn
+    calls = [((torch.ones(n, t, dtype=torch.int64), torch.ones(n, t, dtype=torch.int64)), {}) for n, t in ((1, 5), (2, 9))]
+    (ids, mask), _, sizes = r.collate(calls)
+    assert ids.shape == mask.shape == (3, 9) and sizes == [1, 2] and mask[0, 5:].sum() == 0
 
 
 # -- in the real Cog runtime -------------------------------------------------------------------------------------
