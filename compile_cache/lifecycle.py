@@ -42,7 +42,7 @@ from .factors import environment_factors, runner_factors
 from .fleet import Coordination, begin, coordinate
 from .key import CacheKey
 from .lineage import restore_or_seed
-from .metrics import BootMetrics
+from .metrics import BootMetrics, part_metrics
 from .parts import SINGLE_PART, Part, Parts, check_name
 from .restore import RestoreOptions, restore
 from .serve import BackgroundServe, Swappable, covered_parts, served_as
@@ -288,19 +288,8 @@ class CompiledRunner(BaseRunner):
 
     def _serve_eager(self, plan: Plan) -> CompiledModel:
         """A part whose build is pending: its eager model, until the background swaps the compiled one in."""
-        self.metrics.parts[plan.name] = {
-            "strategy": plan.cfg.strategy,
-            "jit_restore": plan.cfg.jit_restore if plan.cfg.strategy == "jit" else "",
-            "compile_s": 0.0,
-            "fxgraph_hits": 0,
-            "fxgraph_misses": 0,
-            "request_path_compiles": 0,
-            "request_path_eager_calls": 0,
-            "eager_fallback": "",
-            "swapped_at_s": None,
-            "eager_calls_before_swap": 0,
-            "build_pending": True,
-        }
+        jit_restore = plan.cfg.jit_restore if plan.cfg.strategy == "jit" else ""
+        self.metrics.parts[plan.name] = {**part_metrics(plan.cfg.strategy, jit_restore), "build_pending": True}
         return CompiledModel(plan.module, plan.module, plan.cfg, name=plan.name, strategy=plan.cfg.strategy,
                              jit_restore=plan.cfg.jit_restore)
 
@@ -357,16 +346,8 @@ class CompiledRunner(BaseRunner):
             log.warning("part %r: serving EAGER (predictions stay correct, only slower): %s", plan.name, why_eager)
         m = self.metrics
         m.parts[plan.name] = {
-            "strategy": p.strategy,
-            "jit_restore": p.jit_restore,
-            "compile_s": round(seconds, 4),
-            "fxgraph_hits": c.fxgraph_hits,
-            "fxgraph_misses": c.fxgraph_misses,
-            "request_path_compiles": 0,
-            "request_path_eager_calls": 0,
-            "eager_fallback": why_eager,
-            "swapped_at_s": None,
-            "eager_calls_before_swap": 0,
+            **part_metrics(p.strategy, p.jit_restore, compile_s=seconds, fxgraph_hits=c.fxgraph_hits,
+                           fxgraph_misses=c.fxgraph_misses, eager_fallback=why_eager),
             **(split or {}),
         }
         pc = getattr(p.model.fn, "precompiled_counts", None)

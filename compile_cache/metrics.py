@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BootMetrics", "JIT_PART_KEYS", "PART_KEYS", "write_json_atomic"]
+__all__ = ["BootMetrics", "JIT_PART_KEYS", "PART_KEYS", "part_metrics", "write_json_atomic"]
 
 # The keys of each entry of ``parts``: "strategy" is "jit" or "export"; "jit_restore" the jit strategy's restore
 # mode, "precompile" or "dir" ("" under "export"). A part restored by precompile also has "precompiled". Under the
@@ -27,6 +27,15 @@ PART_KEYS = ("strategy", "jit_restore", "compile_s", "fxgraph_hits", "fxgraph_mi
 # A jit part's ``compile_s`` split (they add up to it): Inductor's import and the CPU ISA decision (carried by the first
 # jit part, whose compile step paid them), loading (compile_model, precompiled functions) and the warm-up calls.
 JIT_PART_KEYS = ("import_s", "isa_s", "load_s", "first_calls_s")
+
+
+def part_metrics(strategy: str, jit_restore: str, *, compile_s: float = 0.0, fxgraph_hits: int = 0,
+                 fxgraph_misses: int = 0, eager_fallback: str = "") -> dict[str, Any]:
+    """One entry of ``parts``, with every :data:`PART_KEYS` key (request counters and swap figures at zero)."""
+    return {"strategy": strategy, "jit_restore": jit_restore, "compile_s": round(compile_s, 4),
+            "fxgraph_hits": fxgraph_hits, "fxgraph_misses": fxgraph_misses, "request_path_compiles": 0,
+            "request_path_eager_calls": 0, "eager_fallback": eager_fallback, "swapped_at_s": None,
+            "eager_calls_before_swap": 0}
 
 
 @dataclass
