@@ -114,8 +114,9 @@ class Manifest(BaseModel):
         return self.model_copy(update={"versions": versions, "updated_at": time.time()}, deep=True)
 
     def with_parts(self, parts: Mapping[str, str]) -> Manifest:
-        """A copy that lists ``parts`` among the parts it covers."""
-        return self.model_copy(update={"parts": {**self.parts, **parts}, "updated_at": time.time()}, deep=True)
+        """A copy that also lists those of ``parts`` it does not list yet. A part listed stays as it is: boots under
+        the two jit restores share the entry and would otherwise rewrite each other's spelling at every boot."""
+        return self.model_copy(update={"parts": {**parts, **self.parts}, "updated_at": time.time()}, deep=True)
 
     def with_segment(self, seg: Segment) -> Manifest:
         """A copy with ``seg`` added (a no-op copy if it adds no file the manifest lacks)."""

@@ -145,7 +145,7 @@ class Uploader:
     def _labelled(self, m: Manifest) -> Manifest:
         """``m`` with this version's label and the parts this process compiled (``parts``)."""
         m = m if self.model_version in m.labels() else m.with_label(self.model_version)
-        return m if self.parts.items() <= m.parts.items() else m.with_parts(self.parts)
+        return m if self.parts.keys() <= m.parts.keys() else m.with_parts(self.parts)
 
     def _meta_due(self) -> bool:
         """Whether the manifest must be written with no new file: a seeded entry not published yet, or an entry
@@ -153,7 +153,7 @@ class Uploader:
         the store nothing."""
         if self.manifest is None:
             return self.seed is not None
-        return self.model_version not in self.manifest.labels() or not self.parts.items() <= self.manifest.parts.items()
+        return self.model_version not in self.manifest.labels() or not self.parts.keys() <= self.manifest.parts.keys()
 
     def upload(self, deadline: float | None = None, lock_timeout: float = -1) -> UploadResult | None:
         """Upload what is new. Raises nothing for store trouble: the result's ``error`` says it.
