@@ -395,25 +395,20 @@ def _slice_pad(args: tuple[Any, ...], kwargs: dict[str, Any], dim: int, n: int, 
 
 
 def _tree(out: Any, fn: Callable[[Any], Any]) -> Any:
-    """``fn`` on every tensor of an output: a tensor, or a tuple, list or dict of them (other values as they are)."""
-    if _is_tensor(out):
-        return fn(out)
-    if isinstance(out, dict):
-        return {k: _tree(v, fn) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_tree(v, fn) for v in out)
-    return out
+    """``fn`` on every tensor of an output (a tensor, or a tuple, list or dict of them; other values as they are)."""
+    import torch
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, fn, out)
 
 
 def _cat(pieces: list[Any], dim: int) -> Any:
-    first = pieces[0]
-    if _is_tensor(first):
-        return _cat_or_first(pieces, dim)
-    if isinstance(first, dict):
-        return {k: _cat([p[k] for p in pieces], dim) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat([p[i] for p in pieces], dim) for i in range(len(first)))
-    return first
+    """The outputs of a split call's pieces, joined leaf by leaf (non-tensor leaves: the first piece's)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(p) for p in pieces]
+    leaves = [_cat_or_first([f[0][i] for f in flat], dim) for i in range(len(flat[0][0]))]
+    return tree_unflatten(leaves, flat[0][1])
 
 
 def _split(out: Any, dim: int, sizes: list[int]) -> list[Any]:
